@@ -1,0 +1,69 @@
+"""Shared measurement plumbing for the GPU benchmarks: ceilings, timing, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def time_ms(fn, repeats: int = 3) -> float:
+    """Median over ``repeats`` of ``triton.testing.do_bench``'s median (it flushes the L2)."""
+    from triton.testing import do_bench
+
+    return statistics.median(do_bench(fn, return_mode="median") for _ in range(repeats))
+
+
+def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    import torch
+
+    src = torch.empty(nbytes // 2, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """bf16 matrix-product peak on random data."""
+    import torch
+
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    ms = time_ms(lambda: a @ b)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def run_metadata() -> dict:
+    """GPU, commit, date and command of this run (the commit comes from BINDECODE_COMMIT when
+    the checkout travelled without its .git)."""
+    import torch
+
+    commit = os.environ.get("BINDECODE_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m", sys.argv[0].replace("/", ".").removesuffix(".py")]
+                            + sys.argv[1:]) if sys.argv else "",
+        "torch": torch.__version__,
+    }
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Write ``payload`` with ``run_metadata()`` under key ``meta``; returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": run_metadata(), **payload}, indent=1))
+    return path

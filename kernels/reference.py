@@ -1,0 +1,117 @@
+"""Plain-torch twins of every Triton kernel, with the same signatures.
+
+They are the test oracle and the CPU path. Arithmetic is fp32 (inputs are upcast after the
+load, as in the kernels); outputs come back in the input dtype unless a docstring says otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """One query token per row against that row's first ``seq_lens[b]`` cached positions.
+
+    q: [B, H_q, D]; k_cache, v_cache: [B, C, H_kv, D] (H_q % H_kv == 0); seq_lens: int32 [B],
+    0 marks a dead row (its output is zeros). Returns [B, H_q, D] in q's dtype.
+    """
+    B, Hq, D = q.shape
+    C, Hkv = k_cache.shape[1], k_cache.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    group = Hq // Hkv
+    qf = q.float().view(B, Hkv, group, D)
+    k = k_cache.float()
+    v = v_cache.float()
+    scores = torch.einsum("bhgd,bchd->bhgc", qf, k) * scale
+    live = torch.arange(C, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]  # [B, C]
+    scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # dead rows: all -inf -> zeros
+    out = torch.einsum("bhgc,bchd->bhgd", probs, v)
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Rotate q and k of new tokens (rotate-half RoPE) and write k, v into the slab.
+
+    q: [T, H_q, D], k, v: [T, H_kv, D] — one new token each; q is rotated in place.
+    k_cache, v_cache: [B, C, H_kv, D]; positions: int32 [T], the slot each token goes to
+    and its RoPE position (-1 = dead token: nothing written, its q left as is).
+    cos, sin: fp32 [max_positions, D // 2] (``kernels.rope_table.rope_cos_sin``).
+    rows: int32 [T], the slab row of each token; None means token t goes to row t (decode).
+    """
+    T = q.shape[0]
+    rows = torch.arange(T, device=q.device) if rows is None else rows.long()
+    pos = positions.long()
+    live = pos >= 0
+    p = pos.clamp(min=0)
+    c, s = cos[p][:, None, :], sin[p][:, None, :]  # [T, 1, D/2]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+    q_rot = rotate(q)
+    q[live] = q_rot[live]
+    k_rot = rotate(k)
+    k_cache[rows[live], pos[live]] = k_rot[live].to(k_cache.dtype)
+    v_cache[rows[live], pos[live]] = v[live].to(v_cache.dtype)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cu_seqlens: torch.Tensor, max_seqlen: int,
+                      scale: float | None = None) -> torch.Tensor:
+    """Causal attention over packed variable-length prompts.
+
+    q: [T, H_q, D]; k, v: [T, H_kv, D]; cu_seqlens: int32 [N + 1], sequence n is tokens
+    ``cu_seqlens[n]:cu_seqlens[n+1]``; max_seqlen: the longest sequence (a launch-shape hint).
+    Returns [T, H_q, D] in q's dtype.
+    """
+    del max_seqlen
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs = q[start:end].float().transpose(0, 1)  # [Hq, L, D]
+        ks = k[start:end].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        vs = v[start:end].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = qs @ ks.transpose(1, 2) * scale
+        L = end - start
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        out[start:end] = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [T, H]; weight: [H]. Returns x / rms(x) * weight in x's dtype."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight.float()).to(x.dtype)
+
+
+def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual += x`` (in place), then RMSNorm of the sum.
+
+    x, residual: [T, H] same dtype; weight: [H]. Returns (normed [T, H], residual).
+    """
+    residual.copy_((residual.float() + x.float()).to(residual.dtype))
+    return rmsnorm(residual, weight, eps), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2 * I] (gate then up). Returns silu(gate) * up: [T, I] in x's dtype."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits: [B, V] (fp32). Returns int64 [B]: the first index of each row's maximum."""
+    return logits.argmax(dim=-1)
