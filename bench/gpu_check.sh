@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: install the project without network, run the GPU tests and the
+# benchmarks, and pack the results under $OUT.
+#
+#   BINDECODE_COMMIT=$(git rev-parse HEAD) bash bench/gpu_check.sh [STAGE ...]
+#
+# STAGE is any of: tests kernels engine e2e serve (default: all). Wheels for packages the GPU image
+# lacks (FastAPI, uvicorn, pydantic) are taken from .whl/ when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+RES=$OUT/results
+mkdir -p "$RES"
+export PYTHONUNBUFFERED=1 BINDECODE_COMMIT=${BINDECODE_COMMIT:-unknown}
+stages=${*:-tests kernels engine e2e serve}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RES/gpu.txt"
+
+status=0
+run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures
+  local name=$1; shift
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "=== $name FAILED rc=$rc"; status=1; }
+}
+
+for stage in $stages; do
+  case $stage in
+    tests)   run gpu_tests python3 -m pytest -m gpu -q -x --timeout=300 -p no:cacheprovider ;;
+    kernels) run kernels python3 -m bench.kernels --out "$RES" ;;
+    engine)  run engine python3 -m bench.engine --out "$RES" ;;
+    e2e)     run e2e python3 -m bench.e2e --out "$RES" ;;
+    serve)   run serve python3 -m bench.serve --spawn-server --out "$RES" ;;
+    *) echo "unknown stage $stage"; status=1 ;;
+  esac
+done
+
+# At most 8 files come back: logs and results travel as one tarball, the key JSON/PNG beside it.
+tar -czf "$OUT/bundle.tgz" -C "$OUT" results $(cd "$OUT" && ls *.log 2>/dev/null)
+exit $status
