@@ -1,0 +1,103 @@
+"""Greedy sampling's row argmax over the vocabulary, in two stages.
+
+A single program per row would leave most SMs idle at small batch sizes (one row of a 152k
+vocabulary is 600 KB), so stage 1 splits every row into chunks and records each chunk's
+maximum and the first index reaching it; stage 2 picks, per row, the first chunk holding the
+row maximum. Ties therefore resolve to the lowest index, as ``torch.argmax`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _chunk_argmax_kernel(logits_ptr, chunk_max_ptr, chunk_idx_ptr, vocab, stride_row,
+                         num_chunks, CHUNK: tl.constexpr):
+    """Grid (B, num_chunks). logits: [B, vocab], last dim contiguous. Writes fp32 and int32
+    [B, num_chunks]: each chunk's maximum and the lowest index holding it."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    values = tl.load(logits_ptr + row * stride_row + cols, mask=cols < vocab,
+                     other=float("-inf")).to(tl.float32)
+    best = tl.max(values, axis=0)
+    # Lanes past the vocabulary hold -inf too, but their indices come after every real one.
+    first = tl.min(tl.where(values == best, cols, vocab), axis=0)
+    tl.store(chunk_max_ptr + row * num_chunks + chunk, best)
+    tl.store(chunk_idx_ptr + row * num_chunks + chunk, first)
+
+
+@triton.jit
+def _reduce_chunks_kernel(chunk_max_ptr, chunk_idx_ptr, out_ptr, num_chunks,
+                          BLOCK_CHUNKS: tl.constexpr, INDEX_LIMIT: tl.constexpr):
+    """Grid (B,). Reads stage 1's [B, num_chunks] results; writes int64 [B]."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_CHUNKS)
+    mask = c < num_chunks
+    best = tl.load(chunk_max_ptr + row * num_chunks + c, mask=mask, other=float("-inf"))
+    first = tl.load(chunk_idx_ptr + row * num_chunks + c, mask=mask, other=INDEX_LIMIT)
+    row_best = tl.max(best, axis=0)
+    # Chunk indices rise with the chunk, so the smallest index among maximal chunks is the first.
+    winner = tl.min(tl.where(best == row_best, first, INDEX_LIMIT), axis=0)
+    tl.store(out_ptr + row, winner.to(tl.int64))
+
+
+@dataclass(frozen=True)
+class ArgmaxLaunch:
+    """Compile-time parameters of both stages for one vocabulary size."""
+
+    chunk: int
+    num_chunks: int
+    chunk_warps: int
+    reduce_constexprs: dict
+
+
+def argmax_launch(vocab: int) -> ArgmaxLaunch:
+    """4096-element chunks (16 fp32 per thread at 8 warps): a 128k vocabulary gives 32 chunks
+    per row, enough programs to fill the GPU even for a single row."""
+    chunk = 4096
+    num_chunks = triton.cdiv(vocab, chunk)
+    # INDEX_LIMIT exceeds any real index; int32 indices cover vocabularies below 2**31.
+    reduce_constexprs = dict(BLOCK_CHUNKS=triton.next_power_of_2(num_chunks),
+                             INDEX_LIMIT=2 ** 31 - 1)
+    return ArgmaxLaunch(chunk, num_chunks, chunk_warps=8, reduce_constexprs=reduce_constexprs)
+
+
+def argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """First index of each row's maximum (ties -> lowest index, like ``torch.argmax``).
+
+    logits: [B, V] (fp32 normally; fp16 / bf16 accepted), last dim contiguous, NaN-free.
+    out: optional int64 [B]. Returns int64 [B].
+    """
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"argmax: logits must be [B, V] with V > 0, got {tuple(logits.shape)}")
+    if logits.dtype not in _DTYPES:
+        raise ValueError(f"argmax: logits dtype must be fp32, fp16 or bf16, got {logits.dtype}")
+    if logits.stride(-1) != 1:
+        raise ValueError(f"argmax: logits' last dim must be contiguous, strides {logits.stride()}")
+    B, vocab = logits.shape
+    if vocab >= 2 ** 31 - 1:
+        raise ValueError(f"argmax: vocabulary {vocab} too large for int32 indices")
+    if out is None:
+        out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    elif out.shape != (B,) or out.dtype != torch.int64 or out.device != logits.device:
+        raise ValueError(f"argmax: out must be int64 [{B}] on {logits.device}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    if B == 0:
+        return out
+    launch = argmax_launch(vocab)
+    chunk_max = torch.empty(B, launch.num_chunks, dtype=torch.float32, device=logits.device)
+    chunk_idx = torch.empty(B, launch.num_chunks, dtype=torch.int32, device=logits.device)
+    _chunk_argmax_kernel[(B, launch.num_chunks)](
+        logits, chunk_max, chunk_idx, vocab, logits.stride(0), launch.num_chunks,
+        CHUNK=launch.chunk, num_warps=launch.chunk_warps)
+    _reduce_chunks_kernel[(B,)](chunk_max, chunk_idx, out, launch.num_chunks,
+                                **launch.reduce_constexprs, num_warps=1)
+    return out
