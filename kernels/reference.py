@@ -21,10 +21,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale = D ** -0.5 if scale is None else scale
     group = Hq // Hkv
     qf = q.float().view(B, Hkv, group, D)
-    k = k_cache.float()
-    v = v_cache.float()
-    scores = torch.einsum("bhgd,bchd->bhgc", qf, k) * scale
     live = torch.arange(C, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]  # [B, C]
+    # Slots past a row's length hold whatever the arena held (NaN included): a zero weight
+    # times NaN is NaN, so they are zeroed, not just masked.
+    k = k_cache.float().masked_fill(~live[:, :, None, None], 0.0)
+    v = v_cache.float().masked_fill(~live[:, :, None, None], 0.0)
+    scores = torch.einsum("bhgd,bchd->bhgc", qf, k) * scale
     scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # dead rows: all -inf -> zeros
     out = torch.einsum("bhgc,bchd->bhgd", probs, v)

@@ -1,0 +1,204 @@
+"""The decoder-only transformer (Llama / Qwen2 / Mistral / Qwen3), in one file.
+
+Weights are stored fused for fewer, larger matrix products: one QKV projection
+``[(H_q + 2 H_kv) * D, hidden]`` (plus its bias for Qwen2) and one gate/up projection
+``[2 I, hidden]``. Every non-matmul op goes through ``ops`` (``engine.backend.get_ops``), so
+the same code runs the plain-torch reference ops or our Triton kernels.
+
+Two entry points, both writing K/V into a ``KVSlab`` ``[B, C, H_kv, D]`` per layer:
+``prefill`` runs packed prompts; ``decode`` runs one new token per slab row and is CUDA-graph
+capturable (no host syncs, no value-dependent shapes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import dummy, weights
+from engine.backend import get_ops
+from engine.kv_cache import KVSlab
+from engine.model_config import ModelConfig, ModelLoadError, load_model_config
+from kernels.rope_table import rope_cos_sin
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _weight(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    # Uninitialised: the checkpoint loader or the dummy initialiser fills every element.
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + SwiGLU MLP. Parameter names are what ``engine.weights`` maps to."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        c, kw = config, dict(dtype=dtype, device=device)
+        self.input_norm = _weight(c.hidden_size, **kw)
+        self.qkv_proj = _weight(c.qkv_size, c.hidden_size, **kw)
+        self.qkv_bias = _weight(c.qkv_size, **kw) if c.qkv_bias else None
+        self.q_norm = _weight(c.head_dim, **kw) if c.qk_norm else None
+        self.k_norm = _weight(c.head_dim, **kw) if c.qk_norm else None
+        self.o_proj = _weight(c.hidden_size, c.num_heads * c.head_dim, **kw)
+        self.post_attention_norm = _weight(c.hidden_size, **kw)
+        self.gate_up_proj = _weight(2 * c.intermediate_size, c.hidden_size, **kw)
+        self.down_proj = _weight(c.hidden_size, c.intermediate_size, **kw)
+
+
+class CausalLM(nn.Module):
+    """Token ids in, fp32 next-token logits out; K/V live in a caller-owned ``KVSlab``.
+
+    Args:
+        config: the model shape.
+        dtype, device: where the (uninitialised) weights are allocated.
+        backend: ``"reference"`` or ``"triton"`` (see ``engine.backend``).
+    """
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                 backend: str = "reference"):
+        super().__init__()
+        device = torch.device(device)
+        self.config = config
+        self.backend = backend
+        self.ops = get_ops(backend)
+        kw = dict(dtype=dtype, device=device)
+        self.embed_tokens = _weight(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device)
+                                    for _ in range(config.num_layers))
+        self.norm = _weight(config.hidden_size, **kw)
+        self.lm_head = (self.embed_tokens if config.tie_word_embeddings
+                        else _weight(config.vocab_size, config.hidden_size, **kw))
+        # fp32 [max_position_embeddings, D // 2], built once; indexed by position.
+        cos, sin = rope_cos_sin(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                config.rope_scaling, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+                cu_seqlens: torch.Tensor, max_seqlen: int, kv: KVSlab) -> torch.Tensor:
+        """Run N packed prompts, write their K/V into the slab, return their next-token logits.
+
+        input_ids: int64 [T], the prompts back to back; positions: int32 [T], 0..len-1 within
+        each prompt (also the slab slot); rows: int32 [T], the slab row of each token;
+        cu_seqlens: int32 [N + 1], prompt n is tokens ``cu_seqlens[n]:cu_seqlens[n+1]`` (every
+        prompt non-empty); max_seqlen: the longest prompt.
+        Returns fp32 [N, V]: logits at each prompt's last token.
+        """
+        ops, c = self.ops, self.config
+
+        def attention(layer_index: int, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self._qkv(layer, x)
+            k_cache, v_cache = kv.k[layer_index], kv.v[layer_index]
+            ops.rope_kv_write(q, k, v, k_cache, v_cache, positions, self.rope_cos, self.rope_sin,
+                              rows)
+            # rope_kv_write rotates q in place but k only into the cache: read the rotated k back.
+            k_rotated = k_cache[rows.long(), positions.long()].to(k.dtype)
+            out = ops.prefill_attention(q, k_rotated, v, cu_seqlens, max_seqlen)
+            return F.linear(out.reshape(x.shape[0], c.num_heads * c.head_dim), layer.o_proj)
+
+        hidden, residual = self._layers(input_ids, attention)
+        last = cu_seqlens[1:].long() - 1
+        x, _ = ops.fused_add_rmsnorm(hidden[last], residual[last], self.norm, c.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVSlab) -> torch.Tensor:
+        """One new token for every slab row.
+
+        input_ids: int64 [B] (any valid id on a dead row); positions: int32 [B], the slot the
+        new token goes to, -1 for a dead row (nothing written; its logits are finite and meaningless).
+        Attention covers slots ``0 .. positions[b]``. Returns fp32 [B, V].
+        CUDA-graph capturable with the Triton backend: fixed shapes, no host syncs.
+        """
+        ops, c = self.ops, self.config
+        seq_lens = positions + 1  # 0 on dead rows
+
+        def attention(layer_index: int, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self._qkv(layer, x)
+            k_cache, v_cache = kv.k[layer_index], kv.v[layer_index]
+            ops.rope_kv_write(q, k, v, k_cache, v_cache, positions, self.rope_cos, self.rope_sin)
+            out = ops.decode_attention(q, k_cache, v_cache, seq_lens)
+            return F.linear(out.reshape(x.shape[0], c.num_heads * c.head_dim), layer.o_proj)
+
+        hidden, residual = self._layers(input_ids, attention)
+        x, _ = ops.fused_add_rmsnorm(hidden, residual, self.norm, c.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    def _layers(self, input_ids: torch.Tensor, attention) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding and every decoder layer; returns (last MLP output, residual), both [T, hidden].
+
+        The residual stream is summed into ``residual`` in place by ``fused_add_rmsnorm``;
+        the final norm is left to the caller, which may only need some tokens.
+        """
+        ops, eps = self.ops, self.config.rms_norm_eps
+        residual = F.embedding(input_ids, self.embed_tokens)
+        x = ops.rmsnorm(residual, self.layers[0].input_norm, eps)
+        hidden = None
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                x, residual = ops.fused_add_rmsnorm(hidden, residual, layer.input_norm, eps)
+            attn = attention(i, layer, x)
+            x, residual = ops.fused_add_rmsnorm(attn, residual, layer.post_attention_norm, eps)
+            hidden = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up_proj)), layer.down_proj)
+        return hidden, residual
+
+    def _qkv(self, layer: DecoderLayer, x: torch.Tensor):
+        """Project x [T, hidden] to q [T, H_q, D], k and v [T, H_kv, D].
+
+        q, k and v are strided views of the fused output (the ops take any strides with a
+        contiguous last dim), except under Qwen3's per-head q/k RMSNorm (applied before RoPE).
+        """
+        c = self.config
+        T = x.shape[0]
+        qkv = F.linear(x, layer.qkv_proj, layer.qkv_bias)
+        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
+                             c.num_kv_heads * c.head_dim], dim=-1)
+        if c.qk_norm:
+            q = self.ops.rmsnorm(q.reshape(-1, c.head_dim), layer.q_norm, c.rms_norm_eps)
+            k = self.ops.rmsnorm(k.reshape(-1, c.head_dim), layer.k_norm, c.rms_norm_eps)
+        return (q.view(T, c.num_heads, c.head_dim), k.view(T, c.num_kv_heads, c.head_dim),
+                v.view(T, c.num_kv_heads, c.head_dim))
+
+
+def load_model(model: str, dtype: torch.dtype, device: torch.device | str,
+               backend: str = "reference", seed: int = 0,
+               max_model_len: int | None = None) -> CausalLM:
+    """Build a ``CausalLM`` from a local Hugging Face folder or a ``dummy:NAME`` model.
+
+    model: a folder with ``config.json`` and ``*.safetensors``, or ``dummy:tiny``,
+    ``dummy:qwen2.5-0.5b``, ``dummy:llama-3.2-1b``, ``dummy:llama-3.1-8b`` (seeded random weights
+    of the real shape, created on ``device``). dtype: bf16, fp16 or fp32.
+    max_model_len: the longest sequence to be served (default: max_position_embeddings);
+    a model whose sliding window is shorter is refused.
+    Raises ``ModelLoadError`` with a message naming the file or tensor at fault.
+    """
+    if dtype not in SUPPORTED_DTYPES:
+        raise ModelLoadError(f"unsupported dtype {dtype} (choose bfloat16, float16 or float32)")
+    device = torch.device(device)
+    if model.startswith("dummy:"):
+        config = dummy.dummy_config(model)
+    elif Path(model).is_dir():
+        config = load_model_config(model)
+    else:
+        raise ModelLoadError(f"model {model!r} is neither a local folder nor a dummy:NAME model")
+    config.check_max_model_len(max_model_len or config.max_position_embeddings)
+    lm = CausalLM(config, dtype, device, backend)
+    if model.startswith("dummy:"):
+        dummy.init_random_weights(lm, seed)
+    else:
+        weights.load_safetensors(lm, model)
+    return lm.eval()
+

@@ -1,0 +1,331 @@
+"""Split-KV decode attention (flash-decoding) over a padded [B, C] KV slab.
+
+One query token per row attends to that row's first ``seq_lens[b]`` cached positions.
+Work is cut into programs of (row, KV head, split). Each program loads every K/V tile once
+for the whole group of query heads that share its KV head (GQA), runs an online softmax in
+fp32, and either writes the final output (one split) or a normalised partial output plus its
+log-sum-exp, which a second small kernel merges.
+
+The launch grid depends only on (B, C, head shape, SM count), never on ``seq_lens``, so one
+CUDA graph serves every batch of a bin. Inside, each split covers an equal share of the row's
+*live* length (read on the device), so padding costs memory but not bandwidth, and rows of
+very different lengths still spread over all splits.
+
+Numerics: tiles are loaded in the cache dtype; the two matrix products take 16-bit operands
+and accumulate in fp32 (the products of 16-bit numbers are exact in fp32), softmax statistics
+and accumulators are fp32. The probabilities are rounded to the cache dtype before the P·V
+product, as every flash-attention kernel does, so the tensor cores read V straight from shared
+memory. An fp32 cache uses IEEE fp32 products (no tf32) for exact parity tests.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+# Tuning knobs of ``decode_config`` (the benchmark's --sweep shows what to set them to).
+PROGRAMS_PER_SM_TARGET = 4  # split until B * H_kv * splits reaches this many programs per SM
+MIN_TILES_PER_SPLIT = 2  # a split shorter than this many tiles is mostly overhead
+MAX_SPLITS = 64
+H100_NUM_SMS = 132
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How one decode-attention call is cut up and compiled.
+
+    block_n: KV positions per tile; num_splits: programs per (row, KV head) — 1 means the
+    attention kernel writes the output itself and no merge runs; num_warps, num_stages: Triton
+    launch options of the attention kernel (num_stages = tiles in flight in its loop).
+    """
+
+    block_n: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
+def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int,
+                  head_dim: int, dtype: torch.dtype, num_sms: int = H100_NUM_SMS) -> DecodeConfig:
+    """The launch configuration for a slab of shape (batch, capacity); a pure function.
+
+    It never sees ``seq_lens``: the grid it implies must serve every batch of the same shape.
+    Splits grow (powers of two) until B * H_kv * splits reaches ``PROGRAMS_PER_SM_TARGET``
+    programs per SM, limited so that a full-length split still spans ``MIN_TILES_PER_SPLIT``
+    tiles. dtype is the cache's.
+    """
+    _check_head_shape(num_q_heads, num_kv_heads, head_dim)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"decode attention supports fp16, bf16 and fp32 caches, got {dtype}")
+    if batch < 1 or capacity < 1 or num_sms < 1:
+        raise ValueError(f"batch, capacity and num_sms must be positive, got "
+                         f"batch={batch}, capacity={capacity}, num_sms={num_sms}")
+    d_pad = triton.next_power_of_2(head_dim)
+    if dtype == torch.float32:
+        # IEEE fp32 products run on CUDA cores with operands in registers: small tiles, no
+        # prefetch (ptxas spills otherwise). fp32 caches exist for parity tests, not speed.
+        block_n, num_warps, num_stages = 32, 4 if d_pad <= 128 else 8, 1
+    elif d_pad <= 128:
+        # K and V tiles of 64 x 128 bf16 are 16 KB each; three stages prefetch two tile pairs
+        # (about 70 KB of shared memory), so three programs still fit on an SM.
+        block_n, num_warps, num_stages = 64, 4, 3
+    else:
+        block_n, num_warps, num_stages = 32, 8, 3
+    block_n = min(block_n, max(16, triton.next_power_of_2(capacity)))
+
+    rows = batch * num_kv_heads
+    max_splits = min(MAX_SPLITS, max(1, capacity // (MIN_TILES_PER_SPLIT * block_n)))
+    num_splits = 1
+    while rows * num_splits < PROGRAMS_PER_SM_TARGET * num_sms and num_splits * 2 <= max_splits:
+        num_splits *= 2
+    return DecodeConfig(block_n, num_splits, num_warps, num_stages)
+
+
+def attention_launch_meta(config: DecodeConfig, num_q_heads: int, num_kv_heads: int,
+                          head_dim: int) -> dict:
+    """Constexprs and launch options of the attention kernel for ``config`` (what the AOT
+    test compiles, so it sees exactly the binaries the engine launches)."""
+    return dict(HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
+                GROUP_PAD=_group_pad(num_q_heads // num_kv_heads), BLOCK_N=config.block_n,
+                SINGLE_SPLIT=config.num_splits == 1,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def merge_launch_meta(config: DecodeConfig, head_dim: int) -> dict:
+    """Constexprs and launch options of the merge kernel (only launched when num_splits > 1)."""
+    # At least 16 split slots (masked): few distinct binaries to compile, at no cost that shows.
+    d_pad = triton.next_power_of_2(head_dim)
+    splits_pad = max(16, triton.next_power_of_2(config.num_splits))
+    # The whole [splits, D] fp32 block sits in registers: more warps for big ones.
+    num_warps = 4 if splits_pad * d_pad <= 64 * 128 else 8
+    return dict(HEAD_DIM=head_dim, D_PAD=d_pad, SPLITS_PAD=splits_pad,
+                num_warps=num_warps, num_stages=1)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float | None = None, *,
+                     out: torch.Tensor | None = None,
+                     config: DecodeConfig | None = None) -> torch.Tensor:
+    """Attention of one new token per row over the row's first ``seq_lens[b]`` cached positions.
+
+    q: [B, H_q, D] fp16/bf16/fp32, last dim contiguous (may be a strided view).
+    k_cache, v_cache: [B, C, H_kv, D], same dtype, shape and strides, last dim contiguous;
+    H_q % H_kv == 0; 16 <= D <= 256 (non-powers of two are masked up to the next one).
+    seq_lens: int32 [B] on q's device; 0 marks a dead row (output zeros); values are clamped
+    to [0, C] on the device (no host sync).
+    scale: softmax scale, default D ** -0.5.
+    out: optional [B, H_q, D] in q's dtype, last dim contiguous; written and returned.
+    config: overrides ``decode_config`` (benchmark sweeps, tests).
+    Returns [B, H_q, D] in q's dtype.
+    """
+    B, H_q, D, C, H_kv = _check_inputs(q, k_cache, v_cache, seq_lens)
+    if out is None:
+        out = torch.empty(B, H_q, D, dtype=q.dtype, device=q.device)
+    elif (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1
+          or out.device != q.device):
+        raise ValueError(f"out must be a [B, H_q, D] = {tuple(q.shape)} {q.dtype} tensor on "
+                         f"{q.device} with a contiguous last dim, got {tuple(out.shape)} "
+                         f"{out.dtype} strides {out.stride()} on {out.device}")
+    if config is None:
+        config = decode_config(B, C, H_q, H_kv, D, k_cache.dtype, _num_sms(q.device))
+    elif not (1 <= config.num_splits <= MAX_SPLITS and config.block_n >= 16
+              and config.block_n & (config.block_n - 1) == 0):
+        raise ValueError(f"config needs 1 <= num_splits <= {MAX_SPLITS} and block_n a power of "
+                         f"two >= 16, got {config}")
+    scale = D ** -0.5 if scale is None else scale
+    splits = config.num_splits
+    if splits == 1:
+        partial_out, partial_lse = out, out  # not touched when the kernel writes out itself
+    else:
+        partial_out, partial_lse = _alloc_partials(B, H_q, splits, D, q.device)
+
+    _decode_split_kernel[(B, H_kv, splits)](
+        q, k_cache, v_cache, seq_lens, out, partial_out, partial_lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1), C, H_q // H_kv, H_q, splits, scale * LOG2_E,
+        **attention_launch_meta(config, H_q, H_kv, D))
+    if splits > 1:
+        _merge_splits_kernel[(B, H_q)](
+            partial_out, partial_lse, out, out.stride(0), out.stride(1), splits,
+            **merge_launch_meta(config, D))
+    return out
+
+
+def _alloc_partials(B: int, H_q: int, splits: int, D: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-split outputs fp32 [B, H_q, S, D] and log-sum-exps fp32 [B, H_q, S] (uninitialised:
+    the attention kernel writes every lse and every live split's output)."""
+    return (torch.empty(B, H_q, splits, D, dtype=torch.float32, device=device),
+            torch.empty(B, H_q, splits, dtype=torch.float32, device=device))
+
+
+@triton.jit
+def _decode_split_kernel(
+        q_ptr, k_ptr, v_ptr, seq_lens_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
+        stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_ob, stride_oh,
+        capacity, group, num_q_heads, num_splits, qk_scale_log2,
+        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
+    """One (row b, KV head, split) program.
+
+    q: [B, H_q, D]; k, v: [B, C, H_kv, D] (shared strides); seq_lens: int32 [B].
+    SINGLE_SPLIT: write softmax(qK)V to out [B, H_q, D] (q's dtype).
+    Otherwise: write the split's normalised output to partial_out fp32 [B, H_q, S, D] and its
+    log2-sum-exp2 (scores in log2 units) to partial_lse fp32 [B, H_q, S]; a split with no
+    live positions writes only its lse, -inf, which tells the merge to skip it.
+    The query group is padded to GROUP_PAD >= 16 rows so both products run on tensor cores.
+    """
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    row64 = row.to(tl.int64)
+
+    seq_len = tl.minimum(tl.maximum(tl.load(seq_lens_ptr + row), 0), capacity)
+    # Each split takes an equal share of the live length, rounded up to whole tiles.
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N), 1) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kv_head * group + offs_g
+    head_live = offs_g < group
+    if D_PAD == HEAD_DIM:
+        d_live = offs_d < D_PAD  # all true; keeps the masks' shapes uniform
+    else:
+        d_live = offs_d < HEAD_DIM
+
+    q_ptrs = q_ptr + row64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=head_live[:, None] & d_live[None, :], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
+
+    kv_offset = row64 * stride_kb + kv_head * stride_kh
+    k_tile_ptrs = k_ptr + kv_offset + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_tile_ptrs = v_ptr + kv_offset + offs_n[:, None] * stride_kn + offs_d[None, :]
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
+    for tile_start in range(start, end, BLOCK_N):
+        pos_live = (tile_start + offs_n) < end
+        kv_mask = pos_live[:, None] & d_live[None, :]
+        k = tl.load(k_tile_ptrs + tile_start * stride_kn, mask=kv_mask, other=0.0)
+        # "ieee" only matters for fp32 operands (no tf32); 16-bit products are exact in fp32.
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
+        scores = tl.where(pos_live[None, :], scores, float("-inf"))
+        # Every tile holds at least one live position, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_tile_ptrs + tile_start * stride_kn, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+
+    # A dead row or an empty split has l_i == 0: its output is zeros, never 0/0.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out_tile = acc / l_safe[:, None]
+    store_mask = head_live[:, None] & d_live[None, :]
+    if SINGLE_SPLIT:
+        out_ptrs = out_ptr + row64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, out_tile.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        split_live = start < end
+        slot = (row64 * num_q_heads + heads) * num_splits + split  # [GROUP_PAD]
+        tl.store(partial_out_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], out_tile,
+                 mask=store_mask & split_live)
+        tl.store(partial_lse_ptr + slot, m_i + tl.math.log2(l_safe), mask=head_live)
+
+
+@triton.jit
+def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_ob, stride_oh,
+                         num_splits, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                         SPLITS_PAD: tl.constexpr):
+    """One (row b, query head) program: combine the splits' partial outputs by their weights.
+
+    partial_out: fp32 [B, H_q, S, D] (written for live splits only), partial_lse: fp32
+    [B, H_q, S] (log2 units, -inf for a split without live positions), as written by
+    ``_decode_split_kernel``; out: [B, H_q, D]. A dead row (no live split) gets zeros.
+    """
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    num_q_heads = tl.num_programs(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    slot = (row.to(tl.int64) * num_q_heads + head) * num_splits + offs_s
+    lse = tl.load(partial_lse_ptr + slot, mask=offs_s < num_splits, other=float("-inf"))
+    split_live = lse > float("-inf")
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max > float("-inf"), lse_max, 0.0)
+    weight = tl.where(split_live, tl.math.exp2(lse - lse_max), 0.0)
+
+    d_live = offs_d < HEAD_DIM
+    # Unwritten partials of empty splits are never loaded (they may hold anything).
+    parts = tl.load(partial_out_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=split_live[:, None] & d_live[None, :], other=0.0)
+    total = tl.sum(weight, axis=0)
+    merged = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    out_ptrs = out_ptr + row.to(tl.int64) * stride_ob + head * stride_oh + offs_d
+    tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=d_live)
+
+
+def _group_pad(group: int) -> int:
+    """Query rows per program: the GQA group padded to a power of two >= 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(group))
+
+
+def _check_head_shape(num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"H_q={num_q_heads} must be a positive multiple of H_kv={num_kv_heads}")
+    if not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
+
+
+def _check_inputs(q, k_cache, v_cache, seq_lens) -> tuple[int, int, int, int, int]:
+    if q.dim() != 3 or k_cache.dim() != 4:
+        raise ValueError(f"q must be [B, H_q, D] and k_cache [B, C, H_kv, D], got "
+                         f"{tuple(q.shape)} and {tuple(k_cache.shape)}")
+    B, H_q, D = q.shape
+    _, C, H_kv, D_kv = k_cache.shape
+    if k_cache.shape[0] != B or D_kv != D:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} "
+                         f"(batch and head_dim must agree)")
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise ValueError(f"v_cache must have k_cache's shape and strides: {tuple(v_cache.shape)} "
+                         f"{v_cache.stride()} vs {tuple(k_cache.shape)} {k_cache.stride()}")
+    _check_head_shape(H_q, H_kv, D)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} must be fp16, bf16 or fp32, got {t.dtype}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous last dim, got strides {t.stride()}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    if v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"k_cache and v_cache dtypes differ: {k_cache.dtype} vs {v_cache.dtype}")
+    if seq_lens.dtype != torch.int32 or seq_lens.shape != (B,) or seq_lens.device != q.device:
+        raise ValueError(f"seq_lens must be int32 [B={B}] on {q.device}, got {seq_lens.dtype} "
+                         f"{tuple(seq_lens.shape)} on {seq_lens.device}")
+    return B, H_q, D, C, H_kv
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_cached(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    """SMs of q's GPU; without one (the interpreter) the H100's, so configs match the GPU's."""
+    if device.type != "cuda":
+        return H100_NUM_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _num_sms_cached(index)

@@ -1,0 +1,269 @@
+"""Split-KV decode attention against the plain-torch reference.
+
+CPU runs go through Triton's interpreter, so shapes are tiny; bf16 and the canonical
+benchmark shapes are checked on the GPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+from kernels import decode_attention as da
+from kernels import reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def make_inputs(B, C, H_q, H_kv, D, seq_lens, dtype, seed=0):
+    """Random q and caches; cache slots at or past each row's length hold NaN, so any read of
+    a dead position (or any use of one) shows up in the output."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H_q, D, generator=g).to(dtype).to(DEVICE)
+    k = torch.randn(B, C, H_kv, D, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(B, C, H_kv, D, generator=g).to(dtype).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    dead = torch.arange(C, device=DEVICE)[None, :] >= lens.clamp(min=0)[:, None]  # [B, C]
+    k_poisoned, v_poisoned = k.clone(), v.clone()
+    k_poisoned[dead] = float("nan")
+    v_poisoned[dead] = float("nan")
+    return q, k, v, k_poisoned, v_poisoned, lens
+
+
+def run_and_check(B, C, H_q, H_kv, D, seq_lens, dtype, config=None, scale=None):
+    q, k, v, k_poisoned, v_poisoned, lens = make_inputs(B, C, H_q, H_kv, D, seq_lens, dtype)
+    out = torch.full((B, H_q, D), float("nan"), dtype=dtype, device=DEVICE)
+    result = da.decode_attention(q, k_poisoned, v_poisoned, lens, scale, out=out, config=config)
+    expected = reference.decode_attention(q, k, v, lens, scale)
+    assert result is out
+    assert not out.isnan().any(), "unwritten or NaN-polluted output elements"
+    live = lens > 0
+    if live.any():
+        err = relative_l2(out[live], expected[live])
+        assert err < TOLERANCE[dtype], f"relative L2 error {err:.2e}"
+    assert (out[~live] == 0).all(), "dead rows must be exactly zero"
+    return out
+
+
+# (B, C, H_q, H_kv, D, seq_lens): C is never a multiple of a block size unless noted.
+CASES = {
+    "gqa2-mixed-lengths": (4, 37, 4, 2, 64, [1, 37, 0, 20]),  # length 1, full slab, dead row
+    "gqa7-qwen-heads": (2, 45, 14, 2, 64, [45, 17]),
+    "mha-group1": (2, 29, 2, 2, 64, [29, 3]),
+    "mqa-d128": (2, 40, 8, 1, 128, [33, 40]),
+    "gqa4-d80": (2, 21, 4, 1, 80, [21, 9]),
+    "gqa2-d96": (1, 19, 2, 1, 96, [19]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_reference_with_default_config(case, dtype):
+    run_and_check(*CASES[case], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_head_dim_256(dtype):
+    run_and_check(2, 20, 2, 1, 256, [20, 7], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_one_row_many_splits_merges(dtype):
+    """B=1 over several splits: the merge kernel combines partials, and with seq_len well
+    below C some splits are empty (their partials are never written)."""
+    config = da.DecodeConfig(block_n=16, num_splits=8, num_warps=4, num_stages=2)
+    run_and_check(1, 150, 4, 2, 64, [150], dtype, config=config)
+    run_and_check(1, 150, 4, 2, 64, [40], dtype, config=config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_split_path_mixed_and_dead_rows(dtype):
+    config = da.DecodeConfig(block_n=16, num_splits=4, num_warps=4, num_stages=2)
+    run_and_check(4, 70, 14, 2, 64, [70, 0, 1, 33], dtype, config=config)
+
+
+def test_merge_never_reads_unwritten_partials(monkeypatch):
+    """Partials of empty splits stay unwritten; poisoning them proves the merge skips them."""
+    def nan_partials(B, H_q, splits, D, device):
+        return (torch.full((B, H_q, splits, D), float("nan"), device=device),
+                torch.full((B, H_q, splits), float("nan"), device=device))
+
+    monkeypatch.setattr(da, "_alloc_partials", nan_partials)
+    config = da.DecodeConfig(block_n=16, num_splits=8, num_warps=4, num_stages=2)
+    run_and_check(3, 64, 4, 2, 64, [5, 0, 64], torch.float32, config=config)
+
+
+def test_all_rows_dead_give_zeros():
+    for splits in (1, 4):
+        config = da.DecodeConfig(block_n=16, num_splits=splits, num_warps=4, num_stages=2)
+        out = run_and_check(2, 32, 4, 2, 64, [0, 0], torch.float32, config=config)
+        assert (out == 0).all()
+
+
+def test_seq_lens_outside_slab_are_clamped():
+    """A length past C reads the whole slab (no out-of-bounds read); a negative one is dead."""
+    q, k, v, _, _, _ = make_inputs(2, 24, 4, 2, 64, [24, 0], torch.float32)
+    lens = torch.tensor([1000, -1], dtype=torch.int32, device=DEVICE)
+    out = da.decode_attention(q, k, v, lens)
+    expected = reference.decode_attention(q, k, v, torch.tensor([24, 0], dtype=torch.int32,
+                                                                device=DEVICE))
+    assert relative_l2(out[:1], expected[:1]) < 1e-4
+    assert (out[1] == 0).all()
+
+
+def test_custom_scale():
+    run_and_check(2, 30, 4, 2, 64, [30, 11], torch.float32, scale=0.37)
+
+
+def test_strided_query_and_output_views():
+    """q sliced out of a fused qkv projection output, out a slice of a larger buffer."""
+    B, C, H_q, H_kv, D = 2, 26, 4, 2, 64
+    _, k, v, _, _, lens = make_inputs(B, C, H_q, H_kv, D, [26, 10], torch.float16)
+    qkv = torch.randn(B, (H_q + 2 * H_kv) * D, dtype=torch.float16, device=DEVICE)
+    q = qkv[:, : H_q * D].view(B, H_q, D)
+    assert not q.is_contiguous()
+    big_out = torch.full((B, H_q + 3, D), float("nan"), dtype=torch.float16, device=DEVICE)
+    out = big_out[:, 1:H_q + 1]
+    da.decode_attention(q, k, v, lens, out=out)
+    expected = reference.decode_attention(q, k, v, lens)
+    assert relative_l2(out, expected) < 5e-3
+    assert big_out[:, 0].isnan().all() and big_out[:, H_q + 1:].isnan().all()
+
+
+class _RecordingLauncher:
+    """Stands in for a Triton kernel: records the grid and constexprs, then launches."""
+
+    def __init__(self, name, kernel, calls):
+        self.name, self.kernel, self.calls = name, kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.calls.append((self.name, grid, tuple(sorted(meta.items()))))
+            return self.kernel[grid](*args, **meta)
+        return launch
+
+
+def test_launch_grid_does_not_depend_on_seq_lens(monkeypatch):
+    """Two batches of the same (B, C) with different lengths launch identical grids and
+    constexprs: one CUDA graph serves the whole bin."""
+    calls = []
+    for name in ("_decode_split_kernel", "_merge_splits_kernel"):
+        monkeypatch.setattr(da, name, _RecordingLauncher(name, getattr(da, name), calls))
+    B, C, H_q, H_kv, D = 2, 300, 4, 2, 64
+    default = da.decode_config(B, C, H_q, H_kv, D, torch.float32, da.H100_NUM_SMS)
+    assert default.num_splits > 1  # the interesting case: two kernels, split work
+    launches = []
+    for lens in ([300, 5], [0, 171]):
+        calls.clear()
+        q, k, v, _, _, seq_lens = make_inputs(B, C, H_q, H_kv, D, lens, torch.float32)
+        out = da.decode_attention(q, k, v, seq_lens)
+        live = seq_lens > 0
+        expected = reference.decode_attention(q, k, v, seq_lens)
+        assert relative_l2(out[live], expected[live]) < 1e-4
+        launches.append(list(calls))
+    assert len(launches[0]) == 2
+    assert launches[0] == launches[1]
+
+
+def test_decode_config_fills_the_machine():
+    cfg = lambda B, C, H_kv=8: da.decode_config(B, C, 32, H_kv, 128, torch.bfloat16, 132)
+    # One row, 8 KV heads: must split to use more than 8 of 132 SMs.
+    assert cfg(1, 8192).num_splits * 8 >= 2 * 132
+    # Enough (row, head) pairs already: no split, no merge pass.
+    assert cfg(256, 1024).num_splits == 1
+    for B in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        for C in (256, 1024, 4096, 32768):
+            c = cfg(B, C)
+            assert c.num_splits & (c.num_splits - 1) == 0 and 1 <= c.num_splits <= da.MAX_SPLITS
+            # A full-length split spans at least MIN_TILES_PER_SPLIT tiles (or it is the only one).
+            assert c.num_splits == 1 or C // c.num_splits >= da.MIN_TILES_PER_SPLIT * c.block_n
+            assert c == cfg(B, C)  # pure
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v, _, _, lens = make_inputs(2, 16, 4, 2, 64, [16, 3], torch.float32)
+    with pytest.raises(ValueError, match="seq_lens must be int32"):
+        da.decode_attention(q, k, v, lens.long())
+    with pytest.raises(ValueError, match="multiple of H_kv"):
+        da.decode_attention(q[:, :3], k, v, lens)
+    with pytest.raises(ValueError, match="v_cache must have k_cache's shape"):
+        da.decode_attention(q, k, v[:, :8], lens)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        da.decode_attention(q, k, v.half(), lens)
+    with pytest.raises(ValueError, match="out must be"):
+        da.decode_attention(q, k, v, lens, out=torch.empty(2, 4, 32))
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        da.decode_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, lens)
+    with pytest.raises(ValueError, match="block_n a power of two"):
+        da.decode_attention(q, k, v, lens, config=da.DecodeConfig(24, 1, 4, 2))
+    with pytest.raises(ValueError, match="head_dim"):
+        da.decode_config(1, 16, 4, 2, 512, torch.float16)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+CANONICAL_GRID = [(1, 8192), (16, 2048), (64, 2048), (256, 1024), (64, 8192), (8, 32768)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("skewed", [False, True], ids=["uniform", "skewed"])
+@pytest.mark.parametrize("B,L", CANONICAL_GRID, ids=[f"B{b}-L{l}" for b, l in CANONICAL_GRID])
+def test_bf16_canonical_shapes(B, L, skewed):
+    g = torch.Generator().manual_seed(1)
+    lens = (torch.randint(L // 8, L + 1, (B,), generator=g) if skewed
+            else torch.full((B,), L)).to(torch.int32).cuda()
+    q = torch.randn(B, 32, 128, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(B, L, 8, 128, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn(B, L, 8, 128, dtype=torch.bfloat16, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    da.decode_attention(q, k, v, lens, out=out)
+    expected = reference.decode_attention(q, k, v, lens)
+    assert not out.isnan().any()
+    assert relative_l2(out, expected) < 1e-2
+
+
+@pytest.mark.gpu
+def test_runs_compiled_on_cuda():
+    from triton.runtime.jit import JITFunction
+
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1"
+    config = da.DecodeConfig(block_n=64, num_splits=4, num_warps=4, num_stages=3)
+    run_and_check(2, 1000, 8, 2, 128, [1000, 300], torch.float16, config=config)
+    device = torch.cuda.current_device()
+    for kernel in (da._decode_split_kernel, da._merge_splits_kernel):
+        assert isinstance(kernel, JITFunction), f"{kernel} is not a compiled Triton kernel"
+        compiled = kernel.device_caches[device][0]
+        assert len(compiled) >= 1
+        assert all(c.n_regs > 0 and c.n_spills == 0 for c in compiled.values())
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_with_new_lengths():
+    """Capture once, change seq_lens in place, replay: the output follows the new lengths."""
+    B, C, H_q, H_kv, D = 3, 4096, 32, 8, 128
+    q = torch.randn(B, H_q, D, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(B, C, H_kv, D, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn(B, C, H_kv, D, dtype=torch.bfloat16, device="cuda")
+    lens = torch.tensor([4096, 100, 0], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert da.decode_config(B, C, H_q, H_kv, D, torch.bfloat16, num_sms).num_splits > 1
+    da.decode_attention(q, k, v, lens, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        da.decode_attention(q, k, v, lens, out=out)
+    for new_lens in ([7, 0, 3000], [4096, 4096, 1]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference.decode_attention(q, k, v, lens)
+        assert not out.isnan().any()
+        live = lens > 0
+        assert relative_l2(out[live], expected[live]) < 1e-2
+        assert (out[~live] == 0).all()
