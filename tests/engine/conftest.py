@@ -42,8 +42,9 @@ FAMILY_SPECS: dict[str, tuple[str, str, dict]] = {
                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                      "original_max_position_embeddings": 32})),
+    # Qwen2 derives head_dim = hidden / heads: 224 / 14 = 16, the Triton kernels' minimum.
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
-              dict(hidden_size=112, intermediate_size=96, num_attention_heads=14,
+              dict(hidden_size=224, intermediate_size=96, num_attention_heads=14,
                    num_key_value_heads=2, tie_word_embeddings=True,
                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
     # sliding_window covers max_position_embeddings, so it never changes attention.
