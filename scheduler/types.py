@@ -20,8 +20,9 @@ class Request:
         arrival_time: when it was submitted (the caller's clock).
         generated: tokens already produced before a re-queue (0 for a fresh request).
         hint: the client's predicted output length (`predicted_tokens`), if any.
-        predicted_len: the predictor's output length estimate, set at submit.
-        bin: the bin index the scheduler placed it in, set at submit.
+        predicted_len: the predictor's estimate of all new tokens (counted from the original
+            prompt, like ``max_tokens``), set at submit and again at an overflow re-queue.
+        bin: the bin index the scheduler placed it in, set at submit and at re-queue.
         payload: the engine's own per-request data; the scheduler never reads it.
     """
 
