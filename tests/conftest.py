@@ -6,6 +6,8 @@ import torch
 # Must happen before any kernel is decorated: Triton picks interpreted vs compiled then.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Tiny models: thread hand-offs cost more than they save, and CI has two cores.
+    torch.set_num_threads(1)
 
 HAS_CUDA = torch.cuda.is_available()
 
