@@ -17,6 +17,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     0 marks a dead row (its output is zeros). Returns [B, H_q, D] in q's dtype.
     """
     B, Hq, D = q.shape
+    if not q.is_cuda and B > 0:
+        # The CPU path: read up to the longest live row, not the whole slab (a host sync,
+        # which only CUDA graphs would mind).
+        longest = max(int(seq_lens.max()), 1)
+        k_cache, v_cache = k_cache[:, :longest], v_cache[:, :longest]
     C, Hkv = k_cache.shape[1], k_cache.shape[2]
     scale = D ** -0.5 if scale is None else scale
     group = Hq // Hkv
