@@ -86,10 +86,15 @@ def run_metadata() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m", sys.argv[0].replace("/", ".").removesuffix(".py")]
-                            + sys.argv[1:]) if sys.argv else "",
+        "command": _command_line(),
         "torch": torch.__version__,
     }
+
+
+def _command_line() -> str:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
+    return " ".join([program, *sys.argv[1:]])
 
 
 def write_json(path: Path, payload: dict) -> Path:
