@@ -74,9 +74,10 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
         # prefetch (ptxas spills otherwise). fp32 caches exist for parity tests, not speed.
         block_n, num_warps, num_stages = 32, 4 if d_pad <= 128 else 8, 1
     elif d_pad <= 128:
-        # K and V tiles of 64 x 128 bf16 are 16 KB each. Two stages timed as well as or
-        # better than three or four on the H100 across the canonical grid (bench --sweep).
-        block_n, num_warps, num_stages = 64, 4, 2
+        # K and V tiles of 64 x 128 bf16 are 16 KB each. On the H100 sweep (bench --sweep,
+        # CUDA-graph timing) two warps and two stages were the only setting within 3% of the
+        # best on every canonical shape; four warps lost 5-10% on uniform B >= 64 slabs.
+        block_n, num_warps, num_stages = 64, 2, 2
     else:
         block_n, num_warps, num_stages = 32, 8, 3
     block_n = min(block_n, max(16, triton.next_power_of_2(capacity)))
