@@ -42,7 +42,8 @@ def running_server(tmp_dir: Path, *flags: str, module: str = "engine.serve",
     log_path = tmp_dir / f"server-{port}.log"
     # One intra-op thread: the reference ops on a tiny model are far slower with two threads
     # competing for two cores with the HTTP process (and other test processes).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     with open(log_path, "wb") as log_file:
         command = [sys.executable, "-m", module, "--port", str(port), *base_flags, *flags]
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file,
