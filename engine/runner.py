@@ -256,12 +256,13 @@ class BatchRunner:
         """One decode step, all on the device: feed, sample, advance live positions."""
         logits = self.model.decode(buf.tokens, buf.positions, slab)
         # The sampled token goes to the next slot, which is also its RNG position.
+        rng_positions = buf.positions.long() + 1 if kind[0] == SAMPLE else None
         tokens, logprobs = self._pick(logits, kind, buf.temperature, buf.top_k, buf.top_p,
-                                      buf.seeds, buf.positions.long() + 1)
+                                      buf.seeds, rng_positions)
         buf.tokens.copy_(tokens)
         if logprobs is not None:
             buf.logprobs.copy_(logprobs)
-        buf.positions.copy_(torch.where(buf.positions >= 0, buf.positions + 1, buf.positions))
+        buf.positions.add_((buf.positions >= 0).to(buf.positions.dtype))  # dead rows stay -1
 
     def _capture(self, key, buf: _StepBuffers, kind: tuple) -> None:
         # Warm-up runs execute for real: run them with every row dead (no KV traffic) and put
