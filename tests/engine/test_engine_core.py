@@ -19,13 +19,6 @@ from scheduler.schemas import BatchRecord
 BASE = dict(model="dummy:tiny", max_model_len=64, min_capacity=16, max_wait_ms=1e6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)

@@ -13,13 +13,6 @@ PROMPT_LENGTHS = (3, 8, 13, 21)
 NEW_TOKENS = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _prompts(lengths, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)

@@ -13,13 +13,6 @@ from engine import LLM, EngineOptions, RequestOutput, SamplingParams
 OPTIONS = dict(max_model_len=64, min_capacity=16, max_wait_ms=1e6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def llm():
