@@ -1,39 +1,51 @@
 """The batch-shape study (DESIGN.md "Batch-shape study"): a small GPU core, the rest simulated.
 
-1. Step-time table: decode time(B, live tokens) and prefill time(B, prompt tokens) of the model
-   on this GPU, measured on the engine's own runner (CUDA graphs, Triton kernels), saved as
-   ``step_times.json`` (``scheduler.schemas.StepTimeTable``).
-2. GPU core on ``dummy:llama-3.2-1b``: prompts U[64, 512] of random ids, output lengths
+1. Step-time tables: decode time(B, live tokens) and prefill time(B, prompt tokens) of the
+   model on this GPU, measured on the engine's own runner (CUDA graphs, Triton kernels),
+   saved as ``step_times.json`` (``scheduler.schemas.StepTimeTable``); and the same decode
+   steps with a single live row per slab, ``step_times_one_row.json`` (how fast a lone row
+   streams its KV: what rows of unequal length cost, ``scheduler.service.EngineStepModel``).
+2. Engine overheads: the engine itself runs calibration batches (requests of their own) at
+   each B of the core; what its loop costs beyond the tables, per decode step and per
+   prefill call, completes the simulator's step model.
+3. GPU core on ``dummy:llama-3.2-1b``: prompts U[64, 512] of random ids, output lengths
    ceil(U[1, 1024]) handed to the engine as the hidden ``target_len`` (``ignore_eos``,
    ``max_tokens`` 1024 as an honest loose cap). B=64 with k in {1, 4, 16}, modes static /
    bin-continuous / continuous, predictors oracle and bin-error p_e=0.2; B=8 static with k in
    {1, 16} (the paper's setting); Poisson arrivals at two rates (B=64, k in {1, 4}, static).
    Before it starts, every run is simulated with the table and the estimate printed; request
    counts shrink (same recipes, whole batches) if the estimate exceeds ``--core-budget-s``.
-3. transformers' static-cache ``generate`` on padded B=8 batches of the same requests in
+   Each run keeps its batch records and GPU clock readings.
+4. transformers' static-cache ``generate`` on padded B=8 batches of the same requests in
    arrival order, each batch running to its longest target.
-4. Simulations calibrated by the table (in worker processes, after the GPU work): B in
-   {8, 64}, k in {1, 2, 4, 8, 16, 32}, predictors oracle / bin-error 0.05, 0.2 / max-tokens,
-   U[1, 1024] and the chat-like lognormal, all three modes; equal-KV-memory comparisons;
-   latency against the arrival rate; and every measured run on its exact workload (the
-   simulator's error).
+5. Simulations calibrated by the step model (in worker processes, after the GPU work), with
+   the engine's slab rules (capacity buckets, refill threshold and wait): B in {8, 64}, k in
+   {1, 2, 4, 8, 16, 32}, predictors oracle / bin-error 0.05, 0.2 / max-tokens, U[1, 1024]
+   and the chat-like lognormal, all three modes; equal-KV-memory comparisons; latency
+   against the arrival rate; and every measured run on its exact workload, batch by batch
+   (the simulator's error).
 
-Outputs in ``--out``: ``e2e.json``, ``step_times.json``, ``e2e_table.md`` and the PNGs
+Outputs in ``--out``: ``e2e.json``, the two step tables, ``e2e_table.md`` and the PNGs
 ``e2e_throughput_vs_k``, ``e2e_gain_vs_paper``, ``e2e_sim_vs_measured``, ``e2e_latency``.
 
     python -m bench.e2e [--out DIR] [--quick] [--smoke] [--requests-big N] ...
+    python -m bench.e2e --resimulate SAVED/e2e.json --out DIR
 
 ``--quick`` shrinks everything for a first GPU sanity run; ``--smoke`` runs on ``dummy:tiny`` on
-the CPU with a handful of requests (the CI test).
+the CPU with a handful of requests (the CI test). ``--resimulate`` needs no GPU: it recomputes
+the simulated side of every measured run of a saved study with today's simulator
+(``resimulate``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import statistics
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -45,14 +57,15 @@ from bench import plots
 from bench.common import RESULTS_DIR, run_metadata, write_json
 from bench.engine import build_hf_llama, free_device_memory, hf_generate_seconds
 from bench.workloads import (CHAT_LENGTHS, CLOSED_FORM_GAIN_PCT, PAPER_GAIN_PCT, PROMPT_LENGTHS,
-                             UNIFORM_LENGTHS, Distribution, SimSpec, WorkloadSpec, bin_edges,
-                             closed_form_gains, equal_kv_specs, gains_over_k1, grid_specs,
-                             json_safe, latency_specs, paper_model_specs, prompt_token_ids,
-                             relative_errors, run_simulation_groups, run_simulations,
-                             simulate_equal_kv, simulate_spec)
+                             UNIFORM_LENGTHS, Distribution, SimSpec, WorkloadSpec, batch_check,
+                             bin_edges, closed_form_gains, equal_kv_specs, gains_over_k1,
+                             grid_specs, json_safe, latency_specs, paper_model_specs,
+                             prompt_token_ids, relative_errors, run_simulation_groups,
+                             run_simulations, simulate_equal_kv, simulate_spec,
+                             simulate_with_batches)
 from scheduler.schemas import StepTimeTable
-from scheduler.service import PAPER_SERVICE
-from scheduler.workload import parse_lengths
+from scheduler.service import PAPER_SERVICE, EngineStepModel
+from scheduler.workload import Workload, parse_lengths
 
 # Set-up cost of one GPU-core run, for the estimate: engine start plus one warm-up batch per
 # slab capacity it may use (a prefill and a graph capture).
@@ -60,6 +73,10 @@ RUN_SETUP_S = 1.5
 WARMUP_PER_CAPACITY_S = 0.4
 # Enough that partial batches at the end move the paper-model gains by well under 1 point.
 PAPER_MODEL_REQUESTS = 16384
+# The engine-overhead calibration draws its prompts with seed + this: requests of their own.
+CALIBRATION_SEED_OFFSET = 1000
+STEP_TABLE_FILE = "step_times.json"
+ONE_ROW_TABLE_FILE = "step_times_one_row.json"
 
 
 @dataclass
@@ -98,6 +115,8 @@ class StudyConfig:
     table_prefill_batches: tuple[int, ...] = (1, 8, 32, 64)
     table_prefill_lens: tuple[int, ...] = (64, 256, 512, 1024)
     table_steps: int = 8
+    # engine overheads: two calibration batches per core batch size, T1 and T2 new tokens
+    calibration_new_tokens: tuple[int, int] = (64, 448)
     # simulations
     sim_batches: tuple[int, ...] = (8, 64)
     sim_bins: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -140,6 +159,7 @@ def smoke_config() -> StudyConfig:
                        poisson_requests=6, poisson_max_wait_ms=100.0, core_budget_s=0.0,
                        table_decode_batches=(1, 2, 4), table_decode_lens=(4, 12, 24),
                        table_prefill_batches=(1, 4), table_prefill_lens=(4, 12), table_steps=3,
+                       calibration_new_tokens=(3, 9),
                        sim_batches=(2, 4), sim_bins=(1, 2, 4), sim_requests=64,
                        latency_loads=(0.5, 0.9), latency_steady_requests=32, workers=1)
 
@@ -147,13 +167,17 @@ def smoke_config() -> StudyConfig:
 # ---- 1. step-time table -------------------------------------------------------------------
 
 
-def measure_step_table(config: StudyConfig, progress: bool = True) -> StepTimeTable:
-    """Decode and prefill times of ``config.model`` on the engine's ``BatchRunner``.
+def measure_step_table(config: StudyConfig, progress: bool = True
+                       ) -> tuple[StepTimeTable, StepTimeTable]:
+    """Decode and prefill times of ``config.model`` on the engine's ``BatchRunner``: the step
+    table, and the one-row table (``scheduler.service.EngineStepModel``).
 
     Decode (B, L): prefill B rows of L tokens into a slab of the capacity the engine would
     use, run 2 steps (the first captures the CUDA graph), then time ``table_steps`` steps
     (device time, ``runner.Stopwatch``); the row is (B, mean live tokens, median seconds).
-    Prefill (B, L): B prompts of L tokens, once to warm up, then the median of two timed runs.
+    The one-row table does the same with only the first row prefilled (the others dead): how
+    fast one row streams its KV alone. Prefill (B, L): B prompts of L tokens, once to warm
+    up, then the median of two timed runs (the one-row table carries the same prefill rows).
     """
     from tqdm.auto import tqdm
 
@@ -181,12 +205,9 @@ def measure_step_table(config: StudyConfig, progress: bool = True) -> StepTimeTa
     g = torch.Generator().manual_seed(config.seed)
     prompts = lambda B, L: torch.randint(0, cfg.vocab_size, (B, L), generator=g).tolist()
 
-    decode_rows, prefill_rows = [], []
-    bar = tqdm(total=len(decode_grid) + len(prefill_grid), desc="step-time table",
-               disable=not progress, leave=False)
-    for B, L in decode_grid:
+    def decode_seconds(B: int, L: int, live: int) -> float:
         runner.begin(B, capacity(L + warm + steps + 1))
-        runner.prefill(list(range(B)), prompts(B, L), [greedy] * B).result()
+        runner.prefill(list(range(live)), prompts(live, L), [greedy] * live).result()
         for _ in range(warm):
             runner.decode()
         watches = []
@@ -197,8 +218,16 @@ def measure_step_table(config: StudyConfig, progress: bool = True) -> StepTimeTa
             watches[-1].stop()
         seconds = statistics.median(w.seconds() for w in watches)
         runner.end()
-        # Timed step s (from 0) attends to L + 1 + warm + s tokens in each row.
-        decode_rows.append((B, round(B * (L + 1 + warm + (steps - 1) / 2)), seconds))
+        return seconds
+
+    decode_rows, one_row_rows, prefill_rows = [], [], []
+    bar = tqdm(total=len(decode_grid) + len(prefill_grid), desc="step-time table",
+               disable=not progress, leave=False)
+    for B, L in decode_grid:
+        # Timed step s (from 0) attends to L + 1 + warm + s tokens in each live row.
+        tokens = L + 1 + warm + (steps - 1) / 2
+        decode_rows.append((B, round(B * tokens), decode_seconds(B, L, B)))
+        one_row_rows.append((B, round(tokens), decode_seconds(B, L, 1)))
         bar.update(1)
     for B, L in prefill_grid:
         samples = []
@@ -219,11 +248,19 @@ def measure_step_table(config: StudyConfig, progress: bool = True) -> StepTimeTa
     del runner, arena, model
     free_device_memory()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    return StepTimeTable(device=name, model=config.model, decode=decode_rows, prefill=prefill_rows,
-                         meta={"dtype": config.dtype, "decode_steps_timed": steps,
-                               "warmup_steps": warm, "min_capacity": config.min_capacity,
-                               "decode_live_tokens": "B rows x mean tokens per row over the "
-                                                     "timed steps"})
+    meta = {"dtype": config.dtype, "decode_steps_timed": steps, "warmup_steps": warm,
+            "min_capacity": config.min_capacity}
+    table = StepTimeTable(device=name, model=config.model, decode=decode_rows,
+                          prefill=prefill_rows,
+                          meta={**meta, "decode_live_tokens": "B rows x mean tokens per row "
+                                                              "over the timed steps"})
+    one_row = StepTimeTable(device=name, model=config.model, decode=one_row_rows,
+                            prefill=prefill_rows,
+                            meta={**meta, "decode_live_tokens": "one live row (the other B-1 "
+                                                                "dead): its mean tokens over the "
+                                                                "timed steps",
+                                  "prefill": f"as {STEP_TABLE_FILE}"})
+    return table, one_row
 
 
 # ---- 2. GPU core --------------------------------------------------------------------------
@@ -247,8 +284,11 @@ class CoreRun:
         return f"B{self.batch_size} k{self.k} {self.mode} {self.predictor} {arrivals}"
 
     def sim_spec(self, config: StudyConfig) -> SimSpec:
+        """The simulation of this run: same workload, bins and predictor, and the slab rules
+        of the engine options it runs with."""
         return SimSpec(self.workload, self.batch_size, self.k, self.mode, self.predictor,
-                       max_wait_s=self.max_wait_ms / 1e3, max_model_len=config.max_model_len)
+                       max_wait_s=self.max_wait_ms / 1e3, max_model_len=config.max_model_len,
+                       **engine_slab_rules(engine_options(self, config)))
 
     def fields(self) -> dict:
         return {"name": self.name, "B": self.batch_size, "k": self.k, "mode": self.mode,
@@ -310,6 +350,33 @@ def engine_options(run: CoreRun, config: StudyConfig):
         predictor=run.predictor, max_model_len=config.max_model_len,
         max_output_len=config.max_tokens, min_capacity=config.min_capacity,
         max_wait_ms=run.max_wait_ms, log_labels={"run": run.name})
+
+
+def engine_slab_rules(options) -> dict:
+    """The engine's slab rules as ``SimSpec`` fields, read from the engine: its capacity
+    buckets (``engine.runner.capacity_bucket`` of every length up to max_model_len), its
+    refill threshold and its refill wait (``EngineOptions.refill_min_free``, ``max_wait_ms``)."""
+    from engine.runner import capacity_bucket
+
+    top = options.max_model_len
+    if top is None:
+        raise ValueError("engine_slab_rules needs options with an explicit max_model_len")
+    capacities = sorted({capacity_bucket(n, options.min_capacity, top) for n in range(1, top + 1)})
+    # EngineOptions.refill_min_free documents None as max(1, batch_size // 8).
+    min_free = options.refill_min_free or max(1, options.batch_size // 8)
+    return {"capacities": tuple(capacities), "refill_min_free": min_free,
+            "refill_max_wait_s": options.max_wait_ms / 1e3}
+
+
+def with_engine_rules(spec: SimSpec, config: StudyConfig, max_wait_ms: float) -> SimSpec:
+    """``spec`` with the slab rules of an engine running its batch size and slab length
+    (``config.max_model_len`` when the spec names none) with this ``max_wait_ms``."""
+    from engine.options import EngineOptions
+
+    options = EngineOptions(model=config.model, batch_size=spec.batch_size,
+                            max_model_len=spec.max_model_len or config.max_model_len,
+                            min_capacity=config.min_capacity, max_wait_ms=max_wait_ms)
+    return dataclasses.replace(spec, **engine_slab_rules(options))
 
 
 def warm_up(core, run: CoreRun, config: StudyConfig) -> list[int]:
@@ -418,7 +485,9 @@ def run_core(run: CoreRun, config: StudyConfig, progress: bool = True) -> tuple[
         workload = run.workload.build()
         prompts = prompt_token_ids(workload, core.model_config.vocab_size, config.seed)
         setup_s = time.perf_counter() - started
+        gpu_before = gpu_state()
         times = play(core, workload, prompts, config.max_tokens, desc=run.name, progress=progress)
+        gpu_after = gpu_state()
         after = core.stats()
         records = core.batch_records[n_records:]
     finally:
@@ -444,25 +513,142 @@ def run_core(run: CoreRun, config: StudyConfig, progress: bool = True) -> tuple[
         "token_mismatches": sum(c != t for c, t in zip(times["tokens"], times["targets"])),
         "capacities_used": sorted({r.capacity for r in records}),
         "warmup_capacities": warmups, "setup_s": setup_s, **delta,
+        # Where the wall time outside the batches went: before the first batch (submitting
+        # the requests) and between batches.
+        "first_batch_at": min(r.started_at for r in records),
+        "outside_batches_s": makespan - sum(r.wall_s for r in records),
+        "gpu_before": gpu_before, "gpu_after": gpu_after,
     }
-    return {**run.fields(), "measured": measured}, records
+    return {**run.fields(), "measured": measured, "batches": compact_records(records)}, records
 
 
-def estimate_core(runs: list[CoreRun], config: StudyConfig, table: StepTimeTable) -> list[float]:
+def compact_records(records: list) -> list[dict]:
+    """The per-batch numbers of ``BatchRecord``s that the simulator's batches can be checked
+    against (per-request lists summed)."""
+    return [{"bin": r.bin, "capacity": r.capacity, "n_requests": r.n_requests, "steps": r.steps,
+             "idle_row_steps": r.idle_row_steps, "overflows": r.overflows,
+             "prompt_tokens": sum(r.prompt_lens), "output_tokens": sum(r.output_lens),
+             "prefill_s": r.prefill_s, "decode_s": r.decode_s, "wall_s": r.wall_s,
+             "started_at": r.started_at, "formed_at": r.formed_at,
+             "refills": r.extra.get("refills", 0),
+             "refill_prefill_s": r.extra.get("refill_prefill_s", 0.0)} for r in records]
+
+
+def gpu_state() -> dict:
+    """SM clock (MHz), power (W) and temperature (C) now, where the driver tells (NVML);
+    empty off CUDA or without NVML."""
+    if not torch.cuda.is_available():
+        return {}
+    state = {}
+    for key, read in (("sm_clock_mhz", torch.cuda.clock_rate),
+                      ("power_w", lambda: torch.cuda.power_draw() / 1e3),
+                      ("temperature_c", torch.cuda.temperature)):
+        try:
+            state[key] = read()
+        except Exception:  # no NVML: the study runs without these readings
+            pass
+    return state
+
+
+def measure_engine_overheads(config: StudyConfig, table: StepTimeTable,
+                             one_row: StepTimeTable | None, progress: bool = True) -> dict:
+    """What the engine's loop costs beyond the step tables, measured by running the engine.
+
+    At each batch size of the core, one engine (static, one bin, oracle: the core's options)
+    runs two batches of B calibration requests (prompts drawn from the study's prompt lengths
+    with a seed of their own, so not the core's requests), every row generating T1 tokens in
+    the first batch and T2 in the second, all rows live throughout. Then, per B:
+
+    - decode_step_s: the engine's wall time per decode step, from the difference of the two
+      batches (batch start and end cancel out), minus the tables' mean over the same steps
+      (``EngineStepModel`` without overheads: the step table plus the rows' spread);
+    - prefill_call_s: what is left of the wall time from the first batch's start to the last
+      finish once the tables' prefills and steps (plus the step overhead) are taken out, per
+      batch: host work around a batch, and the prefill of unequal prompts against the table's
+      equal ones.
+
+    Returns those as [(B, seconds)] lists with the batches' records and the model's figures.
+    """
+    from engine.engine_core import EngineCore
+
+    short, long = config.calibration_new_tokens
+    if not 1 <= short < long <= config.max_tokens:
+        raise ValueError(f"calibration_new_tokens must satisfy 1 <= T1 < T2 <= max_tokens, got "
+                         f"{config.calibration_new_tokens}")
+    decode_step, prefill_call, rows = [], [], []
+    for B in sorted({config.small_batch, config.big_batch}):
+        spec = WorkloadSpec(2 * B, config.lengths, config.prompts, config.max_tokens,
+                            config.seed + CALIBRATION_SEED_OFFSET)
+        base = spec.build()
+        workload = Workload(base.arrival_times, base.prompt_lens, [short] * B + [long] * B,
+                            config.max_tokens)
+        run = CoreRun(B, 1, "static", "oracle", spec, config.max_wait_ms)
+        core = EngineCore(engine_options(run, config))
+        try:
+            warm_up(core, run, config)
+            n_records = len(core.batch_records)
+            prompts = prompt_token_ids(workload, core.model_config.vocab_size, spec.seed)
+            times = play(core, workload, prompts, config.max_tokens,
+                         desc=f"engine overheads B={B}", progress=progress)
+            records = core.batch_records[n_records:]
+        finally:
+            core.close()
+            del core
+            free_device_memory()
+        if [r.steps for r in records] != [short, long]:
+            raise RuntimeError(f"calibration at B={B} ran batches of {[r.steps for r in records]} "
+                               f"steps, expected [{short}, {long}]")
+        devices = EngineStepModel(table, one_row)
+        predicted = [devices.decode_sum(B, sum(r.prompt_lens) + B, B, r.steps)
+                     + devices.straggler_sum(B, [p + 1 for p in r.prompt_lens], r.steps)
+                     for r in records]
+        loop = [r.wall_s - r.prefill_s for r in records]
+        extra_steps = long - short
+        engine_step = (loop[1] - loop[0]) / extra_steps
+        table_step = (predicted[1] - predicted[0]) / extra_steps
+        step_overhead = engine_step - table_step
+        span = max(times["finish"]) - records[0].started_at
+        modelled = sum(table.prefill_time(B, sum(r.prompt_lens)) + p + r.steps * step_overhead
+                       for r, p in zip(records, predicted))
+        decode_step.append((B, step_overhead))
+        prefill_call.append((B, (span - modelled) / len(records)))
+        rows.append({"B": B, "new_tokens": [short, long], "engine_step_s": engine_step,
+                     "table_step_s": table_step, "span_s": span, "modelled_s": modelled,
+                     "table_prefill_s": [table.prefill_time(B, sum(r.prompt_lens))
+                                         for r in records],
+                     "batches": compact_records(records)})
+    return {"decode_step_s": decode_step, "prefill_call_s": prefill_call, "runs": rows,
+            "seed": config.seed + CALIBRATION_SEED_OFFSET}
+
+
+def calibrated_service(table: StepTimeTable, one_row: StepTimeTable | None,
+                       calibration: dict | None):
+    """The simulator's service model: the step table, with the rows' spread (``one_row``) and
+    the engine's measured overheads (``measure_engine_overheads``) where the study has them."""
+    if calibration is not None and "error" in calibration:
+        calibration = None
+    if one_row is None and calibration is None:
+        return table
+    return EngineStepModel(table, one_row,
+                           calibration["decode_step_s"] if calibration else (),
+                           calibration["prefill_call_s"] if calibration else ())
+
+
+def estimate_core(runs: list[CoreRun], config: StudyConfig, service) -> list[float]:
     """Seconds each run should take: its simulated makespan plus engine start and warm-ups."""
-    sims = run_simulations(simulate_spec, [r.sim_spec(config) for r in runs], table,
+    sims = run_simulations(simulate_spec, [r.sim_spec(config) for r in runs], service,
                            progress=False)
     return [s.get("makespan", math.nan) + RUN_SETUP_S
             + WARMUP_PER_CAPACITY_S * len(slab_capacities(r, config))
             for s, r in zip(sims, runs)]
 
 
-def fit_to_budget(config: StudyConfig, rates: list[float], table: StepTimeTable
+def fit_to_budget(config: StudyConfig, rates: list[float], service
                   ) -> tuple[StudyConfig, list[CoreRun], list[float]]:
     """The core's runs and their estimates; if the total exceeds ``core_budget_s``, every
     request count shrinks by the same factor (whole batches, same recipes) first."""
     runs = core_runs(config, rates)
-    estimates = estimate_core(runs, config, table)
+    estimates = estimate_core(runs, config, service)
     total = sum(estimates)
     if config.core_budget_s > 0 and total > config.core_budget_s:
         f = config.core_budget_s / total
@@ -476,16 +662,16 @@ def fit_to_budget(config: StudyConfig, rates: list[float], table: StepTimeTable
               f"{config.big_batch}), {config.requests_small} (B={config.small_batch}), "
               f"{config.poisson_requests} (Poisson)")
         runs = core_runs(config, rates)
-        estimates = estimate_core(runs, config, table)
+        estimates = estimate_core(runs, config, service)
     return config, runs, estimates
 
 
-def simulated_capacity(config: StudyConfig, table: StepTimeTable) -> float:
+def simulated_capacity(config: StudyConfig, service) -> float:
     """Requests/s of B=big_batch, static, k=1, every request at t=0 (simulated)."""
     workload = WorkloadSpec(config.requests_big, config.lengths, config.prompts,
                             config.max_tokens, config.seed)
     spec = SimSpec(workload, config.big_batch, 1, "static", "oracle")
-    return simulate_spec(spec, table)["throughput"]
+    return simulate_spec(spec, service)["throughput"]
 
 
 # ---- 3. transformers baseline -------------------------------------------------------------
@@ -531,31 +717,33 @@ def run_transformers(config: StudyConfig, ours_records: list | None, progress: b
 # ---- 4. simulations -----------------------------------------------------------------------
 
 
-def run_study_simulations(config: StudyConfig, table: StepTimeTable, runs: list[CoreRun],
-                          capacity: float, progress: bool = True) -> dict:
-    """Every simulation of the study, in one pool of ``config.workers`` processes."""
+def run_study_simulations(config: StudyConfig, service, runs: list[CoreRun], capacity: float,
+                          progress: bool = True) -> dict:
+    """Every simulation of the study, in one pool of ``config.workers`` processes, on the
+    calibrated step model (``calibrated_service``)."""
     from engine.runner import capacity_bucket
 
     uniform = config.distributions[0]
     rates = [load * capacity for load in config.latency_loads]
     wait = config.poisson_max_wait_ms / 1e3
     bucket = lambda needed, top: capacity_bucket(needed, config.min_capacity, top)
+    engine = lambda specs, wait_ms: [with_engine_rules(s, config, wait_ms) for s in specs]
     groups = {
-        "sim_grid": (simulate_spec, grid_specs(
+        "sim_grid": (simulate_spec, engine(grid_specs(
             config.distributions, config.prompts, config.sim_requests, config.sim_batches,
-            config.sim_bins, config.sim_predictors, config.seed), table),
+            config.sim_bins, config.sim_predictors, config.seed), config.max_wait_ms), service),
         "equal_kv": (simulate_equal_kv, equal_kv_specs(
             config.distributions, config.prompts, config.sim_requests, config.sim_batches,
-            config.sim_bins, bucket, config.seed), table),
-        "latency_sweep": (simulate_spec, latency_specs(
+            config.sim_bins, bucket, config.seed), service),
+        "latency_sweep": (simulate_spec, engine(latency_specs(
             uniform, config.prompts, config.poisson_requests, rates, config.big_batch,
-            config.poisson_bins, wait, config.seed), table),
-        "latency_sweep_steady": (simulate_spec, latency_specs(
+            config.poisson_bins, wait, config.seed), config.poisson_max_wait_ms), service),
+        "latency_sweep_steady": (simulate_spec, engine(latency_specs(
             uniform, config.prompts, config.latency_steady_requests, rates, config.big_batch,
-            config.poisson_bins, wait, config.seed), table),
+            config.poisson_bins, wait, config.seed), config.poisson_max_wait_ms), service),
         "paper_model": (simulate_spec, paper_model_specs(
             config.prompts, PAPER_MODEL_REQUESTS, config.seed), PAPER_SERVICE),
-        "measured": (simulate_spec, [r.sim_spec(config) for r in runs], table),
+        "measured": (simulate_with_batches, [r.sim_spec(config) for r in runs], service),
     }
     return run_simulation_groups(groups, config.workers, progress)
 
@@ -579,6 +767,115 @@ def gain_summary(payload: dict, config: StudyConfig) -> dict:
             "closed_form": closed_form_gains(), "paper": dict(PAPER_GAIN_PCT)}
 
 
+def attach_simulation(row: dict, sim: dict) -> None:
+    """Put a measured run's simulation (``simulate_with_batches``) into its result row: the
+    result under ``sim``, its batches under ``sim_batches``, the relative errors and, when the
+    run recorded its batches, the batch-by-batch check."""
+    sim = dict(sim)
+    batches = sim.pop("batches", None)
+    row["sim"] = sim
+    if batches is not None:
+        row["sim_batches"] = batches
+    if "measured" in row and "error" not in sim:
+        row["sim_error"] = relative_errors(row["measured"], sim)
+        if row.get("batches") and batches is not None:
+            row["batch_check"] = batch_check(row["batches"], batches)
+
+
+# ---- re-simulating a saved study on the CPU -----------------------------------------------
+
+
+def service_description(service) -> str:
+    """What the simulator's step costs are made of, in words (for the results table)."""
+    if not isinstance(service, EngineStepModel):
+        return "step table only: no one-row table or engine overheads saved"
+    parts = ["step table"]
+    if service.one_row is not None:
+        parts.append("rows' spread from the one-row table")
+    if service.decode_step_points:
+        parts.append("measured engine overheads")
+    return " + ".join(parts)
+
+
+def config_from_json(saved: dict) -> StudyConfig:
+    """The ``StudyConfig`` a saved ``e2e.json`` ran with (fields it lacks take today's
+    defaults)."""
+    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ValueError(f"the saved study config has fields StudyConfig does not know: {unknown}")
+    return StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+def core_run_from_row(row: dict, config: StudyConfig) -> CoreRun:
+    """The ``CoreRun`` behind a saved result row (its workload rebuilt from the recipe)."""
+    workload = WorkloadSpec(row["n_requests"], row["lengths"], config.prompts, config.max_tokens,
+                            config.seed, row["arrival_rate"])
+    run = CoreRun(row["B"], row["k"], row["mode"], row["predictor"], workload, row["max_wait_ms"])
+    if run.name != row["name"]:
+        raise ValueError(f"saved run {row['name']!r} rebuilds as {run.name!r}")
+    return run
+
+
+def resimulate(saved: Path, out: Path, workers: int = 1, progress: bool = True) -> dict:
+    """Recompute the simulated side of a saved study on the CPU: every measured GPU-core run is
+    simulated again on its exact workload, with the saved step table (and the one-row table
+    and engine overheads where the study measured them) and today's simulator and engine
+    slab rules.
+
+    Writes into ``out``: ``e2e.json`` (the saved payload with each core row's ``sim``,
+    ``sim_error`` and ``sim_batches`` replaced, the previous errors under
+    ``sim_error_before``, and a ``resimulated`` entry), the step table, ``e2e_table.md`` and
+    ``e2e_sim_vs_measured.png``. Measured numbers and the other simulations stay as saved.
+    """
+    saved, out = Path(saved), Path(out)
+    payload = json.loads(saved.read_text())
+    missing = [key for key in ("config", "core", "step_table") if key not in payload]
+    if missing:
+        raise ValueError(f"{saved} is not a bench.e2e result: it lacks {missing}")
+    if out.resolve() == saved.parent.resolve():
+        raise ValueError(f"--out must not be the saved study's own directory ({out}): "
+                         f"re-simulation never overwrites measured results")
+    files = payload["step_table"]
+    table = StepTimeTable.load(saved.parent / files["file"])
+    one_row = StepTimeTable.load(saved.parent / files["one_row_file"]) \
+        if files.get("one_row_file") else None
+    config = config_from_json(payload["config"])
+    service = calibrated_service(table, one_row, payload.get("calibration"))
+    runs = [core_run_from_row(row, config) for row in payload["core"]]
+    specs = [r.sim_spec(config) for r in runs]
+    if payload.get("predictor_draws") != "keyed":
+        # Measured before draws were keyed by request: replay the engine's draw sequence, in
+        # which each warm-up request spent one draw before the run's requests.
+        specs = [dataclasses.replace(spec, sequential_draws_after=len(
+                     row.get("measured", {}).get("warmup_capacities", ())))
+                 for spec, row in zip(specs, payload["core"])]
+    sims = run_simulations(simulate_with_batches, specs, service, workers, "re-simulate",
+                           progress)
+    for row, sim in zip(payload["core"], sims):
+        if "sim_error" in row:
+            row["sim_error_before"] = row["sim_error"]
+        for key in ("sim", "sim_error", "sim_batches", "batch_check"):
+            row.pop(key, None)
+        attach_simulation(row, sim)
+    rules = {r.name: {k: v for k, v in asdict(spec).items()
+                      if k in ("capacities", "refill_min_free", "refill_max_wait_s",
+                               "sequential_draws_after")}
+             for r, spec in zip(runs, specs)}
+    payload["resimulated"] = {
+        **run_metadata(), "source": str(saved), "service": service_description(service),
+        "slab_rules": rules}
+    out.mkdir(parents=True, exist_ok=True)
+    table.save(out / files["file"])
+    if one_row is not None:
+        one_row.save(out / files["one_row_file"])
+    write_json(out / "e2e.json", json_safe(payload))
+    safe = json_safe(payload)
+    (out / "e2e_table.md").write_text(plots.format_e2e_table(safe, payload.get("meta")))
+    plots.plot_sim_vs_measured(safe, out / "e2e_sim_vs_measured.png")
+    return payload
+
+
 # ---- the study ----------------------------------------------------------------------------
 
 
@@ -597,20 +894,36 @@ def run(config: StudyConfig, out: Path, progress: bool = True) -> dict:
     check_closed_form()
     out.mkdir(parents=True, exist_ok=True)
     phases: dict[str, float] = {}
-    payload: dict = {"config": asdict(config), "phase_seconds": phases, "core": []}
+    # predictor_draws: bin-error draws are keyed by request (``resimulate`` replays the older,
+    # sequential draws for results that lack this).
+    payload: dict = {"config": asdict(config), "phase_seconds": phases, "core": [],
+                     "predictor_draws": "keyed"}
     save = lambda: write_json(out / "e2e.json", json_safe(payload))
 
     t = time.perf_counter()
-    table = measure_step_table(config, progress)
-    table.save(out / "step_times.json")
-    payload["step_table"] = {"file": "step_times.json", "device": table.device,
-                             "decode_points": len(table.decode),
-                             "prefill_points": len(table.prefill)}
+    gpu_before = gpu_state()
+    table, one_row = measure_step_table(config, progress)
+    table.save(out / STEP_TABLE_FILE)
+    one_row.save(out / ONE_ROW_TABLE_FILE)
+    payload["step_table"] = {"file": STEP_TABLE_FILE, "one_row_file": ONE_ROW_TABLE_FILE,
+                             "device": table.device, "decode_points": len(table.decode),
+                             "prefill_points": len(table.prefill),
+                             "gpu_before": gpu_before, "gpu_after": gpu_state()}
     phases["step_table"] = time.perf_counter() - t
 
-    capacity = simulated_capacity(config, table)
+    t = time.perf_counter()
+    try:
+        payload["calibration"] = measure_engine_overheads(config, table, one_row, progress)
+    except Exception as e:  # the study still runs, on the tables alone
+        traceback.print_exc()
+        payload["calibration"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    service = calibrated_service(table, one_row, payload["calibration"])
+    phases["engine_overheads"] = time.perf_counter() - t
+    save()
+
+    capacity = simulated_capacity(config, service)
     rates = [load * capacity for load in config.poisson_loads]
-    config, runs, estimates = fit_to_budget(config, rates, table)
+    config, runs, estimates = fit_to_budget(config, rates, service)
     payload["config"] = asdict(config)
     payload["poisson"] = {"static_k1_capacity_rps": capacity, "rates": rates}
     payload["estimate"] = [{"name": r.name, "n_requests": r.workload.n, "seconds": e}
@@ -647,11 +960,9 @@ def run(config: StudyConfig, out: Path, progress: bool = True) -> dict:
     phases["transformers"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    results = run_study_simulations(config, table, runs, capacity, progress)
+    results = run_study_simulations(config, service, runs, capacity, progress)
     for row, sim in zip(payload["core"], results.pop("measured")):
-        row["sim"] = sim
-        if "measured" in row and "error" not in sim:
-            row["sim_error"] = relative_errors(row["measured"], sim)
+        attach_simulation(row, sim)
     payload.update(results)
     payload["gains_pct"] = gain_summary(payload, config)
     phases["simulations"] = time.perf_counter() - t
@@ -679,7 +990,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--core-budget-s", type=float,
                         help="shrink the GPU core's request counts to fit this estimate (0: off)")
     parser.add_argument("--workers", type=int, help="simulation processes")
+    parser.add_argument("--resimulate", type=Path, metavar="E2E_JSON",
+                        help="no GPU work: recompute the simulated columns of a saved e2e.json "
+                             "(its step table beside it) into --out")
     args = parser.parse_args(argv)
+    if args.resimulate is not None:
+        if "--out" not in (argv if argv is not None else sys.argv[1:]):
+            parser.error("--resimulate needs an explicit --out (never the saved study's folder)")
+        payload = resimulate(args.resimulate, args.out, args.workers or 1)
+        print(plots.format_e2e_table(json_safe(payload), payload.get("meta")))
+        print(f"wrote e2e.json, {payload['step_table']['file']}, e2e_table.md and "
+              f"e2e_sim_vs_measured.png to {args.out}")
+        return 0
     config = smoke_config() if args.smoke else quick_config() if args.quick else StudyConfig()
     names = ("requests_big", "requests_small", "poisson_requests", "hf_batches", "sim_requests",
              "core_budget_s", "workers")
@@ -690,8 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     payload = run(config, args.out)
     print(plots.format_e2e_table(json_safe(payload)))
-    print(f"wrote e2e.json, step_times.json, e2e_table.md and 4 PNGs to {args.out} in "
-          f"{time.perf_counter() - start:.0f} s")
+    print(f"wrote e2e.json, {STEP_TABLE_FILE}, {ONE_ROW_TABLE_FILE}, e2e_table.md and 4 PNGs "
+          f"to {args.out} in {time.perf_counter() - start:.0f} s")
     return 0
 
 

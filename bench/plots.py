@@ -236,23 +236,42 @@ def format_e2e_table(payload: dict, meta: dict | None = None) -> str:
              f"{c['lengths']} rounded up, max_tokens {c['max_tokens']}", ""]
     if meta:
         lines += [f"commit {meta['commit']}, {meta['date']}, `{meta['command']}`", ""]
+    resim = payload.get("resimulated")
+    before = any("sim_error_before" in r for r in payload.get("core", []))
+    calibration = payload.get("calibration") or {}
+    if not resim and (payload.get("step_table", {}).get("one_row_file") or calibration):
+        lines += ["Simulator: step table"
+                  + (" + rows' spread (one-row table)"
+                     if payload["step_table"].get("one_row_file") else "")
+                  + (" + engine overheads" if "decode_step_s" in calibration else "")
+                  + "; the engine's slab capacities and refill rule.", ""]
+    if resim:
+        lines += [f"Simulated columns of this table recomputed on the CPU ({resim['service']}): "
+                  f"commit {resim['commit']}, {resim['date']}, `{resim['command']}`"
+                  + ("; last column: the saved run's own simulator error" if before else "")
+                  + ". The simulated tables below are as saved.", ""]
+    extra = " sim error saved |" if before else ""
     lines += ["| B | k | mode | predictor | arrivals | requests | req/s | tok/s | p50 s | p99 s "
-              "| padding waste | overflows | sim req/s | sim error |",
-              "|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| padding waste | overflows | sim req/s | sim overflows | sim error |" + extra,
+              "|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+              + ("---:|" if before else "")]
+    percent = lambda errors: _num(None if (errors or {}).get("throughput") is None
+                                  else 100 * errors["throughput"], ".1f") + "%"
     for r in payload.get("core", []):
         arrivals = "t=0" if r["arrival_rate"] is None else f"Poisson {r['arrival_rate']:.1f}/s"
         head = (f"| {r['B']} | {r['k']} | {r['mode']} | {r['predictor']} | {arrivals} | "
                 f"{r['n_requests']} |")
         if "measured" not in r:
-            lines.append(head + f" error: {r.get('error', '?')[:80]} |" + " |" * 7)
+            lines.append(head + f" error: {r.get('error', '?')[:80]} |" + " |" * 8
+                         + (" |" if before else ""))
             continue
         m, s = r["measured"], r.get("sim") or {}
-        err = (r.get("sim_error") or {}).get("throughput")
         lines.append(head + f" {m['throughput']:.2f} | {m['token_throughput']:.0f} | "
                      f"{m['latency_p50']:.2f} | {m['latency_p99']:.2f} | "
                      f"{m['padding_waste']:.3f} | {m['overflows']} | "
-                     f"{_num(s.get('throughput'))} | "
-                     f"{_num(None if err is None else 100 * err, '.1f')}% |")
+                     f"{_num(s.get('throughput'))} | {_num(s.get('overflows'), 'd')} | "
+                     f"{percent(r.get('sim_error'))} |"
+                     + (f" {percent(r.get('sim_error_before'))} |" if before else ""))
     hf = payload.get("transformers") or {}
     if "throughput" in hf:
         lines += ["", f"transformers static-cache generate ({hf['variant']}), padded B="

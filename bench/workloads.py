@@ -22,7 +22,7 @@ from typing import Callable
 from scheduler import theory
 from scheduler.bins import BinEdges, equal_width_edges
 from scheduler.policy import MultiBinScheduler
-from scheduler.predictors import OraclePredictor, predictor_from_spec
+from scheduler.predictors import BinErrorPredictor, OraclePredictor, predictor_from_spec
 from scheduler.simulator import simulate
 from scheduler.workload import Uniform, Workload, make_workload, parse_lengths
 
@@ -79,7 +79,12 @@ class SimSpec:
     """One simulated run: a workload through a ``MultiBinScheduler`` with ``bin_edges`` bins.
 
     max_wait_s: the scheduler's partial-batch wait (the engine's ``max_wait_ms`` / 1e3).
-    max_model_len: the continuous slab's capacity (KV figures only).
+    max_model_len: the continuous slab's capacity.
+    capacities, refill_min_free, refill_max_wait_s: the engine's slab rules
+    (``scheduler.simulator.simulate``); the defaults are the paper's model.
+    sequential_draws_after: None for today's bin-error draws (keyed by request); a number N
+    replays the engine's draws before they were keyed (``SequentialBinErrorPredictor``), for
+    re-simulating runs saved then.
     """
 
     workload: WorkloadSpec
@@ -89,6 +94,10 @@ class SimSpec:
     predictor: str
     max_wait_s: float | None = None
     max_model_len: int | None = None
+    capacities: tuple[int, ...] | None = None
+    refill_min_free: int = 1
+    refill_max_wait_s: float | None = None
+    sequential_draws_after: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,16 +119,66 @@ class EqualKVSpec:
     capacity_rule: str
 
 
-def simulate_spec(spec: SimSpec, service) -> dict:
+class SequentialBinErrorPredictor(BinErrorPredictor):
+    """The bin-error model drawing as the engine did before draws were keyed by request
+    (commit 07be853 and earlier): one ``random.Random(seed)`` stream, one draw per prediction
+    in call order, after ``skip`` draws that the engine spent on its warm-up requests (one per
+    warm-up capacity). Only for re-simulating runs measured then."""
+
+    def __init__(self, keyed: BinErrorPredictor, skip: int):
+        super().__init__(keyed.true_lengths, keyed.edges, keyed.p_error, keyed.seed)
+        self._rng = random.Random(keyed.seed)
+        for _ in range(skip):
+            self._rng.random()
+
+    def draw(self, request) -> float:
+        return self._rng.random()
+
+
+def simulate_spec(spec: SimSpec, service, batch_log: list | None = None) -> dict:
     """Simulate ``spec`` with ``service`` (a step-time model); returns the spec's fields and
-    ``scheduler.simulator.SimResult``'s, flat."""
+    ``scheduler.simulator.SimResult``'s, flat. ``batch_log``: see ``simulate``."""
     workload = spec.workload.build()
     edges = bin_edges(spec.workload.lengths, spec.k, spec.workload.max_tokens)
     predictor = predictor_from_spec(spec.predictor, true_lengths=workload.true_lengths(),
                                     edges=edges, seed=spec.workload.seed)
+    if spec.sequential_draws_after is not None and isinstance(predictor, BinErrorPredictor):
+        predictor = SequentialBinErrorPredictor(predictor, spec.sequential_draws_after)
     scheduler = MultiBinScheduler(edges, spec.batch_size, predictor, max_wait=spec.max_wait_s)
-    result = simulate(workload, scheduler, service, spec.mode, spec.max_model_len)
+    result = simulate(workload, scheduler, service, spec.mode, spec.max_model_len,
+                      capacities=spec.capacities, refill_min_free=spec.refill_min_free,
+                      refill_max_wait=spec.refill_max_wait_s, batch_log=batch_log)
     return {**_spec_fields(spec), **result.to_dict()}
+
+
+def simulate_with_batches(spec: SimSpec, service) -> dict:
+    """``simulate_spec`` plus its batches under ``batches`` (``scheduler.simulator.SimBatch``
+    fields), to check against the engine's batch records."""
+    log: list = []
+    result = simulate_spec(spec, service, batch_log=log)
+    return {**result, "batches": [asdict(b) for b in log]}
+
+
+def batch_check(measured: list[dict], simulated: list[dict]) -> dict:
+    """Measured batches (``bench.e2e.compact_records``) against the simulated ones, in order.
+
+    The totals always; when both ran the same batches (same count, same steps in each), also
+    the median ratio measured / simulated of prefill and of decode seconds per batch."""
+    total = lambda rows, key: sum(r[key] for r in rows)
+    out = {"n_batches": [len(measured), len(simulated)],
+           "steps": [total(measured, "steps"), total(simulated, "steps")],
+           "prefill_s": [total(measured, "prefill_s"), total(simulated, "prefill_time")],
+           "decode_s": [total(measured, "decode_s"), total(simulated, "decode_time")],
+           "same_batches": len(measured) == len(simulated) and all(
+               m["steps"] == s["steps"] for m, s in zip(measured, simulated))}
+    if out["same_batches"] and measured:
+        ratios = lambda a, b: sorted(m[a] / s[b] for m, s in zip(measured, simulated) if s[b] > 0)
+        for name, (a, b) in (("prefill_ratio_median", ("prefill_s", "prefill_time")),
+                             ("decode_ratio_median", ("decode_s", "decode_time"))):
+            values = ratios(a, b)
+            if values:
+                out[name] = values[len(values) // 2]
+    return out
 
 
 def simulate_equal_kv(spec: EqualKVSpec, service) -> dict:

@@ -9,10 +9,11 @@ engine never reveals them.
 
 from __future__ import annotations
 
+import hashlib
 import math
-import random
 from collections import deque
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Mapping, Protocol, Sequence
 
 from scheduler.bins import BinEdges, quantile
@@ -31,6 +32,21 @@ def _true_length(true_lengths: Mapping[str, float], request: Request) -> float:
     except KeyError:
         raise ValueError(f"no true length for request {request.request_id!r} in the map "
                          f"given to the predictor") from None
+
+
+def keyed_uniform(seed: int, request_id: str) -> float:
+    """A number in (0, 1) that depends only on (seed, request_id), uniform over requests.
+
+    The error models draw from it instead of from a stream, so a request is mispredicted the
+    same way wherever it runs: in the engine (which also predicts for its warm-up requests)
+    and in the simulator, whatever the order of the calls, and again when it is re-predicted
+    after an overflow.
+    """
+    digest = hashlib.blake2b(f"{seed}:{request_id}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") + 0.5) / 2**64
+
+
+_STANDARD_NORMAL = NormalDist()
 
 
 class OraclePredictor:
@@ -56,7 +72,8 @@ class BinErrorPredictor:
 
     A correct bin predicts the true length; a wrong bin j predicts the midpoint of bin j
     (for the last bin, of [l_{k-1}, max_len]). ``edges`` may be ``BinEdges`` or ``AdaptiveEdges``
-    (read at each call). Seeded: the same calls in the same order give the same predictions.
+    (read at each call). Each request's draw is ``keyed_uniform(seed, request_id)``: the same
+    request gets the same prediction in any order of calls.
     """
 
     def __init__(self, true_lengths: Mapping[str, float], edges, p_error: float, seed: int = 0):
@@ -65,14 +82,14 @@ class BinErrorPredictor:
         self.true_lengths = true_lengths
         self.edges = edges
         self.p_error = p_error
-        self._rng = random.Random(seed)
+        self.seed = seed
 
     def predict(self, request: Request) -> float:
         true_len = _true_length(self.true_lengths, request)
         edges = self.edges
         true_bin = edges.bin_of(true_len)
         last = edges.k - 1
-        u = self._rng.random()
+        u = self.draw(request)
         if last == 0 or u >= (self.p_error if true_bin in (0, last) else 2 * self.p_error):
             return true_len
         if true_bin == 0:
@@ -84,22 +101,28 @@ class BinErrorPredictor:
         top = edges.max_len if wrong == last else edges.boundaries[wrong]
         return (edges.lower(wrong) + top) / 2
 
+    def draw(self, request: Request) -> float:
+        """The uniform number in (0, 1) that decides the request's prediction."""
+        return keyed_uniform(self.seed, request.request_id)
+
     def observe(self, request: Request, true_len: float) -> None:
         pass
 
 
 class LognormalErrorPredictor:
-    """Multiplicative error: ``true_len * exp(N(0, sigma^2))`` (median-unbiased), seeded."""
+    """Multiplicative error: ``true_len * exp(N(0, sigma^2))`` (median-unbiased); the normal
+    draw of a request is keyed by (seed, request_id) as in ``BinErrorPredictor``."""
 
     def __init__(self, true_lengths: Mapping[str, float], sigma: float, seed: int = 0):
         if sigma < 0:
             raise ValueError(f"lognormal sigma must be >= 0, got {sigma}")
         self.true_lengths = true_lengths
         self.sigma = sigma
-        self._rng = random.Random(seed)
+        self.seed = seed
 
     def predict(self, request: Request) -> float:
-        return _true_length(self.true_lengths, request) * math.exp(self._rng.gauss(0.0, self.sigma))
+        z = _STANDARD_NORMAL.inv_cdf(keyed_uniform(self.seed, request.request_id))
+        return _true_length(self.true_lengths, request) * math.exp(self.sigma * z)
 
     def observe(self, request: Request, true_len: float) -> None:
         pass

@@ -4,15 +4,19 @@ A model answers, for a slab of B rows: how long one decode step takes with ``liv
 KV tokens in its live rows, the sum of that over a run of steps in which the live tokens grow
 by a fixed amount per step, how many steps fit in a duration, and how long a prefill of
 ``prompt_tokens`` (summed over the rows being prefilled) takes. ``StepTimeTable`` (schemas.py)
-is the measured model; ``LinearServiceModel`` is the analytic one. ``integer_steps`` says
-whether output lengths must be whole tokens (a measured table) or may be real numbers.
+is the measured model; ``LinearServiceModel`` is the analytic one; ``EngineStepModel`` adds to
+a table what it leaves out: rows of unequal length, and the engine loop's own costs.
+``integer_steps`` says whether output lengths must be whole tokens (a measured table) or may be
+real numbers.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
+
+from scheduler.interpolate import PiecewiseLinear
 
 
 class ServiceModel(Protocol):
@@ -84,3 +88,122 @@ class LinearServiceModel:
 
 
 PAPER_SERVICE = LinearServiceModel()
+
+
+class EngineStepModel:
+    """The engine's step costs: a measured step-time table plus what it leaves out.
+
+    The table times decode steps whose live rows all hold the same number of tokens, so its
+    attention runs bandwidth-bound. In a real slab rows differ: once fewer rows are still
+    streaming their KV than it takes to fill the memory bandwidth, each streams at its lone
+    speed, and the step waits for the longest. (The decode kernel gives each row and KV head
+    its own programs, split along the row only when B is small.) ``one_row`` measures that lone speed: the same
+    model's decode steps with a single live row per slab. Per step, with the live rows'
+    lengths sorted, L_1 <= ... <= L_n, and L_0 = 0, the step costs the table's time plus
+
+        sum_i (L_i - L_{i-1}) * max(0, alpha - beta * (n - i + 1))
+
+    (rows advance together; while m rows remain, each token costs max(alpha, beta * m)), with
+    alpha(B) the one-row curve's seconds per token and beta(B) the table's seconds per live
+    token, both their mean slopes over the one-row table's lengths. The engine's loop adds
+    its own costs per decode step and per prefill call, measured by running the engine:
+    lists of (B, seconds), piecewise linear in B, flat below the smallest, beyond the largest
+    extended with the last slope floored at zero (one point: the same for every B).
+
+    ``table`` and ``one_row`` are measured ``StepTimeTable``s (whole steps). ``decode_time``,
+    ``decode_sum`` and ``steps_in`` leave the rows' spread out (they see only the token
+    total); the simulator adds ``straggler_sum`` where it knows each live row.
+    """
+
+    def __init__(self, table: ServiceModel, one_row: ServiceModel | None = None,
+                 decode_step: Sequence[tuple[int, float]] = (),
+                 prefill_call: Sequence[tuple[int, float]] = ()):
+        self.table = table
+        self.one_row = one_row
+        self.integer_steps = table.integer_steps
+        self.decode_step_points = [(int(b), float(s)) for b, s in decode_step]
+        self.prefill_call_points = [(int(b), float(s)) for b, s in prefill_call]
+        self._decode = _by_batch_size(self.decode_step_points, "decode_step")
+        self._prefill = _by_batch_size(self.prefill_call_points, "prefill_call")
+        if one_row is not None:
+            lengths = [x for _, x, _ in one_row.decode]
+            self._lengths = (min(lengths), max(lengths))
+            if self._lengths[0] == self._lengths[1]:
+                raise ValueError("the one-row table needs at least two row lengths")
+        self._slopes: dict[int, tuple[float, float]] = {}
+
+    def decode_time(self, batch_size: int, live_tokens: float) -> float:
+        return self.table.decode_time(batch_size, live_tokens) + self._decode(batch_size)
+
+    def decode_sum(self, batch_size: int, live_start: float, live_step: float,
+                   n_steps: float) -> float:
+        return (self.table.decode_sum(batch_size, live_start, live_step, n_steps)
+                + n_steps * self._decode(batch_size))
+
+    def steps_in(self, batch_size: int, live_start: float, live_step: float,
+                 duration: float) -> float:
+        """The fewest whole steps whose ``decode_sum`` reaches ``duration``."""
+        return fewest_steps(lambda n: self.decode_sum(batch_size, live_start, live_step, n),
+                            duration)
+
+    def prefill_time(self, batch_size: int, prompt_tokens: float) -> float:
+        if batch_size == 0:
+            return 0.0
+        return self.table.prefill_time(batch_size, prompt_tokens) + self._prefill(batch_size)
+
+    def slopes(self, batch_size: int) -> tuple[float, float]:
+        """(alpha, beta): seconds per token of a lone row, and per live token of the table."""
+        if batch_size not in self._slopes:
+            lo, hi = self._lengths
+            B = batch_size
+            alpha = (self.one_row.decode_time(B, hi) - self.one_row.decode_time(B, lo)) / (hi - lo)
+            beta = (self.table.decode_time(B, B * hi) - self.table.decode_time(B, B * lo)) / \
+                (B * (hi - lo))
+            self._slopes[B] = (alpha, beta)
+        return self._slopes[batch_size]
+
+    def straggler_sum(self, batch_size: int, row_lengths: Sequence[float],
+                      n_steps: float) -> float:
+        """The stragglers' extra seconds over ``n_steps`` decode steps of a B-row slab whose
+        live rows hold ``row_lengths`` tokens at the first step, each one more per step."""
+        if self.one_row is None or not row_lengths or n_steps <= 0:
+            return 0.0
+        alpha, beta = self.slopes(batch_size)
+        if alpha <= beta:  # a lone row is no slower than its share of the bandwidth
+            return 0.0
+        ordered = sorted(row_lengths)
+        n = len(ordered)
+        # The gaps between rows stay as they are from step to step; the shortest row grows.
+        # Past the shortest row's length, the i-th gap is streamed by n - i rows.
+        gaps = sum((b - a) * max(0.0, alpha - beta * (n - i))
+                   for i, (a, b) in enumerate(zip(ordered, ordered[1:]), start=1))
+        common = max(0.0, alpha - beta * n)
+        return n_steps * gaps + common * (n_steps * ordered[0] + n_steps * (n_steps - 1) / 2)
+
+
+def fewest_steps(total, duration: float) -> int:
+    """The fewest whole n >= 1 with total(n) >= duration (0 for duration <= 0); ``total`` must
+    grow with n."""
+    if duration <= 0:
+        return 0
+    hi = 1
+    while total(hi) < duration:
+        if total(2 * hi) <= total(hi):
+            raise ValueError(f"step costs do not grow with the steps (total({hi}) = "
+                             f"{total(hi)}): a step must take a positive time")
+        hi *= 2
+    lo = hi // 2  # total(lo) < duration <= total(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(mid) < duration else (lo, mid)
+    return hi
+
+
+def _by_batch_size(points: list[tuple[int, float]], what: str):
+    """f(B) through (B, seconds) points (see ``EngineStepModel``); 0 without points."""
+    if not points:
+        return PiecewiseLinear([1], [0.0])
+    if len({b for b, _ in points}) != len(points) or min(b for b, _ in points) < 1:
+        raise ValueError(f"{what} overheads need distinct batch sizes >= 1, got {points}")
+    points = sorted(points)
+    return PiecewiseLinear([b for b, _ in points], [s for _, s in points])

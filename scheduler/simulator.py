@@ -14,20 +14,45 @@ code under test is the production code. One slab of B rows runs at a time:
 
 Each new token costs one decode step of the whole slab (dead rows included); rows joining
 the slab are prefilled first, pausing decode (the prefill policy of the refilling modes). A
-row whose true remaining length exceeds its plan's ``max_new_tokens_bound`` runs to the bound
-and overflows: the simulator advances its ``prompt_len`` and ``generated`` and hands it back
-with ``on_overflow``. A request's latency runs from its arrival to its last token.
+service model with a ``straggler_sum`` (``EngineStepModel``) is also charged for the spread of
+the live rows' lengths. A request's latency runs from its arrival to its last token.
+
+Where a row overflows, two rules:
+
+- the paper's (default): a row whose true remaining length exceeds its plan's
+  ``max_new_tokens_bound`` runs to the bound and overflows;
+- the engine's (``capacities`` given): the slab holds C token slots per row, C the smallest
+  capacity bucket that fits the plan's longest prompt plus its bound. A row runs until its
+  prompt plus generated tokens reach C: after C - p decode steps (p its prompt) it holds
+  C - p + 1 new tokens (the prefill gave the first) and is evicted unless it is done; its
+  row frees a step later (``_row_run``). So a row with a short prompt gets far more room
+  than the bin's bound. A refilled request whose prompt no longer fits the slab is sent up
+  a bin at once (and in the top bin, the slab stops refilling), as the engine does.
+
+An overflowed row goes back through ``on_overflow`` with its ``prompt_len`` and ``generated``
+advanced by the tokens it made. Once every request has arrived, each new plan first forms
+every partial batch (the engine's offline flush), so overflows re-queued during one batch
+wait for the next plan together.
+
+The refilling modes refill free rows once ``refill_min_free`` of them are free, or the first
+has waited ``refill_max_wait``, or no row is live (the engine's rule; the default, one row,
+refills after every finish).
+
+``bench.e2e`` checks all of this against the engine on the CPU (tests/bench): the same
+workload gives the same batches, steps and overflows in both.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from dataclasses import asdict, dataclass
 from heapq import heappop, heappush
 from operator import itemgetter
+from typing import Sequence
 
 from scheduler.policy import MultiBinScheduler
-from scheduler.service import PAPER_SERVICE, ServiceModel
+from scheduler.service import PAPER_SERVICE, ServiceModel, fewest_steps
 from scheduler.types import Request
 from scheduler.workload import Workload
 
@@ -69,9 +94,44 @@ class SimResult:
         return asdict(self)
 
 
+@dataclass
+class SimBatch:
+    """One simulated batch: a static plan, or a refilling slab from start until it drained
+    (the engine's ``BatchRecord`` unit). Times in the service model's unit.
+
+    n_requests: rows that held a request (a refilled row counts once per request).
+    steps: decode steps of the slab. overflows: rows evicted at the slab's end.
+    """
+
+    bin: int
+    capacity: int
+    n_requests: int
+    steps: float
+    overflows: int
+    prefill_time: float
+    decode_time: float
+    started_at: float
+    ended_at: float
+
+
+@dataclass(frozen=True)
+class _SlabRules:
+    capacities: tuple[int, ...] | None
+    refill_min_free: int
+    refill_max_wait: float | None
+
+    def capacity(self, needed: float) -> int:
+        """The smallest bucket holding ``needed`` slots; the largest if none does (the
+        engine caps slabs at max_model_len)."""
+        i = bisect_left(self.capacities, needed)
+        return self.capacities[min(i, len(self.capacities) - 1)]
+
+
 class _Arrivals:
-    """Feeds the workload's requests to the scheduler at their arrival times; closes the
-    scheduler (final flush) once the last one is in."""
+    """Feeds the workload's requests to the scheduler at their arrival times. Once the last
+    one is in, each new plan first forms every partial batch (``next_plan(flush=True)``), as
+    the engine's offline loop does: overflows re-queued while a batch runs wait for the next
+    plan together."""
 
     def __init__(self, workload: Workload, scheduler: MultiBinScheduler):
         self.workload = workload
@@ -82,6 +142,10 @@ class _Arrivals:
     @property
     def next_time(self) -> float | None:
         return self.times[self.i] if self.i < len(self.times) else None
+
+    @property
+    def all_in(self) -> bool:
+        return self.i == len(self.times)
 
     def submit_until(self, now: float) -> None:
         times, i, n = self.times, self.i, len(self.times)
@@ -94,12 +158,10 @@ class _Arrivals:
                        times[i])
                 i += 1
             self.i = i
-        if self.i == n and not self.scheduler.closed:
-            self.scheduler.close(times[-1] if n else now)
 
 
 class _Meter:
-    def __init__(self):
+    def __init__(self, batch_log: list | None):
         self.latencies: list[float] = []
         self.tokens = 0.0
         self.live_row_steps = 0.0
@@ -110,11 +172,34 @@ class _Meter:
         self.prefill = 0.0
         self.decode = 0.0
         self.batches = 0
+        self.batch_log = batch_log
+        self.batch: SimBatch | None = None
 
     def run(self, duration: float, slots: int) -> None:
         self.busy += duration
         self.kv_slot_time += slots * duration
         self.kv_peak = max(self.kv_peak, slots)
+
+    def begin_batch(self, now: float, bin: int, capacity: int) -> None:
+        self.batches += 1
+        if self.batch_log is not None:
+            self.batch = SimBatch(bin, capacity, 0, 0, 0, 0.0, 0.0, now, now)
+
+    def add_to_batch(self, joined: int = 0, steps: float = 0, prefill: float = 0.0,
+                     decode: float = 0.0, overflows: int = 0) -> None:
+        if self.batch is not None:
+            b = self.batch
+            b.n_requests += joined
+            b.steps += steps
+            b.prefill_time += prefill
+            b.decode_time += decode
+            b.overflows += overflows
+
+    def end_batch(self, now: float) -> None:
+        if self.batch is not None:
+            self.batch.ended_at = now
+            self.batch_log.append(self.batch)
+            self.batch = None
 
 
 def _percentile(sorted_values: list[float], p: float) -> float:
@@ -124,11 +209,31 @@ def _percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[max(0, math.ceil(p / 100 * len(sorted_values)) - 1)]
 
 
-def _finish_row(scheduler, meter: _Meter, request, overflowed: bool, steps: float,
+def _row_run(request: Request, bound: float, capacity: int | None
+             ) -> tuple[float, float, float, bool]:
+    """(decode steps the row is live, steps it holds its slab row, new tokens it leaves with,
+    whether it overflows) for a row joining a slab with this plan bound (the paper's rule) or
+    this capacity (the engine's rule).
+
+    Under the engine's rule a row that reaches the slab's end is taken out of the next step
+    before that step is launched, and its row frees one step later, when its last token has
+    been read: it holds the row one step longer than it is live. A row that finishes earlier
+    is live for the step in flight when its last token is read, and frees its row after it."""
+    remaining = request.payload - request.generated
+    if capacity is None:
+        return (bound, bound, bound, True) if remaining > bound \
+            else (remaining, remaining, remaining, False)
+    room = capacity - request.prompt_len  # decode steps before the row reaches the slab's end
+    if remaining > room:
+        return room, room + 1, min(remaining, room + 1), remaining > room + 1
+    return remaining, remaining, remaining, False
+
+
+def _finish_row(scheduler, meter: _Meter, request, overflowed: bool, tokens: float,
                 now: float) -> None:
     if overflowed:
-        request.generated += steps
-        request.prompt_len += steps
+        request.generated += tokens
+        request.prompt_len += tokens
         scheduler.on_overflow(request, now)
     else:
         scheduler.on_finish(request.request_id, request.payload, now)
@@ -150,94 +255,161 @@ def _idle_until(scheduler, arrivals: _Arrivals, now: float) -> float | None:
     return max(now, nxt)
 
 
-def _run_static(scheduler, arrivals: _Arrivals, service: ServiceModel, meter: _Meter) -> float:
+def _run_static(scheduler, arrivals: _Arrivals, service: ServiceModel, meter: _Meter,
+                rules: _SlabRules) -> float:
+    stragglers = getattr(service, "straggler_sum", None)
     t = 0.0
     while True:
         arrivals.submit_until(t)
-        plan = scheduler.next_plan(t)
+        plan = scheduler.next_plan(t, flush=arrivals.all_in)
         if plan is None:
             nxt = _idle_until(scheduler, arrivals, t)
             if nxt is None:
                 return t
             t = nxt
             continue
-        meter.batches += 1
         slab_rows, bound = plan.batch_size, plan.max_new_tokens_bound
-        rows = []
-        for r in plan.requests:
-            remaining = r.payload - r.generated
-            rows.append((bound, r, True) if remaining > bound else (remaining, r, False))
-        rows.sort(key=itemgetter(0))
+        if rules.capacities is None:
+            capacity, slots = None, plan.max_prompt_len + bound
+        else:
+            capacity = slots = rules.capacity(plan.max_prompt_len + bound)
+        meter.begin_batch(t, plan.bin, slots)
+        rows = sorted(((*_row_run(r, bound, capacity), r) for r in plan.requests),
+                      key=itemgetter(0))  # (live steps, held steps, tokens, overflowed, request)
         prompt_tokens = sum(r.prompt_len for r in plan.requests)
         prefill = service.prefill_time(len(rows), prompt_tokens)
         # Walk the rows in finishing order; between two finishes the live set is fixed and
         # its KV tokens grow by one per live row per step.
         n_live, live_prompts, step, elapsed = len(rows), prompt_tokens, 0, prefill
         finishes = []
-        for steps, r, overflowed in rows:
+        for i, (steps, _, tokens, overflowed, r) in enumerate(rows):
             if steps > step:
                 elapsed += service.decode_sum(slab_rows, live_prompts + n_live * (step + 1),
                                               n_live, steps - step)
+                if stragglers is not None:
+                    lengths = [row[4].prompt_len + step + 1 for row in rows[i:]]
+                    elapsed += stragglers(slab_rows, lengths, steps - step)
                 step = steps
-            finishes.append((t + elapsed, r, overflowed, steps))
+            finishes.append((t + elapsed, r, overflowed, tokens))
             n_live -= 1
             live_prompts -= r.prompt_len
         meter.prefill += prefill
         meter.decode += elapsed - prefill
         meter.live_row_steps += sum(row[0] for row in rows)
         meter.row_steps += slab_rows * step
-        meter.run(elapsed, slab_rows * (plan.max_prompt_len + bound))
-        for finish_time, r, overflowed, steps in finishes:
+        meter.run(elapsed, slab_rows * slots)
+        meter.add_to_batch(joined=len(rows), steps=step, prefill=prefill,
+                           decode=elapsed - prefill, overflows=sum(row[3] for row in rows))
+        meter.end_batch(t + elapsed)
+        for finish_time, r, overflowed, tokens in finishes:
             arrivals.submit_until(finish_time)
-            _finish_row(scheduler, meter, r, overflowed, steps, finish_time)
+            _finish_row(scheduler, meter, r, overflowed, tokens, finish_time)
         t += elapsed
 
 
+# Events of a refilling slab, in step order: a row's last live step that also frees its row,
+# a last live step with the row still held (it reached the slab's end), and that row freeing.
+_LEAVE, _DEAD, _FREE = 0, 1, 2
+
+
 def _run_refilling(scheduler, arrivals: _Arrivals, service: ServiceModel, meter: _Meter,
-                   continuous: bool, max_model_len: int) -> float:
+                   rules: _SlabRules, continuous: bool, max_model_len: int) -> float:
     slab_rows = scheduler.batch_size
-    heap: list = []  # (finish_step, tiebreak, request, steps, overflowed, prompt_at_join, join_step)
+    stragglers = getattr(service, "straggler_sum", None)
+    # (step, tiebreak, kind, request, tokens, overflowed, key); a live row holds key + s + 1
+    # tokens at step s (key = its prompt at joining minus the step it joined at).
+    events: list = []
     step = 0.0  # the slab's step clock; a row joining at step s with n steps leaves at s + n
     t = 0.0
     n_live = 0
-    live_base = 0.0  # sum over live rows of (prompt_at_join - join_step)
-    slab_bin, bound, capacity = None, None, max_model_len
+    held = 0  # rows no longer live that still hold their slab row
+    live_base = 0.0  # sum of the live rows' keys
+    slab_bin, bound, capacity = None, math.inf, max_model_len
+    row_capacity = None  # the engine's rule: the slab's C; None: the paper's bound rule
+    first_free_at = None  # when a row first stood free since the last refill (engine's rule)
+    refill_closed = False
     tiebreak = 0
+
+    def pop_events(until: float, now: float) -> None:
+        nonlocal n_live, held, live_base
+        while events and events[0][0] <= until:
+            _, _, kind, r, tokens, overflowed, key = heappop(events)
+            if kind != _FREE:
+                n_live -= 1
+                live_base -= key
+            held += {_LEAVE: 0, _DEAD: 1, _FREE: -1}[kind]
+            if kind != _DEAD:
+                meter.add_to_batch(overflows=int(overflowed))
+                _finish_row(scheduler, meter, r, overflowed, tokens, now)
+
     while True:
         arrivals.submit_until(t)
-        free = slab_rows - n_live
+        if n_live == 0 and held:
+            # Nothing left to launch a step for: the held rows' last tokens are read at once.
+            pop_events(math.inf, t)
+        free = slab_rows - n_live - held
         joining = []
-        if free > 0:
+        if n_live == 0:
+            meter.end_batch(t)
+            first_free_at, refill_closed = None, False
             if continuous:
-                if n_live == 0 and scheduler.pending():
-                    meter.batches += 1
-                joining = scheduler.refill(None, free, t)
-            elif n_live == 0:
-                plan = scheduler.next_plan(t)
+                if scheduler.pending():
+                    meter.begin_batch(t, 0, capacity)
+                    joining = scheduler.refill(None, free, t)
+            else:
+                plan = scheduler.next_plan(t, flush=arrivals.all_in)
                 if plan is not None:
-                    meter.batches += 1
                     # The slab outlives this plan: size it for any request of its bin, not just
                     # these (whose max_tokens may cap the plan's bound below the bin's).
                     slab_bin = plan.bin
                     bound = max(plan.max_new_tokens_bound, scheduler.edges.upper(plan.bin))
-                    capacity = plan.max_prompt_len + bound
+                    if rules.capacities is None:
+                        capacity = plan.max_prompt_len + bound
+                    else:
+                        capacity = row_capacity = rules.capacity(plan.max_prompt_len + bound)
+                    meter.begin_batch(t, plan.bin, capacity)
                     joining = plan.requests
-            else:
-                joining = scheduler.refill(slab_bin, free, t)
+        elif free > 0 and not refill_closed:
+            if first_free_at is None:
+                first_free_at = t
+            waited = rules.refill_max_wait is not None and \
+                t - first_free_at >= rules.refill_max_wait
+            if free >= rules.refill_min_free or waited:
+                for r in scheduler.refill(None if continuous else slab_bin, free, t):
+                    if row_capacity is not None and r.prompt_len >= row_capacity:
+                        # Too long for this slab (a re-queued overflow): up a bin. Back in this
+                        # very bin (the top one), it needs a new plan: let the slab drain.
+                        meter.add_to_batch(overflows=1)
+                        scheduler.on_overflow(r, t)
+                        refill_closed = refill_closed or r.bin == slab_bin
+                    else:
+                        joining.append(r)
+                if joining:
+                    first_free_at = None if len(joining) == free else t
+        else:
+            first_free_at = None
         if joining:
             for r in joining:
-                remaining = r.payload - r.generated
-                overflowed = bound is not None and not continuous and remaining > bound
-                steps = bound if overflowed else remaining
-                heappush(heap, (step + steps, tiebreak, r, steps, overflowed, r.prompt_len, step))
-                tiebreak += 1
+                if continuous:
+                    remaining = r.payload - r.generated
+                    live, hold, tokens, overflowed = remaining, remaining, remaining, False
+                else:
+                    live, hold, tokens, overflowed = _row_run(r, bound, row_capacity)
+                key = r.prompt_len - step
+                heappush(events, (step + live, tiebreak, _LEAVE if hold == live else _DEAD, r,
+                                  tokens, overflowed, key))
+                if hold > live:
+                    heappush(events, (step + hold, tiebreak + 1, _FREE, r, tokens, overflowed,
+                                      key))
+                tiebreak += 2
                 n_live += 1
-                live_base += r.prompt_len - step
-                if not continuous:
+                live_base += key
+                if not continuous and row_capacity is None:
                     capacity = max(capacity, r.prompt_len + bound)
             prefill = service.prefill_time(len(joining), sum(r.prompt_len for r in joining))
             meter.prefill += prefill
             meter.run(prefill, slab_rows * capacity)
+            meter.add_to_batch(joined=len(joining), prefill=prefill)
             t += prefill
             continue  # requests may have arrived during the prefill
         if n_live == 0:
@@ -246,35 +418,49 @@ def _run_refilling(scheduler, arrivals: _Arrivals, service: ServiceModel, meter:
                 return t
             t = nxt
             continue
-        finish_step = heap[0][0]
-        n_steps = finish_step - step
+        next_event = events[0][0]
+        n_steps = next_event - step
         live_start = live_base + n_live * (step + 1)
-        duration = service.decode_sum(slab_rows, live_start, n_live, n_steps)
-        next_arrival = arrivals.next_time
-        if free > 0 and next_arrival is not None and next_arrival < t + duration:
-            # Stop at the step where the next request arrives: a free row may take it.
-            partial = service.steps_in(slab_rows, live_start, n_live, next_arrival - t)
+        if stragglers is None:
+            cost = lambda n: service.decode_sum(slab_rows, live_start, n_live, n)
+        else:
+            lengths = [e[6] + step + 1 for e in events if e[2] != _FREE]
+            cost = lambda n: (service.decode_sum(slab_rows, live_start, n_live, n)
+                              + stragglers(slab_rows, lengths, n))
+        duration = cost(n_steps)
+        wake = None  # when a free row may next take a request
+        if free > 0 and not refill_closed:
+            expiry = first_free_at + rules.refill_max_wait if rules.refill_max_wait is not None \
+                else math.inf
+            if free >= rules.refill_min_free or expiry <= t:
+                wake = arrivals.next_time
+            elif expiry < math.inf:
+                wake = expiry
+        stopped = False
+        if wake is not None and wake < t + duration:
+            # Stop at the step where the wake-up falls.
+            partial = service.steps_in(slab_rows, live_start, n_live, wake - t) \
+                if stragglers is None else fewest_steps(cost, wake - t)
             if partial < n_steps:
-                n_steps, finish_step = partial, step + partial
-                duration = service.decode_sum(slab_rows, live_start, n_live, n_steps)
+                n_steps, stopped = partial, True
+                duration = cost(n_steps)
         meter.decode += duration
         meter.live_row_steps += n_live * n_steps
         meter.row_steps += slab_rows * n_steps
         meter.run(duration, slab_rows * capacity)
-        # Stopping for an arrival lands on it exactly (real steps) or just past it (whole
+        meter.add_to_batch(steps=n_steps, decode=duration)
+        # Stopping at a wake-up lands on it exactly (real steps) or just past it (whole
         # steps); max() also keeps rounding from leaving t a hair short of it.
-        t = t + duration if finish_step == heap[0][0] else max(t + duration, next_arrival)
-        step = finish_step
-        while heap and heap[0][0] <= step:
-            _, _, r, steps, overflowed, prompt_at_join, join_step = heappop(heap)
-            n_live -= 1
-            live_base -= prompt_at_join - join_step
-            _finish_row(scheduler, meter, r, overflowed, steps, t)
+        t = max(t + duration, wake) if stopped else t + duration
+        step = step + n_steps if stopped else next_event
+        pop_events(step, t)
 
 
 def simulate(workload: Workload, scheduler: MultiBinScheduler,
              service: ServiceModel = PAPER_SERVICE, mode: str = "static",
-             max_model_len: int | None = None) -> SimResult:
+             max_model_len: int | None = None, *, capacities: Sequence[int] | None = None,
+             refill_min_free: int = 1, refill_max_wait: float | None = None,
+             batch_log: list | None = None) -> SimResult:
     """Run ``workload`` through ``scheduler`` on the modelled GPU until every request is done.
 
     Args:
@@ -284,8 +470,14 @@ def simulate(workload: Workload, scheduler: MultiBinScheduler,
             map it needs); its ``batch_size`` is the slab's row count.
         service: step-time model (default: the paper's, one time unit per token).
         mode: "static", "bin-continuous" or "continuous".
-        max_model_len: the continuous slab's capacity C for the KV figures (default: the
-            longest prompt plus ``max_tokens``).
+        max_model_len: the continuous slab's capacity C (default: the longest prompt plus
+            ``max_tokens``).
+        capacities: the engine's slab capacity buckets in token slots per row (any order):
+            overflow by the engine's rule (module docstring). None: the paper's bound rule.
+        refill_min_free: the refilling modes refill once this many rows are free (>= 1) ...
+        refill_max_wait: ... or once the first free row has waited this long (None: never
+            by waiting), or when no row is live.
+        batch_log: if a list, one ``SimBatch`` per batch is appended to it.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -297,15 +489,30 @@ def simulate(workload: Workload, scheduler: MultiBinScheduler,
                          f"max_len={scheduler.edges.max_len}")
     if scheduler.pending() or scheduler.in_flight() or scheduler.closed:
         raise ValueError("simulate needs a fresh scheduler")
+    if not isinstance(refill_min_free, int) or refill_min_free < 1:
+        raise ValueError(f"refill_min_free must be an integer >= 1, got {refill_min_free!r}")
+    if refill_max_wait is not None and not refill_max_wait >= 0:
+        raise ValueError(f"refill_max_wait must be >= 0 or None, got {refill_max_wait!r}")
+    if capacities is not None:
+        capacities = tuple(sorted(set(capacities)))
+        if not capacities or any(int(c) != c or c < 1 for c in capacities):
+            raise ValueError(f"capacities must be positive whole token counts, got "
+                             f"{list(capacities)}")
+    longest = max(workload.prompt_lens, default=0) + workload.max_tokens
+    if capacities is not None and capacities[-1] < longest:
+        raise ValueError(f"the largest capacity {capacities[-1]} cannot hold the longest prompt "
+                         f"plus max_tokens ({longest} tokens)")
     if max_model_len is None:
-        max_model_len = max(workload.prompt_lens, default=0) + workload.max_tokens
-    meter = _Meter()
+        max_model_len = longest
+    rules = _SlabRules(capacities, refill_min_free, refill_max_wait)
+    meter = _Meter(batch_log)
     arrivals = _Arrivals(workload, scheduler)
     if mode == "static":
-        makespan = _run_static(scheduler, arrivals, service, meter)
+        makespan = _run_static(scheduler, arrivals, service, meter, rules)
     else:
-        makespan = _run_refilling(scheduler, arrivals, service, meter, mode == "continuous",
-                                  max_model_len)
+        makespan = _run_refilling(scheduler, arrivals, service, meter, rules,
+                                  mode == "continuous", max_model_len)
+    scheduler.close(makespan)  # spent: a second simulate() must refuse it
     lat = sorted(meter.latencies)
     n = len(lat)
     if n != len(workload):

@@ -227,3 +227,77 @@ def test_simulations_in_worker_processes_match_in_process():
     parallel = run_simulations(simulate_spec, specs, SERVICE, workers=2, progress=False)
     assert parallel == serial
     assert [r["k"] for r in serial] == [1, 2, 4] and not any("error" in r for r in serial)
+
+
+def test_e2e_measures_the_one_row_table_and_the_engine_overheads(study):
+    out, saved, _ = study
+    one_row = StepTimeTable.load(out / saved["step_table"]["one_row_file"])
+    table = StepTimeTable.load(out / "step_times.json")
+    assert [(b, round(x / b)) for b, x, _ in table.decode] == \
+        [(b, x) for b, x, _ in one_row.decode]
+    calibration = saved["calibration"]
+    assert "error" not in calibration, calibration
+    config = e2e.smoke_config()
+    assert [b for b, _ in calibration["decode_step_s"]] == [config.small_batch, config.big_batch]
+    for run in calibration["runs"]:
+        assert [b["steps"] for b in run["batches"]] == list(config.calibration_new_tokens)
+        assert run["engine_step_s"] > 0 and run["table_step_s"] > 0
+    assert saved["predictor_draws"] == "keyed"
+    for row in saved["core"]:
+        assert len(row["batches"]) == row["measured"]["n_batches"] == len(row["sim_batches"])
+        # Static batches of requests all there at t=0 depend on no clock: the simulator ran
+        # the engine's batches.
+        if row["mode"] == "static" and row["arrival_rate"] is None:
+            assert row["batch_check"]["same_batches"], row["name"]
+
+
+def test_resimulate_rewrites_only_the_simulated_side(study, tmp_path):
+    out, saved, _ = study
+    again = tmp_path / "again"
+    payload = e2e.resimulate(out / "e2e.json", again, progress=False)
+    rewritten = json.loads((again / "e2e.json").read_text())
+    assert rewritten["meta"] == saved["meta"]  # still the measured run's commit and command
+    assert rewritten["resimulated"]["source"] == str(out / "e2e.json")
+    for before, after in zip(saved["core"], rewritten["core"]):
+        assert after["measured"] == before["measured"]
+        assert after["sim_error_before"] == before["sim_error"]
+        # Same simulator, same tables and overheads: the same simulation.
+        assert after["sim"]["makespan"] == pytest.approx(before["sim"]["makespan"], rel=1e-9)
+    rules = payload["resimulated"]["slab_rules"]
+    assert all(r["sequential_draws_after"] is None for r in rules.values())
+    assert "sim error saved" in (again / "e2e_table.md").read_text()
+    assert (again / "e2e_sim_vs_measured.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="never overwrites"):
+        e2e.resimulate(out / "e2e.json", out, progress=False)
+    with pytest.raises(SystemExit):
+        e2e.main(["--resimulate", str(out / "e2e.json")])  # no --out
+
+
+def test_resimulate_replays_the_draws_of_results_saved_before_keyed_draws(study, tmp_path):
+    out, saved, _ = study
+    old = dict(saved, core=[{k: v for k, v in row.items() if k != "batches"}
+                            for row in saved["core"]])
+    del old["predictor_draws"]
+    source = tmp_path / "old"
+    source.mkdir()
+    (source / "e2e.json").write_text(json.dumps(old))
+    for name in ("step_times.json", "step_times_one_row.json"):
+        (source / name).write_text((out / name).read_text())
+    payload = e2e.resimulate(source / "e2e.json", tmp_path / "new", progress=False)
+    skips = [r["sequential_draws_after"] for r in payload["resimulated"]["slab_rules"].values()]
+    assert skips == [len(r["measured"]["warmup_capacities"]) for r in saved["core"]]
+
+
+def test_sequential_replay_draws_the_old_stream():
+    import random
+
+    from bench.workloads import SequentialBinErrorPredictor
+    from scheduler.predictors import BinErrorPredictor
+    from scheduler.types import Request
+
+    keyed = BinErrorPredictor({"a": 3.0, "b": 9.0}, equal_width_edges(3, 0, 12), 0.4, seed=7)
+    replay = SequentialBinErrorPredictor(keyed, skip=3)
+    stream = random.Random(7)
+    expected = [stream.random() for _ in range(6)][3:]
+    requests = [Request(rid, 1, 12) for rid in ("a", "b", "a")]
+    assert [replay.draw(r) for r in requests] == expected

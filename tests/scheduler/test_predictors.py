@@ -7,7 +7,7 @@ import pytest
 from scheduler.bins import equal_width_edges
 from scheduler.predictors import (BinErrorPredictor, HintPredictor, LognormalErrorPredictor,
                                   MaxTokensPredictor, OnlineQuantilePredictor, OraclePredictor,
-                                  bin_accuracy, predictor_from_spec)
+                                  bin_accuracy, keyed_uniform, predictor_from_spec)
 from scheduler.types import Request
 
 
@@ -149,3 +149,31 @@ def test_predictor_from_spec():
         predictor_from_spec("psychic")
     with pytest.raises(ValueError, match="not a number"):
         predictor_from_spec("lognormal:wide", true_lengths=truth)
+
+
+def test_error_draws_are_keyed_by_request_not_by_call_order():
+    # The engine also predicts for its warm-up requests and re-predicts overflows: a request's
+    # prediction must not depend on what was predicted before it.
+    edges = equal_width_edges(4, 0, 100)
+    reqs, truth = _requests([float(7 * i % 100) for i in range(400)])
+    forward = BinErrorPredictor(truth, edges, 0.3, seed=5)
+    backward = BinErrorPredictor(truth, edges, 0.3, seed=5)
+    ahead = [forward.predict(r) for r in reqs]
+    assert [backward.predict(r) for r in reversed(reqs)][::-1] == ahead
+    assert [forward.predict(r) for r in reqs] == ahead  # re-predicting changes nothing
+    other_seed = BinErrorPredictor(truth, edges, 0.3, seed=6)
+    assert [other_seed.predict(r) for r in reqs] != ahead
+    sigma = LognormalErrorPredictor(truth, 0.5, seed=9)
+    first = [sigma.predict(r) for r in reqs[1:]]
+    assert [sigma.predict(r) for r in reversed(reqs[1:])][::-1] == first
+
+
+def test_keyed_uniform_is_uniform_and_stable():
+    draws = [keyed_uniform(3, f"r{i}") for i in range(20000)]
+    assert all(0 < u < 1 for u in draws)
+    assert keyed_uniform(3, "r17") == draws[17] and keyed_uniform(4, "r17") != draws[17]
+    # Deciles each hold a tenth of the draws, within 4 standard errors.
+    tol = 4 * math.sqrt(0.1 * 0.9 / len(draws))
+    for d in range(10):
+        share = sum(d / 10 <= u < (d + 1) / 10 for u in draws) / len(draws)
+        assert share == pytest.approx(0.1, abs=tol)
