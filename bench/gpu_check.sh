@@ -34,9 +34,10 @@ for stage in $stages; do
   case $stage in
     tests)   run gpu_tests python3 -m pytest -m gpu -q -x --timeout=300 -p no:cacheprovider ;;
     kernels) run kernels python3 -m bench.kernels --out "$RES" ;;
-    engine)  run engine python3 -m bench.engine --out "$RES" ;;
+    engine)  run engine python3 -m bench.engine --hf-compile --out "$RES" ;;
     e2e)     run e2e python3 -m bench.e2e --out "$RES" ;;
-    serve)   run serve python3 -m bench.serve --spawn-server --out "$RES" ;;
+    serve)   run serve python3 -m bench.serve --launch-server --model dummy:llama-3.2-1b --batch-size 64 \
+               --bins 4 --num-requests 1024 --rate inf --compare-offline --out "$RES/serve" ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done
