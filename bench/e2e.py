@@ -46,6 +46,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -732,9 +733,10 @@ def run_study_simulations(config: StudyConfig, service, runs: list[CoreRun], cap
         "sim_grid": (simulate_spec, engine(grid_specs(
             config.distributions, config.prompts, config.sim_requests, config.sim_batches,
             config.sim_bins, config.sim_predictors, config.seed), config.max_wait_ms), service),
-        "equal_kv": (simulate_equal_kv, equal_kv_specs(
-            config.distributions, config.prompts, config.sim_requests, config.sim_batches,
-            config.sim_bins, bucket, config.seed), service),
+        "equal_kv": (simulate_equal_kv, [dataclasses.replace(
+            s, refill_max_wait_s=config.max_wait_ms / 1e3) for s in equal_kv_specs(
+                config.distributions, config.prompts, config.sim_requests, config.sim_batches,
+                config.sim_bins, bucket, config.seed)], service),
         "latency_sweep": (simulate_spec, engine(latency_specs(
             uniform, config.prompts, config.poisson_requests, rates, config.big_batch,
             config.poisson_bins, wait, config.seed), config.poisson_max_wait_ms), service),
@@ -817,6 +819,28 @@ def core_run_from_row(row: dict, config: StudyConfig) -> CoreRun:
     return run
 
 
+def table_payload(table: StepTimeTable) -> dict:
+    """``table`` as the JSON object ``StepTimeTable.save`` writes (embedded in e2e.json, so a
+    saved study re-simulates without its side files)."""
+    return {"version": table.version, "device": table.device, "model": table.model,
+            "meta": table.meta, "decode": [list(r) for r in table.decode],
+            "prefill": [list(r) for r in table.prefill]}
+
+
+def saved_table(step_table: dict, key: str, side_file: Path) -> StepTimeTable:
+    """The step table a saved study embeds under ``step_table[key]``; studies saved before
+    tables were embedded fall back to the side file."""
+    if key in step_table:
+        with tempfile.TemporaryDirectory() as tmp:  # one reader: the schema's own checks
+            path = Path(tmp) / "table.json"
+            path.write_text(json.dumps(step_table[key]))
+            return StepTimeTable.load(path)
+    if not side_file.exists():
+        raise FileNotFoundError(f"the saved study embeds no {key!r} and its side file "
+                                f"{side_file} is missing")
+    return StepTimeTable.load(side_file)
+
+
 def resimulate(saved: Path, out: Path, workers: int = 1, progress: bool = True) -> dict:
     """Recompute the simulated side of a saved study on the CPU: every measured GPU-core run is
     simulated again on its exact workload, with the saved step table (and the one-row table
@@ -837,9 +861,13 @@ def resimulate(saved: Path, out: Path, workers: int = 1, progress: bool = True) 
         raise ValueError(f"--out must not be the saved study's own directory ({out}): "
                          f"re-simulation never overwrites measured results")
     files = payload["step_table"]
-    table = StepTimeTable.load(saved.parent / files["file"])
-    one_row = StepTimeTable.load(saved.parent / files["one_row_file"]) \
-        if files.get("one_row_file") else None
+    table = saved_table(files, "table", saved.parent / files["file"])
+    one_row_file = saved.parent / files.get("one_row_file", ONE_ROW_TABLE_FILE)
+    one_row = saved_table(files, "one_row_table", one_row_file) \
+        if "one_row_table" in files or one_row_file.exists() else None
+    if one_row is None and files.get("one_row_file"):
+        print(f"note: {one_row_file} is missing: re-simulating without the rows' spread",
+              file=sys.stderr)
     config = config_from_json(payload["config"])
     service = calibrated_service(table, one_row, payload.get("calibration"))
     runs = [core_run_from_row(row, config) for row in payload["core"]]
@@ -908,6 +936,8 @@ def run(config: StudyConfig, out: Path, progress: bool = True) -> dict:
     payload["step_table"] = {"file": STEP_TABLE_FILE, "one_row_file": ONE_ROW_TABLE_FILE,
                              "device": table.device, "decode_points": len(table.decode),
                              "prefill_points": len(table.prefill),
+                             "table": table_payload(table),
+                             "one_row_table": table_payload(one_row),
                              "gpu_before": gpu_before, "gpu_after": gpu_state()}
     phases["step_table"] = time.perf_counter() - t
 

@@ -117,6 +117,11 @@ class EqualKVSpec:
     mode: str
     bin_capacities: tuple[int, ...]
     capacity_rule: str
+    # The bin-continuous slab's refill rule, as the engine's: refill once this many rows are
+    # free (None: the engine's default for the bin's row count, max(1, rows // 8)) or the
+    # first free row has waited refill_max_wait_s.
+    refill_min_free: int | None = None
+    refill_max_wait_s: float | None = None
 
 
 class SequentialBinErrorPredictor(BinErrorPredictor):
@@ -206,7 +211,9 @@ def simulate_equal_kv(spec: EqualKVSpec, service) -> dict:
                         [workload.output_lens[i] for i in ids], bound)
         scheduler = MultiBinScheduler(BinEdges((), bound), batch_size,
                                       OraclePredictor(part.true_lengths()))
-        result = simulate(part, scheduler, service, spec.mode)
+        min_free = spec.refill_min_free or max(1, batch_size // 8)
+        result = simulate(part, scheduler, service, spec.mode, refill_min_free=min_free,
+                          refill_max_wait=spec.refill_max_wait_s)
         makespan += result.makespan
         tokens += sum(part.output_lens)
     return {**_spec_fields(spec), "rows_per_bin": rows, "makespan": makespan,

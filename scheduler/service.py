@@ -106,7 +106,8 @@ class EngineStepModel:
     (rows advance together; while m rows remain, each token costs max(alpha, beta * m)), with
     alpha(B) the one-row curve's seconds per token and beta(B) the table's seconds per live
     token, both their mean slopes over the one-row table's lengths. The engine's loop adds
-    its own costs per decode step and per prefill call, measured by running the engine:
+    its own costs per decode step and per batch (charged with a slab's first prefill, not with
+    its refills: ``refill_time``), measured by running the engine:
     lists of (B, seconds), piecewise linear in B, flat below the smallest, beyond the largest
     extended with the last slope floored at zero (one point: the same for every B).
 
@@ -147,9 +148,19 @@ class EngineStepModel:
                             duration)
 
     def prefill_time(self, batch_size: int, prompt_tokens: float) -> float:
+        """A slab's first prefill: the table's, plus the engine's per-batch cost at B rows."""
         if batch_size == 0:
             return 0.0
         return self.table.prefill_time(batch_size, prompt_tokens) + self._prefill(batch_size)
+
+    def refill_time(self, rows: int, prompt_tokens: float) -> float:
+        """Prefilling ``rows`` new rows into a slab that is already running: the table's
+        prefill only. The calibrated ``prefill_call`` cost is measured per batch (host work
+        around a batch's start and end, from whole static batches), so a refill, which
+        neither starts nor ends a batch, does not pay it again."""
+        if rows == 0:
+            return 0.0
+        return self.table.prefill_time(rows, prompt_tokens)
 
     def slopes(self, batch_size: int) -> tuple[float, float]:
         """(alpha, beta): seconds per token of a lone row, and per live token of the table."""

@@ -15,7 +15,9 @@ code under test is the production code. One slab of B rows runs at a time:
 Each new token costs one decode step of the whole slab (dead rows included); rows joining
 the slab are prefilled first, pausing decode (the prefill policy of the refilling modes). A
 service model with a ``straggler_sum`` (``EngineStepModel``) is also charged for the spread of
-the live rows' lengths. A request's latency runs from its arrival to its last token.
+the live rows' lengths; one with a ``refill_time`` charges rows joining a running slab by it
+(a slab's first prefill by ``prefill_time``). A request's latency runs from its arrival to
+its last token.
 
 Where a row overflows, two rules:
 
@@ -316,6 +318,8 @@ def _run_refilling(scheduler, arrivals: _Arrivals, service: ServiceModel, meter:
                    rules: _SlabRules, continuous: bool, max_model_len: int) -> float:
     slab_rows = scheduler.batch_size
     stragglers = getattr(service, "straggler_sum", None)
+    # Rows joining a running slab may cost less than a slab's first prefill (``refill_time``).
+    refill_time = getattr(service, "refill_time", service.prefill_time)
     # (step, tiebreak, kind, request, tokens, overflowed, key); a live row holds key + s + 1
     # tokens at step s (key = its prompt at joining minus the step it joined at).
     events: list = []
@@ -349,7 +353,8 @@ def _run_refilling(scheduler, arrivals: _Arrivals, service: ServiceModel, meter:
             pop_events(math.inf, t)
         free = slab_rows - n_live - held
         joining = []
-        if n_live == 0:
+        starting = n_live == 0
+        if starting:
             meter.end_batch(t)
             first_free_at, refill_closed = None, False
             if continuous:
@@ -406,7 +411,11 @@ def _run_refilling(scheduler, arrivals: _Arrivals, service: ServiceModel, meter:
                 live_base += key
                 if not continuous and row_capacity is None:
                     capacity = max(capacity, r.prompt_len + bound)
-            prefill = service.prefill_time(len(joining), sum(r.prompt_len for r in joining))
+            prompt_tokens = sum(r.prompt_len for r in joining)
+            if starting:
+                prefill = service.prefill_time(len(joining), prompt_tokens)
+            else:
+                prefill = refill_time(len(joining), prompt_tokens)
             meter.prefill += prefill
             meter.run(prefill, slab_rows * capacity)
             meter.add_to_batch(joined=len(joining), prefill=prefill)
