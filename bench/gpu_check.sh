@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: install the project without network, run the GPU tests and the
+# One call on a GPU machine: install the project without network, run the GPU tests and the
 # benchmarks, and pack the results under $OUT.
 #
 #   BINDECODE_COMMIT=$(git rev-parse HEAD) bash bench/gpu_check.sh [STAGE ...]

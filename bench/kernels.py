@@ -1,5 +1,5 @@
 """Kernel microbenchmarks: decode attention on the canonical grid (DESIGN.md) against torch
-SDPA and FlexAttention, then the colleagues' kernel rows (small ops, prefill attention).
+SDPA and FlexAttention, then the other kernels' rows (small ops, prefill attention).
 
 Canonical grid: bf16, H_q=32, H_kv=8, D=128, C = L; (B, L) in (1, 8192), (16, 2048),
 (64, 2048), (256, 1024), (64, 8192), (8, 32768); every row at L ("uniform") or row lengths
@@ -223,7 +223,7 @@ def sweep_shape(shape: Shape, copy_gbps: float) -> list[dict]:
     return rows
 
 
-def colleague_rows(module_name: str, copy_gbps: float) -> list[dict]:
+def other_kernel_rows(module_name: str, copy_gbps: float) -> list[dict]:
     """Rows of ``bench.<module_name>.run(copy_gbps)``, or one error row."""
     import importlib
 
@@ -323,8 +323,8 @@ def main() -> None:
     if args.sweep:
         for shape in shapes:
             sweep_rows += sweep_shape(shape, copy_gbps)
-    other_rows = (colleague_rows("kernel_ops", copy_gbps)
-                  + colleague_rows("kernel_prefill", copy_gbps))
+    other_rows = (other_kernel_rows("kernel_ops", copy_gbps)
+                  + other_kernel_rows("kernel_prefill", copy_gbps))
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "kernels.json", {
