@@ -24,13 +24,6 @@ SERVICE = LinearServiceModel(step_s=1e-3, per_token_s=2e-8, prefill_s=1e-4,
                              prefill_per_token_s=1e-6, integer_steps=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def synthetic_table() -> StepTimeTable:
     """A plausible decode/prefill table (times grow with B and tokens)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from bench import e2e
 from bench.workloads import WorkloadSpec, simulate_with_batches
@@ -20,13 +19,6 @@ CONFIG = dataclasses.replace(e2e.smoke_config(), lengths="uniform:1:24", prompts
                              max_tokens=24, min_capacity=7, seed=1)
 SERVICE = LinearServiceModel(step_s=1e-3, per_token_s=1e-8, prefill_s=1e-4, integer_steps=True)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("mode", ["static", "bin-continuous", "continuous"])
