@@ -8,7 +8,8 @@ uniform in [L/8, L] from a fixed seed ("skewed"). Implementations are timed inte
 reported. Bandwidth counts the live K and V bytes only, so padding read by a peer counts
 against it.
 
-    python -m bench.kernels [--out DIR] [--sweep] [--quick]
+    python -m bench.kernels [--out DIR] [--sweep] [--quick] [--grid B:L,...] [--head-dim D]
+        [--decode-only]
 
 --sweep also times a handful of alternative (block_n, splits, warps, stages) per shape around
 ``decode_config``'s choice, to retune it from one GPU run.
@@ -39,10 +40,12 @@ class Shape:
     batch: int
     length: int
     skewed: bool
+    head_dim: int = HEAD_DIM
 
     @property
     def label(self) -> str:
-        return f"B{self.batch} L{self.length} {'skew' if self.skewed else 'unif'}"
+        dim = "" if self.head_dim == HEAD_DIM else f" D{self.head_dim}"
+        return f"B{self.batch} L{self.length}{dim} {'skew' if self.skewed else 'unif'}"
 
 
 def row_lengths(shape: Shape) -> torch.Tensor:
@@ -58,21 +61,21 @@ def num_sms() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def live_kv_bytes(lens: torch.Tensor) -> int:
+def live_kv_bytes(lens: torch.Tensor, head_dim: int) -> int:
     """Bytes of K and V the attention must read: live positions only."""
     elem = torch.empty((), dtype=DTYPE).element_size()
-    return int(lens.sum().item()) * NUM_KV_HEADS * HEAD_DIM * elem * 2
+    return int(lens.sum().item()) * NUM_KV_HEADS * head_dim * elem * 2
 
 
 def make_problem(shape: Shape) -> dict:
     """Our inputs (NHD slab) plus each peer's preferred layout, all prepared outside timing."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    B, C = shape.batch, shape.length
+    B, C, D = shape.batch, shape.length, shape.head_dim
     lens = row_lengths(shape)
-    q = torch.randn(B, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-    k = torch.randn(B, C, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-    v = torch.randn(B, C, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    q = torch.randn(B, NUM_Q_HEADS, D, dtype=DTYPE, device="cuda")
+    k = torch.randn(B, C, NUM_KV_HEADS, D, dtype=DTYPE, device="cuda")
+    v = torch.randn(B, C, NUM_KV_HEADS, D, dtype=DTYPE, device="cuda")
     lens_long = lens.long()
     block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < lens_long[b],
                                    B, None, 1, C, device="cuda")
@@ -141,11 +144,11 @@ def bench_shape(shape: Shape, copy_gbps: float) -> dict:
     from kernels.decode_attention import decode_config
 
     p = make_problem(shape)
-    nbytes = live_kv_bytes(p["lens"])
-    config = decode_config(shape.batch, shape.length, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE,
+    nbytes = live_kv_bytes(p["lens"], shape.head_dim)
+    config = decode_config(shape.batch, shape.length, NUM_Q_HEADS, NUM_KV_HEADS, shape.head_dim, DTYPE,
                            num_sms())
     fns = {"ours": ours_fn(p), "sdpa": sdpa_fn(p), "flex": flex_fn(p)}
-    row = {"shape": shape.label, "B": shape.batch, "L": shape.length,
+    row = {"shape": shape.label, "B": shape.batch, "L": shape.length, "D": shape.head_dim,
            "lengths": "skewed" if shape.skewed else "uniform", "live_kv_bytes": nbytes,
            "config": dataclasses.asdict(config)}
 
@@ -153,7 +156,7 @@ def bench_shape(shape: Shape, copy_gbps: float) -> dict:
     outputs = {}
     for name, fn in fns.items():
         try:
-            outputs[name] = fn().reshape(shape.batch, NUM_Q_HEADS, HEAD_DIM)
+            outputs[name] = fn().reshape(shape.batch, NUM_Q_HEADS, shape.head_dim)
         except Exception as e:
             row[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
             traceback.print_exc()
@@ -189,7 +192,9 @@ def sweep_candidates(default, capacity: int) -> list:
     for block_n in (32, 128):
         out.append(dataclasses.replace(d, block_n=block_n,
                                        num_stages=2 if block_n == 128 else d.num_stages))
-    out += [dataclasses.replace(d, num_warps=w) for w in (2, 8)]
+    # 128-position tiles at D=64 are the bytes of 64-position tiles at D=128.
+    out += [dataclasses.replace(d, block_n=128, num_warps=4, num_stages=s) for s in (2, 3)]
+    out += [dataclasses.replace(d, num_warps=w) for w in (2, 4, 8)]
     out += [dataclasses.replace(d, num_stages=s) for s in (2, 4)]
     unique = []
     for c in out:
@@ -202,8 +207,8 @@ def sweep_shape(shape: Shape, copy_gbps: float) -> list[dict]:
     from kernels.decode_attention import decode_config
 
     p = make_problem(shape)
-    nbytes = live_kv_bytes(p["lens"])
-    default = decode_config(shape.batch, shape.length, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE,
+    nbytes = live_kv_bytes(p["lens"], shape.head_dim)
+    default = decode_config(shape.batch, shape.length, NUM_Q_HEADS, NUM_KV_HEADS, shape.head_dim, DTYPE,
                             num_sms())
     rows = []
     for config in sweep_candidates(default, shape.length):
@@ -253,7 +258,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["shape"] for r in rows], rotation=35, ha="right")
     ax.set_ylabel("% of measured copy bandwidth (live KV)")
-    ax.set_title(f"Decode attention, bf16, H_q={NUM_Q_HEADS} H_kv={NUM_KV_HEADS} D={HEAD_DIM}")
+    dims = "/".join(str(d) for d in sorted({r.get("D", HEAD_DIM) for r in rows}))
+    ax.set_title(f"Decode attention, bf16, H_q={NUM_Q_HEADS} H_kv={NUM_KV_HEADS} D={dims}")
     ax.axhline(100, color="grey", lw=0.5)
     ax.legend()
     fig.tight_layout()
@@ -302,19 +308,33 @@ def format_other_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _grid_arg(text: str) -> list[tuple[int, int]]:
+    """"B:L,B:L" -> [(B, L), ...]."""
+    try:
+        return [(int(b), int(l)) for b, l in (item.split(":") for item in text.split(",") if item)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected B:L,B:L,..., got {text!r}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where JSON and PNG go")
     parser.add_argument("--sweep", action="store_true", help="also time alternative configs")
     parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
+    parser.add_argument("--grid", type=_grid_arg, default=None,
+                        help="decode shapes as B:L,B:L,... (default: the canonical grid)")
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM,
+                        help=f"head dim of the decode shapes (default {HEAD_DIM})")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="skip the other kernels' rows")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.kernels needs a CUDA GPU")
 
     copy_gbps = copy_bandwidth_gbps()
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
-    shapes = [Shape(B, L, skewed) for B, L in (QUICK_GRID if args.quick else GRID)
-              for skewed in (False, True)]
+    grid = args.grid or (QUICK_GRID if args.quick else GRID)
+    shapes = [Shape(B, L, skewed, args.head_dim) for B, L in grid for skewed in (False, True)]
     decode_rows = []
     for shape in shapes:
         decode_rows.append(bench_shape(shape, copy_gbps))
@@ -323,14 +343,14 @@ def main() -> None:
     if args.sweep:
         for shape in shapes:
             sweep_rows += sweep_shape(shape, copy_gbps)
-    other_rows = (other_kernel_rows("kernel_ops", copy_gbps)
-                  + other_kernel_rows("kernel_prefill", copy_gbps))
+    other_rows = [] if args.decode_only else (other_kernel_rows("kernel_ops", copy_gbps)
+                                              + other_kernel_rows("kernel_prefill", copy_gbps))
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "kernels.json", {
         "copy_gbps": copy_gbps,
         "decode_attention": {"dtype": "bf16", "num_q_heads": NUM_Q_HEADS,
-                             "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
+                             "num_kv_heads": NUM_KV_HEADS, "head_dim": args.head_dim,
                              "skew": "row lengths U[L/8, L], seed 0", "rows": decode_rows},
         "decode_attention_sweep": sweep_rows,
         "other_kernels": other_rows,
