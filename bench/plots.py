@@ -340,3 +340,27 @@ def _equal_kv_table(payload: dict) -> list[str]:
                              f"{_num((found['bin-continuous'] or {}).get('throughput'))} | "
                              f"{_num(ref['continuous'])} | {_num(ref['static'])} |")
     return lines
+
+
+PROFILE_PARTS = ["matmul", "attention", "merge", "rope_kv_write", "norm", "activation", "argmax",
+                 "other", "gaps"]
+
+
+def plot_profile(rows: list[dict], path: Path) -> None:
+    """One stacked bar per (model, B): the decode step's device time by part
+    (``bench.profile_step`` rows), with a black tick at the step's roofline time."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(rows) + 2), 4.5))
+    labels = [f"{r['model'].removeprefix('dummy:')}\nB={r['B']}" for r in rows]
+    bottoms = [0.0] * len(rows)
+    for i, part in enumerate(PROFILE_PARTS):
+        values = [100 * r["parts"].get(part, {}).get("us_per_step", 0.0) / r["step_us"]
+                  for r in rows]
+        ax.bar(labels, values, bottom=bottoms, label=part, color=f"C{i}")
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    roof = [100 * r["roofline_us"] / r["step_us"] for r in rows]
+    ax.scatter(labels, roof, marker="_", s=900, color="black", zorder=3, label="roofline")
+    ax.set_ylabel("% of measured decode-step time")
+    ax.set_title("Where the decode step's time goes (torch.profiler, CUDA-graph replays)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(fig, path)

@@ -9,7 +9,8 @@ copy bandwidth and matmul peak measured in the same run). "gaps" is step time mi
 time: the device idling between kernels.
 
     python -m bench.profile_step [--models dummy:llama-3.2-1b,dummy:llama-3.1-8b]
-        [--batch-sizes 1,64,256] [--prompt-len 512] [--steps 32] [--out DIR]
+        [--batch-sizes 1,64,256] [--prompt-len 512] [--steps 32] [--out DIR] [--name profile]
+    python -m bench.profile_step --replot bench/results/profile_*.json   # tables + PNG again
 """
 
 from __future__ import annotations
@@ -135,14 +136,33 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def replot(paths: list[Path], out: Path) -> None:
+    """Print the tables of saved profiles and draw them together into ``out``."""
+    import json
+
+    from bench.plots import plot_profile
+
+    rows = [row for path in paths for row in json.loads(path.read_text())["rows"]]
+    for row in rows:
+        print(format_report(row))
+    plot_profile(rows, out)
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="dummy:llama-3.2-1b,dummy:llama-3.1-8b")
     parser.add_argument("--batch-sizes", type=_int_list, default=[1, 64, 256])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where profile.json goes")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where JSON and PNG go")
+    parser.add_argument("--name", default="profile", help="file stem of the JSON and PNG")
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON",
+                        help="no GPU run: print and plot saved profiles (PNG to --out/--name)")
     args = parser.parse_args(argv)
+    if args.replot:
+        replot(args.replot, args.out / f"{args.name}.png")
+        return 0
     if not torch.cuda.is_available():
         raise SystemExit("bench.profile_step needs a CUDA GPU")
     from bench.common import copy_bandwidth_gbps, matmul_tflops
@@ -155,10 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(profile_one(model_name, batch_size, args.prompt_len, args.steps,
                                     copy_gbps, tflops))
             print(format_report(rows[-1]), flush=True)
-    write_json(args.out / "profile.json", {"copy_gbps": copy_gbps, "matmul_tflops": tflops,
-                                            "prompt_len": args.prompt_len, "steps": args.steps,
-                                            "rows": rows})
-    print(f"wrote {args.out / 'profile.json'}")
+    path = write_json(args.out / f"{args.name}.json", {
+        "copy_gbps": copy_gbps, "matmul_tflops": tflops, "prompt_len": args.prompt_len,
+        "steps": args.steps, "rows": rows})
+    from bench.plots import plot_profile
+
+    plot_profile(rows, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 
 
