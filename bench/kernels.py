@@ -1,5 +1,6 @@
 """Kernel microbenchmarks: decode attention on the canonical grid (DESIGN.md) against torch
-SDPA and FlexAttention, then the other kernels' rows (small ops, prefill attention).
+SDPA and FlexAttention, then the other kernels' rows (small ops, fused projections, prefill
+attention).
 
 Canonical grid: bf16, H_q=32, H_kv=8, D=128, C = L; (B, L) in (1, 8192), (16, 2048),
 (64, 2048), (256, 1024), (64, 8192), (8, 32768); every row at L ("uniform") or row lengths
@@ -344,6 +345,7 @@ def main() -> None:
         for shape in shapes:
             sweep_rows += sweep_shape(shape, copy_gbps)
     other_rows = [] if args.decode_only else (other_kernel_rows("kernel_ops", copy_gbps)
+                                              + other_kernel_rows("kernel_linear", copy_gbps)
                                               + other_kernel_rows("kernel_prefill", copy_gbps))
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,23 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
 
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """rmsnorm(x) @ weight.T (+ bias). x: [M, K]; weight: [N, K]. Returns [M, N] in x's dtype."""
+    return torch.nn.functional.linear(rmsnorm(x, norm_weight, eps), weight, bias)
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual += x @ weight.T`` in place (one rounding); returns residual [M, N]."""
+    return residual.addmm_(x, weight.t())
+
+
+def gated_linear_residual(gate_up: torch.Tensor, weight: torch.Tensor,
+                          residual: torch.Tensor) -> torch.Tensor:
+    """``residual += silu_and_mul(gate_up) @ weight.T`` in place; gate_up: [M, 2K]."""
+    return residual.addmm_(silu_and_mul(gate_up), weight.t())
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits: [B, V] (fp32). Returns int64 [B]: the first index of each row's maximum."""
     return logits.argmax(dim=-1)

@@ -1,0 +1,79 @@
+"""Every fused-projection kernel configuration the engine can launch compiles for the H100
+(sm_90) without a GPU and without register spills; prints registers and shared memory.
+
+Configurations come from ``skinny_config`` / ``skinny_launch_meta`` for each projection of the
+supported model shapes and each model dtype, compiled with the alignment facts the launcher
+specialises on (16-byte aligned pointers, strides and sizes divisible by 16).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from kernels import linear
+from kernels.aot import CompileJob, compile_many
+
+# (name, hidden, intermediate, H_q, H_kv, D, QKV bias): the CPU test model, Qwen2.5-0.5B,
+# Llama-3.2-1B, Llama-3.1-8B.
+MODELS = [("tiny", 256, 512, 4, 2, 64, False), ("qwen2.5-0.5b", 896, 4864, 14, 2, 64, True),
+          ("llama-3.2-1b", 2048, 8192, 32, 8, 64, False),
+          ("llama-3.1-8b", 4096, 14336, 32, 8, 128, False)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INT_ARGS = ["M", "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_om"]
+
+
+def projections(hidden, inter, hq, hkv, d, bias):
+    """(N, K, prologue, has_bias, add_residual) of the layer's four projections."""
+    return [((hq + 2 * hkv) * d, hidden, linear.NORM, bias, False),
+            (hidden, hq * d, linear.PLAIN, False, True),
+            (2 * inter, hidden, linear.NORM, False, False),
+            (hidden, inter, linear.GATED, False, True)]
+
+
+def distinct_launches() -> list[dict]:
+    launches = {}
+    for _name, *shape in MODELS:
+        for dtype_name, dtype in DTYPES.items():
+            for n, k, prologue, has_bias, add_residual in projections(*shape):
+                config = linear.skinny_config(n, k, dtype)
+                meta = linear.skinny_launch_meta(config, n, k, prologue, has_bias, add_residual)
+                # Divisibility of N and K (a specialisation the launcher makes) is part of the key.
+                launch = {"dtype": dtype_name, "meta": meta, "n16": n % 16 == 0,
+                          "k16": k % 16 == 0}
+                launches[json.dumps(launch, sort_keys=True)] = launch
+    return list(launches.values())
+
+
+def compile_job(launch: dict) -> CompileJob:
+    t = "*" + launch["dtype"]
+    meta = dict(launch["meta"])
+    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+    signature = {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "norm_w_ptr": t, "residual_ptr": t,
+                 "out_ptr": t, **{name: "i32" for name in INT_ARGS}, "eps": "fp32",
+                 **{name: "constexpr" for name in meta}}
+    aligned = [name for name in signature if name.endswith("_ptr")]
+    aligned += [name for name in INT_ARGS if name.startswith("stride")]
+    aligned += ["N"] * launch["n16"] + ["K"] * launch["k16"]
+    return CompileJob.of(linear._skinny_linear_kernel, signature, meta, num_warps, num_stages,
+                         aligned)
+
+
+@pytest.mark.slow
+def test_every_projection_configuration_compiles_without_spills():
+    launches = distinct_launches()
+    assert 0 < len(launches) < 60, f"{len(launches)} distinct configurations: too many to compile"
+    reports = [{**launch, **asdict(report)}
+               for launch, report in zip(launches, compile_many([compile_job(l) for l in launches]))]
+    print(f"\n{'dtype':<6}{'constexprs':<100}{'regs':>6}{'smem KB':>9}{'spill B':>8}")
+    for r in reports:
+        consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}"
+                          for k, v in r["meta"].items())
+        print(f"{r['dtype']:<6}{consts:<100}{r['registers']:>6}{r['shared_bytes'] / 1024:>9.1f}"
+              f"{r['spill_stores'] + r['spill_loads']:>8}")
+    spilling = [r for r in reports if r["spill_stores"] or r["spill_loads"]]
+    assert not spilling, f"register spills: {spilling}"
+    assert all(r["shared_bytes"] <= 227 * 1024 for r in reports)

@@ -1,0 +1,138 @@
+"""The fused projections of kernels.linear against their plain-torch twins.
+
+Rows up to SKINNY_MAX_ROWS run the skinny Triton kernel (through the interpreter here); more
+rows take the cuBLAS composition. Outputs and the unused parts of strided residual buffers are
+poisoned with NaN first: the kernel must write exactly its [M, N] block.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import linear, reference
+from kernels.linear import (SKINNY_MAX_ROWS, gated_linear_residual, linear_residual, norm_linear,
+                            skinny_config)
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+EPS = 1e-5
+# (M, N, K): one row; uneven N and K tiles; a full 16-row tile; the cuBLAS side of the switch.
+SHAPES = [(1, 64, 256), (5, 40, 96), (SKINNY_MAX_ROWS, 48, 512), (3, 17, 300),
+          (SKINNY_MAX_ROWS + 3, 32, 64)]
+
+
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def weights(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(n, k, dtype=dtype) * k ** -0.5
+
+
+def poisoned_residual(m: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [m, n] view with a wider row stride into a NaN buffer, filled with random values."""
+    buffer = torch.full((m, n + 7), float("nan"), dtype=dtype)
+    view = buffer[:, 3:3 + n]
+    view.copy_(torch.randn(m, n, dtype=dtype))
+    return buffer, view
+
+
+def assert_margins_untouched(buffer: torch.Tensor, n: int) -> None:
+    assert torch.isnan(buffer[:, :3]).all() and torch.isnan(buffer[:, 3 + n:]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_norm_linear_matches_reference(dtype, M, N, K, with_bias):
+    x = torch.randn(M, K, dtype=dtype) * 3
+    norm_w = torch.randn(K, dtype=dtype)
+    w = weights(N, K, dtype)
+    bias = torch.randn(N, dtype=dtype) if with_bias else None
+    out = torch.full((M, N), float("nan"), dtype=dtype)
+    result = norm_linear(x, norm_w, EPS, w, bias, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    expected = reference.norm_linear(x.float(), norm_w.float(), EPS, w.float(),
+                                     None if bias is None else bias.float())
+    assert rel_l2(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_linear_residual_adds_in_place(dtype, M, N, K):
+    x = torch.randn(M, K, dtype=dtype)
+    w = weights(N, K, dtype)
+    buffer, residual = poisoned_residual(M, N, dtype)
+    expected = residual.float() + x.float() @ w.float().t()
+    result = linear_residual(x, w, residual)
+    assert result.data_ptr() == residual.data_ptr()
+    assert rel_l2(residual, expected) < TOLERANCE[dtype]
+    assert_margins_untouched(buffer, N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_gated_linear_residual_adds_in_place(dtype, M, N, K):
+    gate_up = torch.randn(M, 2 * K, dtype=dtype) * 2
+    w = weights(N, K, dtype)
+    buffer, residual = poisoned_residual(M, N, dtype)
+    expected = residual.float() + reference.silu_and_mul(gate_up.float()) @ w.float().t()
+    gated_linear_residual(gate_up, w, residual)
+    assert rel_l2(residual, expected) < TOLERANCE[dtype]
+    assert_margins_untouched(buffer, N)
+
+
+def test_strided_rows_of_a_wider_activation():
+    """x rows taken from a wider buffer (the attention output is contiguous, but a caller's
+    activations need not be)."""
+    wide = torch.randn(4, 300)
+    x = wide[:, 10:266]
+    w = weights(32, 256, torch.float32)
+    norm_w = torch.randn(256)
+    out = norm_linear(x, norm_w, EPS, w)
+    assert rel_l2(out, reference.norm_linear(x, norm_w, EPS, w)) < TOLERANCE[torch.float32]
+
+
+def test_kernel_path_is_taken_for_skinny_inputs(monkeypatch):
+    """Up to SKINNY_MAX_ROWS rows the fused kernel runs, beyond it the composition."""
+    calls = []
+    original = linear._skinny
+    monkeypatch.setattr(linear, "_skinny", lambda *a, **k: calls.append(1) or original(*a, **k))
+    w = weights(16, 64, torch.float32)
+    linear_residual(torch.randn(SKINNY_MAX_ROWS, 64), w, torch.zeros(SKINNY_MAX_ROWS, 16))
+    assert calls == [1]
+    linear_residual(torch.randn(SKINNY_MAX_ROWS + 1, 64), w, torch.zeros(SKINNY_MAX_ROWS + 1, 16))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("n,k", [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192),
+                                 (6144, 4096), (4096, 14336), (28672, 4096), (40, 96)])
+def test_skinny_config_fills_the_gpu(n, k):
+    config = skinny_config(n, k, torch.bfloat16)
+    programs = -(-n // config.block_n)
+    assert config.block_n in (16, 32, 64)
+    # The widest tile that still gives each of the 132 SMs a program (or the narrowest tile).
+    assert programs >= 132 or config.block_n == 16
+    if config.block_n > 16:
+        assert -(-n // (2 * config.block_n)) < 132 or config.block_n == 64
+    assert 16 <= config.block_k <= 256 and config.block_k & (config.block_k - 1) == 0
+    assert skinny_config(n, k, torch.bfloat16) == config  # a pure function
+
+
+def test_bad_inputs_are_refused_with_clear_errors():
+    x, w = torch.randn(2, 64), weights(16, 64, torch.float32)
+    with pytest.raises(ValueError, match="does not match weight"):
+        norm_linear(torch.randn(2, 32), torch.ones(32), EPS, w)
+    with pytest.raises(ValueError, match="norm_weight"):
+        norm_linear(x, torch.ones(63), EPS, w)
+    with pytest.raises(ValueError, match="share one of"):
+        linear_residual(x.half(), w, torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="residual must be"):
+        linear_residual(x, w, torch.zeros(3, 16))
+    with pytest.raises(ValueError, match=r"\[M, 2K\]"):
+        gated_linear_residual(torch.randn(2, 65), w, torch.zeros(2, 16))
