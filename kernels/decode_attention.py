@@ -31,7 +31,7 @@ LOG2_E = 1.4426950408889634
 
 # Tuning knobs of ``decode_config`` (the benchmark's --sweep shows what to set them to).
 PROGRAMS_PER_SM_TARGET = 2  # split until B * H_kv * splits reaches this many programs per SM
-MIN_TILES_PER_SPLIT = 2  # a split shorter than this many tiles is mostly overhead
+MIN_SPLIT_POSITIONS = 128  # a split shorter than this many positions is mostly overhead
 MAX_SPLITS = 64
 H100_NUM_SMS = 132
 
@@ -59,8 +59,8 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
 
     It never sees ``seq_lens``: the grid it implies must serve every batch of the same shape.
     Splits grow (powers of two) until B * H_kv * splits reaches ``PROGRAMS_PER_SM_TARGET``
-    programs per SM, limited so that a full-length split still spans ``MIN_TILES_PER_SPLIT``
-    tiles. dtype is the cache's.
+    programs per SM, limited so that a full-length split still spans ``MIN_SPLIT_POSITIONS``
+    positions and a whole tile. dtype is the cache's.
     """
     _check_head_shape(num_q_heads, num_kv_heads, head_dim)
     if dtype not in SUPPORTED_DTYPES:
@@ -74,16 +74,18 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
         # prefetch (ptxas spills otherwise). fp32 caches exist for parity tests, not speed.
         block_n, num_warps, num_stages = 32, 4 if d_pad <= 128 else 8, 1
     elif d_pad <= 128:
-        # K and V tiles of 64 x 128 bf16 are 16 KB each. On the H100 sweep (bench --sweep,
-        # CUDA-graph timing) two warps and two stages were the only setting within 3% of the
-        # best on every canonical shape; four warps lost 5-10% on uniform B >= 64 slabs.
-        block_n, num_warps, num_stages = 64, 2, 2
+        # K and V tiles of 64 x 128 or 128 x 64 bf16, 16 KB each. On the H100 sweeps (bench
+        # --sweep, CUDA-graph timing) two warps and two stages were the only setting within 3% of
+        # the best on every canonical (D = 128) shape; four warps lost 5-10% on uniform B >= 64
+        # slabs. At D = 64, 128-position tiles matched or beat 64-position ones on all six swept
+        # shapes (results/kernels_d64.json; up to 6% on skewed B = 64).
+        block_n, num_warps, num_stages = (128 if d_pad <= 64 else 64), 2, 2
     else:
         block_n, num_warps, num_stages = 32, 8, 3
     block_n = min(block_n, max(16, triton.next_power_of_2(capacity)))
 
     rows = batch * num_kv_heads
-    max_splits = min(MAX_SPLITS, max(1, capacity // (MIN_TILES_PER_SPLIT * block_n)))
+    max_splits = min(MAX_SPLITS, max(1, capacity // max(MIN_SPLIT_POSITIONS, block_n)))
     num_splits = 1
     while rows * num_splits < PROGRAMS_PER_SM_TARGET * num_sms and num_splits * 2 <= max_splits:
         num_splits *= 2

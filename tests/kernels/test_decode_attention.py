@@ -180,9 +180,20 @@ def test_decode_config_fills_the_machine():
         for C in (256, 1024, 4096, 32768):
             c = cfg(B, C)
             assert c.num_splits & (c.num_splits - 1) == 0 and 1 <= c.num_splits <= da.MAX_SPLITS
-            # A full-length split spans at least MIN_TILES_PER_SPLIT tiles (or it is the only one).
-            assert c.num_splits == 1 or C // c.num_splits >= da.MIN_TILES_PER_SPLIT * c.block_n
+            # A full-length split spans MIN_SPLIT_POSITIONS and a tile (or it is the only one).
+            assert c.num_splits == 1 or C // c.num_splits >= max(da.MIN_SPLIT_POSITIONS,
+                                                                 c.block_n)
             assert c == cfg(B, C)  # pure
+
+
+@pytest.mark.parametrize("B,C", [(1, 768), (1, 8192), (64, 768), (256, 1024)])
+def test_head_dim_64_tiles_hold_the_bytes_of_head_dim_128_tiles(B, C):
+    """At D = 64 tiles are 128 positions (16 KB of bf16, as 64 x 128 at D = 128) and the split
+    count at one (B, C) is the same as at D = 128."""
+    c64 = da.decode_config(B, C, 32, 8, 64, torch.bfloat16, 132)
+    c128 = da.decode_config(B, C, 32, 8, 128, torch.bfloat16, 132)
+    assert c64.block_n * 64 == c128.block_n * 128 == 64 * 128
+    assert c64.num_splits == c128.num_splits
 
 
 def test_bad_inputs_raise_clear_errors():
