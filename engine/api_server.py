@@ -39,7 +39,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_process import EngineClient, EngineDied, EngineInfo, Rejected
 from engine.metrics import ServerMetrics
 from engine.request import EngineRequest, SamplingParams, TokenUpdate
-from engine.sampling import derive_seed
+from engine.seeds import derive_seed
 
 log = logging.getLogger("engine.serve")
 

@@ -6,10 +6,12 @@ text goes through ``engine.tokenizer.ByteTokenizer``, whose BOS and EOS ids are 
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from engine.model_config import ModelConfig, ModelLoadError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 BYTE_BOS_ID = 256
 BYTE_EOS_ID = 257
@@ -58,7 +60,6 @@ def dummy_config(name: str) -> ModelConfig:
     return DUMMY_CONFIGS[name]
 
 
-@torch.no_grad()
 def init_random_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
     """Fill every parameter in place on its own device: matrices and biases ~ N(0, std),
     norm weights ~ N(1, std) (1-D parameters whose name ends in ``norm``).
@@ -66,8 +67,11 @@ def init_random_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
     The generator lives on the weights' device, so an 8B model initialises in seconds on a
     GPU, and the same seed gives the same weights on the same device type.
     """
+    import torch  # here, not at the top: the HTTP process reads dummy configs without torch
+
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        mean = 1.0 if name.endswith("norm") else 0.0
-        param.normal_(mean, std, generator=generator)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            mean = 1.0 if name.endswith("norm") else 0.0
+            param.normal_(mean, std, generator=generator)

@@ -28,7 +28,7 @@ from engine.kv_cache import KVArena
 from engine.options import EngineOptions
 from engine.request import EngineRequest, TokenUpdate
 from engine.runner import BatchRunner, PendingTokens, RowSampling, Stopwatch, capacity_bucket
-from engine.sampling import draw_seed
+from engine.seeds import draw_seed
 from scheduler.bins import AdaptiveEdges, BinEdges
 from scheduler.policy import MultiBinScheduler
 from scheduler.predictors import predictor_from_spec

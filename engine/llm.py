@@ -15,7 +15,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_core import EngineCore
 from engine.options import EngineOptions
 from engine.request import EngineRequest, RequestOutput, SamplingParams
-from engine.sampling import derive_seed
+from engine.seeds import derive_seed
 from engine.tokenizer import load_tokenizer
 
 

@@ -25,7 +25,7 @@ Everything runs on the device with static shapes and no host reads, so ``sample`
 recorded in a CUDA graph. The keyword flags are host-side promises about the whole batch
 (``filter_kwargs`` computes them) that skip work the batch does not need.
 
-Requests without a seed get one from ``draw_seed`` when the engine admits them; the sampler
+Requests without a seed get one from ``engine.seeds.draw_seed`` when the engine admits them; the sampler
 itself always needs a seed per row.
 
 Reported logprobs are those of the *unmodified* distribution, ``log_softmax(logits)`` at
@@ -35,13 +35,11 @@ value that stays meaningful for greedy rows.
 
 from __future__ import annotations
 
-import random
-import secrets
 from collections.abc import Sequence
 
 import torch
 
-from engine.request import GREEDY_TEMPERATURE, INT64_MAX, INT64_MIN
+from engine.request import GREEDY_TEMPERATURE
 
 _MASK32 = 0xFFFFFFFF
 # Odd multipliers below 2**31, so a 32-bit value times one stays below 2**63 and int64 never
@@ -193,25 +191,3 @@ def filter_kwargs(temperature: Sequence[float], top_k: Sequence[int],
             bound *= 2
     return {"all_greedy": not sampled, "top_k_bound": bound,
             "use_top_p": any(top_p[i] < 1.0 for i in sampled)}
-
-
-def draw_seed(rng: random.Random | None = None) -> int:
-    """A fresh non-negative int64 seed. The engine calls this when it admits a request whose
-    ``SamplingParams.seed`` is None (pass ``rng`` for reproducible runs)."""
-    return rng.getrandbits(63) if rng is not None else secrets.randbits(63)
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """Seed of completion ``index`` of a request with ``n > 1``: index 0 keeps ``seed``, the
-    others get distinct, well-mixed int64 seeds (splitmix64 finaliser), so the n completions
-    do not repeat each other."""
-    if not INT64_MIN <= seed <= INT64_MAX:
-        raise ValueError(f"seed must be in the int64 range, got {seed}")
-    if index == 0:
-        return seed
-    mask64 = (1 << 64) - 1
-    z = (seed + index * 0x9E3779B97F4A7C15) & mask64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
-    z ^= z >> 31
-    return z - (1 << 64) if z > INT64_MAX else z

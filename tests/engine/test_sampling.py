@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from engine.request import INT64_MAX, INT64_MIN
-from engine.sampling import (derive_seed, draw_seed, filter_kwargs, greedy_sample, row_uniforms,
-                             sample)
+from engine.sampling import filter_kwargs, greedy_sample, row_uniforms, sample
+from engine.seeds import derive_seed, draw_seed
 
 
 def _chi2_critical(df: int, z: float = 4.265) -> float:
