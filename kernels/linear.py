@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 from kernels.activation import silu_and_mul
+from kernels.decode_attention import H100_NUM_SMS
 from kernels.rmsnorm import rmsnorm
 
 SKINNY_MAX_ROWS = 16  # rows the skinny kernel takes; more go to cuBLAS
-H100_NUM_SMS = 132
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # What the kernel does to the activation tile as it loads it.
