@@ -2,8 +2,12 @@
 
 Weights are stored fused for fewer, larger matrix products: one QKV projection
 ``[(H_q + 2 H_kv) * D, hidden]`` (plus its bias for Qwen2) and one gate/up projection
-``[2 I, hidden]``. Every non-matmul op goes through ``ops`` (``engine.backend.get_ops``), so
-the same code runs the plain-torch reference ops or our Triton kernels.
+``[2 I, hidden]``. Every op but the embedding and the lm_head goes through ``ops``
+(``engine.backend.get_ops``), so the same code runs the plain-torch reference ops or our
+Triton kernels. The layer is written as its four projections with their neighbours attached
+(``norm_linear``, ``linear_residual``, ``gated_linear_residual``): the residual stream is
+updated in place by the projections that end each half of the layer, and the norms are taken
+by the projections that start them; the ops decide what to fuse.
 
 Two entry points, both writing K/V into a ``KVSlab`` ``[B, C, H_kv, D]`` per layer:
 ``prefill`` runs packed prompts; ``decode`` runs one new token per slab row and is CUDA-graph
@@ -99,20 +103,21 @@ class CausalLM(nn.Module):
         """
         ops, c = self.ops, self.config
 
-        def attention(layer_index: int, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = self._qkv(layer, x)
+        def attention(layer_index: int, layer: DecoderLayer, residual: torch.Tensor) -> None:
+            q, k, v = self._qkv(layer, residual)
             k_cache, v_cache = kv.k[layer_index], kv.v[layer_index]
             ops.rope_kv_write(q, k, v, k_cache, v_cache, positions, self.rope_cos, self.rope_sin,
                               rows)
             # rope_kv_write rotates q in place but k only into the cache: read the rotated k back.
             k_rotated = k_cache[rows.long(), positions.long()].to(k.dtype)
             out = ops.prefill_attention(q, k_rotated, v, cu_seqlens, max_seqlen)
-            return F.linear(out.reshape(x.shape[0], c.num_heads * c.head_dim), layer.o_proj)
+            ops.linear_residual(out.reshape(residual.shape[0], c.num_heads * c.head_dim),
+                                layer.o_proj, residual)
 
-        hidden, residual = self._layers(input_ids, attention)
+        residual = self._layers(input_ids, attention)
         last = cu_seqlens[1:].long() - 1
-        x, _ = ops.fused_add_rmsnorm(hidden[last], residual[last], self.norm, c.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        x = ops.rmsnorm(residual[last], self.norm, c.rms_norm_eps)
+        return self._logits(x)
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVSlab) -> torch.Tensor:
@@ -126,44 +131,51 @@ class CausalLM(nn.Module):
         ops, c = self.ops, self.config
         seq_lens = positions + 1  # 0 on dead rows
 
-        def attention(layer_index: int, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = self._qkv(layer, x)
+        def attention(layer_index: int, layer: DecoderLayer, residual: torch.Tensor) -> None:
+            q, k, v = self._qkv(layer, residual)
             k_cache, v_cache = kv.k[layer_index], kv.v[layer_index]
             ops.rope_kv_write(q, k, v, k_cache, v_cache, positions, self.rope_cos, self.rope_sin)
             out = ops.decode_attention(q, k_cache, v_cache, seq_lens)
-            return F.linear(out.reshape(x.shape[0], c.num_heads * c.head_dim), layer.o_proj)
+            ops.linear_residual(out.reshape(residual.shape[0], c.num_heads * c.head_dim),
+                                layer.o_proj, residual)
 
-        hidden, residual = self._layers(input_ids, attention)
-        x, _ = ops.fused_add_rmsnorm(hidden, residual, self.norm, c.rms_norm_eps)
+        residual = self._layers(input_ids, attention)
+        x = ops.rmsnorm(residual, self.norm, c.rms_norm_eps)
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [T, V] of normalised x [T, hidden]."""
+        if x.is_cuda and x.dtype != torch.float32:
+            # cuBLAS writes fp32 from its fp32 accumulator: no 16-bit logits, no conversion pass.
+            return torch.mm(x, self.lm_head.t(), out_dtype=torch.float32)
         return F.linear(x, self.lm_head).float()
 
-    def _layers(self, input_ids: torch.Tensor, attention) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embedding and every decoder layer; returns (last MLP output, residual), both [T, hidden].
+    def _layers(self, input_ids: torch.Tensor, attention) -> torch.Tensor:
+        """Embedding and every decoder layer; returns the residual stream [T, hidden].
 
-        The residual stream is summed into ``residual`` in place by ``fused_add_rmsnorm``;
-        the final norm is left to the caller, which may only need some tokens.
+        ``attention(layer_index, layer, residual)`` adds the attention block's output to
+        ``residual`` in place; the MLP does the same. The final norm is left to the caller,
+        which may only need some tokens.
         """
         ops, eps = self.ops, self.config.rms_norm_eps
         residual = F.embedding(input_ids, self.embed_tokens)
-        x = ops.rmsnorm(residual, self.layers[0].input_norm, eps)
-        hidden = None
         for i, layer in enumerate(self.layers):
-            if i > 0:
-                x, residual = ops.fused_add_rmsnorm(hidden, residual, layer.input_norm, eps)
-            attn = attention(i, layer, x)
-            x, residual = ops.fused_add_rmsnorm(attn, residual, layer.post_attention_norm, eps)
-            hidden = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up_proj)), layer.down_proj)
-        return hidden, residual
+            attention(i, layer, residual)
+            gate_up = ops.norm_linear(residual, layer.post_attention_norm, eps, layer.gate_up_proj)
+            ops.gated_linear_residual(gate_up, layer.down_proj, residual)
+        return residual
 
-    def _qkv(self, layer: DecoderLayer, x: torch.Tensor):
-        """Project x [T, hidden] to q [T, H_q, D], k and v [T, H_kv, D].
+    def _qkv(self, layer: DecoderLayer, residual: torch.Tensor):
+        """Normalise the residual stream [T, hidden] and project it to q [T, H_q, D], k and v
+        [T, H_kv, D].
 
         q, k and v are strided views of the fused output (the ops take any strides with a
         contiguous last dim), except under Qwen3's per-head q/k RMSNorm (applied before RoPE).
         """
         c = self.config
-        T = x.shape[0]
-        qkv = F.linear(x, layer.qkv_proj, layer.qkv_bias)
+        T = residual.shape[0]
+        qkv = self.ops.norm_linear(residual, layer.input_norm, c.rms_norm_eps, layer.qkv_proj,
+                                   layer.qkv_bias)
         q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
                              c.num_kv_heads * c.head_dim], dim=-1)
         if c.qk_norm:
