@@ -1,11 +1,12 @@
 """Microbenchmark of the fused decode projections (``kernels.linear``) at decode batch sizes.
 
-For each projection of the Llama-3.2-1B and Llama-3.1-8B shapes and M in {1, 8, 16} rows, the
-same run times, as CUDA-graph replays with the L2 flushed:
+For each projection of the Llama-3.2-1B and Llama-3.1-8B shapes and M in {1, 2, 4, 8} rows,
+the same run times, as CUDA-graph replays with the L2 flushed:
 
-- ours: the fused op (one skinny Triton kernel: norm / SiLU-and-mul, product, residual add);
+- ours: the fused op (one GEMV Triton kernel: norm / SiLU-and-mul, product, residual add), also
+  above ``GEMV_MAX_ROWS`` to show where the switch belongs;
 - unfused: the same op from our norm / activation kernel and cuBLAS (``addmm_`` accumulating
-  into the residual), which is what runs above ``SKINNY_MAX_ROWS`` rows;
+  into the residual), which is what runs above ``GEMV_MAX_ROWS`` rows;
 - cublas: ``F.linear`` alone, the bare product without its neighbours.
 
 Bytes are the weight plus the activations read and written; "% copy" is ours against the
@@ -28,7 +29,7 @@ from kernels.activation import silu_and_mul
 from kernels.rmsnorm import rmsnorm
 
 DTYPE = torch.bfloat16
-ROWS = (1, 8, 16)
+ROWS = (1, 2, 4, 8)
 # (model, projection, N, K, op); op is what the decoder layer calls for that projection.
 PROJECTIONS = [
     ("1b", "qkv", 3072, 2048, "norm_linear"),
@@ -58,7 +59,7 @@ def _fns(p: dict, op: str, config=None) -> dict:
     if op == "norm_linear":
         out = torch.empty(x.shape[0], w.shape[0], dtype=DTYPE, device="cuda")
         return {
-            "ours": lambda: linear._skinny(x, w, out, linear.NORM, norm_weight=norm_w, eps=1e-5,
+            "ours": lambda: linear._gemv(x, w, out, linear.NORM, norm_weight=norm_w, eps=1e-5,
                                            config=config),
             "unfused": lambda: F.linear(rmsnorm(x, norm_w, 1e-5), w),
             "cublas": lambda: F.linear(x, w),
@@ -67,7 +68,7 @@ def _fns(p: dict, op: str, config=None) -> dict:
     # The bare product's operand, computed once outside the timing.
     activated = silu_and_mul(x) if prologue == linear.GATED else x
     return {
-        "ours": lambda: linear._skinny(x, w, residual, prologue, residual=residual,
+        "ours": lambda: linear._gemv(x, w, residual, prologue, residual=residual,
                                        config=config),
         "unfused": lambda: residual.addmm_(
             silu_and_mul(x) if prologue == linear.GATED else x, w.t()),
@@ -95,21 +96,22 @@ def run(copy_gbps: float) -> list[dict]:
                          "cublas_us": times["cublas"], "speedup": times["unfused"] / times["ours"],
                          "roofline_us": nbytes / (copy_gbps * 1e9) * 1e6,
                          "gbps": gbps, "pct_copy": 100 * gbps / copy_gbps,
-                         "config": dataclasses.asdict(linear.skinny_config(n, k, DTYPE))})
+                         "config": dataclasses.asdict(linear.gemv_config(n, k, DTYPE))})
             del p
     return rows
 
 
 def sweep(copy_gbps: float) -> list[dict]:
-    """Alternative launch shapes of the skinny kernel around ``skinny_config``, at M = 1."""
+    """Alternative launch shapes of the GEMV kernel around ``gemv_config``, at M = 1."""
     rows = []
     for model, name, n, k, op in PROJECTIONS:
-        default = linear.skinny_config(n, k, DTYPE)
+        default = linear.gemv_config(n, k, DTYPE)
         candidates = [default] + [
             dataclasses.replace(default, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
-            for bn, bk, w, s in ((16, 256, 4, 4), (32, 256, 4, 4), (64, 256, 4, 4),
-                                 (16, 512, 4, 3), (32, 128, 4, 6), (16, 256, 2, 4),
-                                 (16, 256, 4, 6), (32, 256, 8, 4))]
+            for bn, bk, w, s in ((4, 512, 4, 2), (8, 512, 4, 2), (16, 512, 4, 2),
+                                 (4, 1024, 4, 2), (8, 1024, 4, 2), (16, 1024, 8, 2),
+                                 (8, 512, 8, 2), (8, 512, 4, 1), (8, 512, 4, 3),
+                                 (4, 256, 2, 2), (2, 1024, 4, 2), (16, 256, 4, 2))]
         p = _problem(1, n, k, op)
         seen = []
         for config in candidates:

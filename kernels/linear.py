@@ -7,14 +7,16 @@ Three ops cover every projection of a layer (``kernels.reference`` has their pla
 - ``gated_linear_residual(gate_up, weight, residual)``: residual += (silu(gate) * up) @ W.T —
   the down projection.
 
-A decode step of a few rows (M <= ``SKINNY_MAX_ROWS``) is a stream over the weight matrix:
-each weight byte is read once and the activations are a few KB. There one Triton kernel
-(``_skinny_linear_kernel``) does the norm or the activation on the fly as it loads the
-activation tiles, the product on tensor cores, and the bias and residual add before its single
-store, instead of cuBLAS plus three small kernels (each one a launch and a round trip of the
-activations through memory). The norm needs the whole row's sum of squares, which is only
-known at the end of the K loop, so the kernel multiplies by the RMSNorm weight on load and
-by 1 / rms(x) after the loop (a per-row scalar commutes with the product).
+A decode step of one or a few rows (M <= ``GEMV_MAX_ROWS``) is a stream over the weight
+matrix: each weight byte is read once and the activations are a few KB. There one Triton kernel
+(``_gemv_kernel``) does the norm or the activation on the fly as it loads the activation, the
+product as CUDA-core FMAs, and the bias and residual add before its single store, instead of
+cuBLAS plus three small kernels (each one a launch and a round trip of the activations through
+memory). The norm needs the whole row's sum of squares, which is only known at the end of the K
+loop, so the kernel multiplies by the RMSNorm weight on load and by 1 / rms(x) after the loop (a
+per-row scalar commutes with the product). A row has no tile of 16 for the tensor cores to
+fill; FMAs keep up with the weight stream (2 FLOP per 2 bytes), so the kernel's only job is
+to keep enough loads in flight.
 
 Larger M goes to cuBLAS, which is the better GEMM there: our RMSNorm / SiLU-and-mul kernels
 first, and the residual add as the GEMM's own accumulate (``addmm_``, beta = 1), which costs
@@ -22,7 +24,7 @@ no extra kernel or pass.
 
 Numerics: fp32 accumulation; the normalised or activated operand is rounded to the weight
 dtype before the product (as the unfused ops round their outputs); the residual sum is
-rounded once. fp32 weights use IEEE fp32 products (no tf32).
+rounded once. The kernel's products are IEEE fp32 FMAs in every dtype (no tf32).
 """
 
 from __future__ import annotations
@@ -38,17 +40,17 @@ from kernels.activation import silu_and_mul
 from kernels.decode_attention import H100_NUM_SMS
 from kernels.rmsnorm import rmsnorm
 
-SKINNY_MAX_ROWS = 16  # rows the skinny kernel takes; more go to cuBLAS
+GEMV_MAX_ROWS = 4  # rows the GEMV kernel takes; more go to cuBLAS
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# What the kernel does to the activation tile as it loads it.
+# What the kernel does to the activation as it loads it.
 PLAIN, NORM, GATED = 0, 1, 2
 
 
 @dataclass(frozen=True)
-class SkinnyConfig:
-    """Launch shape of ``_skinny_linear_kernel``: output features per program, the K tile,
-    warps and pipeline stages (weight tiles in flight)."""
+class GemvConfig:
+    """Launch shape of ``_gemv_kernel``: output features per program, the K tile, warps and
+    pipeline stages."""
 
     block_n: int
     block_k: int
@@ -56,31 +58,29 @@ class SkinnyConfig:
     num_stages: int
 
 
-def skinny_config(n: int, k: int, dtype: torch.dtype,
-                  num_sms: int = H100_NUM_SMS) -> SkinnyConfig:
+def gemv_config(n: int, k: int, dtype: torch.dtype, num_sms: int = H100_NUM_SMS) -> GemvConfig:
     """The launch shape for an [N, K] weight of ``dtype``; a pure function.
 
-    Output features per program: the largest of 64 / 32 / 16 that still gives every SM a
-    program (the kernel is one pass over W, so idle SMs are lost bandwidth). K tiles of 256
-    16-bit elements (512 B per weight row per load) with four tiles in flight.
+    Output features per program: the largest of 16 / 8 / 4 that still gives every SM at least
+    two programs (the kernel is one pass over W: idle SMs are lost bandwidth, and a second
+    resident program keeps its loads in flight while the first reduces). K tiles of 512
+    elements, 16 per thread, so each thread has several 16-byte loads in flight.
     """
-    if dtype == torch.float32:
-        # IEEE fp32 products run on CUDA cores from registers: small tiles, no prefetch.
-        return SkinnyConfig(block_n=16, block_k=32, num_warps=4, num_stages=1)
-    block_n = 16
-    for candidate in (64, 32):
-        if triton.cdiv(n, candidate) >= num_sms:
+    block_n = 4
+    for candidate in (16, 8):
+        if triton.cdiv(n, candidate) >= 2 * num_sms:
             block_n = candidate
             break
-    block_k = min(256, max(16, triton.next_power_of_2(k)))
-    return SkinnyConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=4)
+    block_k = min(512, max(16, triton.next_power_of_2(k)))
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4,
+                      num_stages=1 if dtype == torch.float32 else 2)
 
 
-def skinny_launch_meta(config: SkinnyConfig, n: int, k: int, prologue: int, has_bias: bool,
-                       add_residual: bool) -> dict:
+def gemv_launch_meta(config: GemvConfig, n: int, k: int, prologue: int, has_bias: bool,
+                     add_residual: bool) -> dict:
     """Constexprs and launch options of one launch (what the AOT test compiles)."""
     return dict(PROLOGUE=prologue, HAS_BIAS=has_bias, ADD_RESIDUAL=add_residual,
-                BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -101,12 +101,12 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     if out is not None and (out.shape != (M, N) or out.dtype != x.dtype or out.stride(-1) != 1):
         raise ValueError(f"norm_linear: out must be [{M}, {N}] {x.dtype} with a contiguous last "
                          f"dim, got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
-    if M > SKINNY_MAX_ROWS:
+    if M > GEMV_MAX_ROWS:
         result = F.linear(rmsnorm(x, norm_weight, eps), weight, bias)
         return result if out is None else out.copy_(result)
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    return _skinny(x, weight, out, prologue=NORM, bias=bias, norm_weight=norm_weight, eps=eps)
+    return _gemv(x, weight, out, prologue=NORM, bias=bias, norm_weight=norm_weight, eps=eps)
 
 
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -117,9 +117,9 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     """
     _check(x, weight, x.shape[-1] if x.dim() == 2 else -1, "linear_residual")
     _check_residual(residual, x.shape[0], weight)
-    if x.shape[0] > SKINNY_MAX_ROWS:
+    if x.shape[0] > GEMV_MAX_ROWS:
         return residual.addmm_(x, weight.t())
-    return _skinny(x, weight, residual, prologue=PLAIN, residual=residual)
+    return _gemv(x, weight, residual, prologue=PLAIN, residual=residual)
 
 
 def gated_linear_residual(gate_up: torch.Tensor, weight: torch.Tensor,
@@ -132,65 +132,62 @@ def gated_linear_residual(gate_up: torch.Tensor, weight: torch.Tensor,
     inner = gate_up.shape[-1] // 2 if gate_up.dim() == 2 and gate_up.shape[-1] % 2 == 0 else -1
     _check(gate_up, weight, inner, "gated_linear_residual")
     _check_residual(residual, gate_up.shape[0], weight)
-    if gate_up.shape[0] > SKINNY_MAX_ROWS:
+    if gate_up.shape[0] > GEMV_MAX_ROWS:
         return residual.addmm_(silu_and_mul(gate_up), weight.t())
-    return _skinny(gate_up, weight, residual, prologue=GATED, residual=residual)
+    return _gemv(gate_up, weight, residual, prologue=GATED, residual=residual)
 
 
-def _skinny(x, weight, out, prologue: int, bias=None, norm_weight=None, eps: float = 0.0,
-            residual=None, config: SkinnyConfig | None = None) -> torch.Tensor:
+def _gemv(x, weight, out, prologue: int, bias=None, norm_weight=None, eps: float = 0.0,
+          residual=None, config: GemvConfig | None = None) -> torch.Tensor:
     M, (N, K) = x.shape[0], weight.shape
     if M == 0:
         return out
-    config = config or skinny_config(N, K, weight.dtype)
-    grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, SKINNY_MAX_ROWS))
+    config = config or gemv_config(N, K, weight.dtype)
+    # Rows vary fastest, so the programs that share a weight slice run together and all but
+    # the first read it from L2.
+    grid = (M, triton.cdiv(N, config.block_n))
     # Unused pointer arguments get x (never read: their constexpr switches are off).
-    _skinny_linear_kernel[grid](
+    _gemv_kernel[grid](
         x, weight, bias if bias is not None else x,
         norm_weight if norm_weight is not None else x,
         residual if residual is not None else x, out,
-        M, N, K, x.stride(0), weight.stride(0),
-        residual.stride(0) if residual is not None else 0, out.stride(0), eps,
-        **skinny_launch_meta(config, N, K, prologue, bias is not None, residual is not None))
+        N, K, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), eps,
+        **gemv_launch_meta(config, N, K, prologue, bias is not None, residual is not None))
     return out
 
 
 @triton.jit
-def _skinny_linear_kernel(
+def _gemv_kernel(
         x_ptr, w_ptr, bias_ptr, norm_w_ptr, residual_ptr, out_ptr,
-        M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps,
+        N, K, stride_xm, stride_rm, stride_om, eps,
         PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """out[m, n] = residual[m, n] + bias[n] + sum_k A[m, k] * W[n, k] for one BLOCK_N slice of n.
+    """out[m, n] = residual[m, n] + bias[n] + sum_k A[m, k] * W[n, k] for one row m and one
+    BLOCK_N slice of n; the grid is (M, cdiv(N, BLOCK_N)).
 
-    W: [N, K] (K contiguous). A is the activation, from x after the prologue:
+    W: [N, K] contiguous. A is the activation, from x after the prologue:
     PLAIN: x [M, K]; NORM: x [M, K] * norm_w [K] / rms(x[m]); GATED: silu(x[:, :K]) * x[:, K:]
     with x [M, 2K]. bias [N], residual [M, N] and out [M, N] (out may alias residual: each
-    element is read and written by the same program). Rows of M are padded to BLOCK_M (>= 16,
-    tl.dot's minimum); the grid is (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)).
+    element is read and written by the same program). fp32 accumulation.
+
+    The product accumulates elementwise into a [BLOCK_N, BLOCK_K] fp32 tile, reduced over K
+    once after the loop (no cross-thread reduction inside it).
     """
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_live = offs_m < M
     n_live = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
     dtype = w_ptr.dtype.element_ty
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         k_live = k < K
         # Masks only where a tile can overhang (the weight stream stays vectorised).
-        if EVEN_K:
-            x_mask = m_live[:, None]
-        else:
-            x_mask = m_live[:, None] & k_live[None, :]
         if EVEN_N and EVEN_K:
             w = tl.load(w_rows + k[None, :])
         elif EVEN_N:
@@ -200,29 +197,29 @@ def _skinny_linear_kernel(
         else:
             w = tl.load(w_rows + k[None, :], mask=n_live[:, None] & k_live[None, :], other=0.0)
         if PROLOGUE == 2:  # GATED
-            gate = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            up = tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            a = (gate / (1.0 + tl.exp(-gate)) * up).to(dtype)
+            gate = tl.load(x_row + k, mask=k_live, other=0.0).to(tl.float32)
+            up = tl.load(x_row + K + k, mask=k_live, other=0.0).to(tl.float32)
+            a = gate / (1.0 + tl.exp(-gate)) * up
         elif PROLOGUE == 1:  # NORM
-            xf = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            sum_sq += tl.sum(xf * xf, axis=1)
-            norm_w = tl.load(norm_w_ptr + k, mask=k_live, other=0.0).to(tl.float32)
-            a = (xf * norm_w[None, :]).to(dtype)
+            xf = tl.load(x_row + k, mask=k_live, other=0.0).to(tl.float32)
+            sum_sq += xf * xf
+            a = xf * tl.load(norm_w_ptr + k, mask=k_live, other=0.0).to(tl.float32)
         else:
-            a = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(dtype)
-        # "ieee" only matters for fp32 operands (no tf32); 16-bit products are exact in fp32.
-        acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+            a = tl.load(x_row + k, mask=k_live, other=0.0).to(tl.float32)
+        # The activation is rounded to the weight dtype, as the unfused ops round their outputs.
+        a = a.to(dtype).to(tl.float32)
+        acc += w.to(tl.float32) * a[None, :]
 
+    y = tl.sum(acc, axis=1)
     if PROLOGUE == 1:
-        acc = acc * tl.math.rsqrt(sum_sq / K + eps)[:, None]
+        y = y * tl.math.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)[None, :]
-    out_mask = m_live[:, None] & n_live[None, :]
+        y += tl.load(bias_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)
     if ADD_RESIDUAL:
-        r_ptrs = residual_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
-        acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        y += tl.load(residual_ptr + m.to(tl.int64) * stride_rm + offs_n, mask=n_live,
+                     other=0.0).to(tl.float32)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n, y.to(out_ptr.dtype.element_ty),
+             mask=n_live)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, k: int, name: str) -> tuple[int, int]:

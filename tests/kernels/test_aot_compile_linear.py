@@ -1,7 +1,7 @@
 """Every fused-projection kernel configuration the engine can launch compiles for the H100
 (sm_90) without a GPU and without register spills; prints registers and shared memory.
 
-Configurations come from ``skinny_config`` / ``skinny_launch_meta`` for each projection of the
+Configurations come from ``gemv_config`` / ``gemv_launch_meta`` for each projection of the
 supported model shapes and each model dtype, compiled with the alignment facts the launcher
 specialises on (16-byte aligned pointers, strides and sizes divisible by 16).
 """
@@ -23,7 +23,7 @@ MODELS = [("tiny", 256, 512, 4, 2, 64, False), ("qwen2.5-0.5b", 896, 4864, 14, 2
           ("llama-3.2-1b", 2048, 8192, 32, 8, 64, False),
           ("llama-3.1-8b", 4096, 14336, 32, 8, 128, False)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-INT_ARGS = ["M", "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_om"]
+INT_ARGS = ["N", "K", "stride_xm", "stride_rm", "stride_om"]
 
 
 def projections(hidden, inter, hq, hkv, d, bias):
@@ -39,8 +39,8 @@ def distinct_launches() -> list[dict]:
     for _name, *shape in MODELS:
         for dtype_name, dtype in DTYPES.items():
             for n, k, prologue, has_bias, add_residual in projections(*shape):
-                config = linear.skinny_config(n, k, dtype)
-                meta = linear.skinny_launch_meta(config, n, k, prologue, has_bias, add_residual)
+                config = linear.gemv_config(n, k, dtype)
+                meta = linear.gemv_launch_meta(config, n, k, prologue, has_bias, add_residual)
                 # Divisibility of N and K (a specialisation the launcher makes) is part of the key.
                 launch = {"dtype": dtype_name, "meta": meta, "n16": n % 16 == 0,
                           "k16": k % 16 == 0}
@@ -58,7 +58,7 @@ def compile_job(launch: dict) -> CompileJob:
     aligned = [name for name in signature if name.endswith("_ptr")]
     aligned += [name for name in INT_ARGS if name.startswith("stride")]
     aligned += ["N"] * launch["n16"] + ["K"] * launch["k16"]
-    return CompileJob.of(linear._skinny_linear_kernel, signature, meta, num_warps, num_stages,
+    return CompileJob.of(linear._gemv_kernel, signature, meta, num_warps, num_stages,
                          aligned)
 
 

@@ -1,6 +1,6 @@
 """The fused projections of kernels.linear against their plain-torch twins.
 
-Rows up to SKINNY_MAX_ROWS run the skinny Triton kernel (through the interpreter here); more
+Rows up to GEMV_MAX_ROWS run the GEMV Triton kernel (through the interpreter here); more
 rows take the cuBLAS composition. Outputs and the unused parts of strided residual buffers are
 poisoned with NaN first: the kernel must write exactly its [M, N] block.
 """
@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from kernels import linear, reference
-from kernels.linear import (SKINNY_MAX_ROWS, gated_linear_residual, linear_residual, norm_linear,
-                            skinny_config)
+from kernels.linear import (GEMV_MAX_ROWS, gated_linear_residual, linear_residual, norm_linear,
+                            gemv_config)
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 EPS = 1e-5
-# (M, N, K): one row; uneven N and K tiles; a full 16-row tile; the cuBLAS side of the switch.
-SHAPES = [(1, 64, 256), (5, 40, 96), (SKINNY_MAX_ROWS, 48, 512), (3, 17, 300),
-          (SKINNY_MAX_ROWS + 3, 32, 64)]
+# (M, N, K): one row; uneven N and K tiles; the most rows the kernel takes; K over several
+# tiles; the cuBLAS side of the switch.
+SHAPES = [(1, 64, 256), (2, 40, 96), (GEMV_MAX_ROWS, 48, 512), (3, 17, 300), (1, 24, 1100),
+          (GEMV_MAX_ROWS + 3, 32, 64)]
 
 
 def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -98,30 +99,30 @@ def test_strided_rows_of_a_wider_activation():
     assert rel_l2(out, reference.norm_linear(x, norm_w, EPS, w)) < TOLERANCE[torch.float32]
 
 
-def test_kernel_path_is_taken_for_skinny_inputs(monkeypatch):
-    """Up to SKINNY_MAX_ROWS rows the fused kernel runs, beyond it the composition."""
+def test_kernel_path_is_taken_for_few_rows(monkeypatch):
+    """Up to GEMV_MAX_ROWS rows the fused kernel runs, beyond it the composition."""
     calls = []
-    original = linear._skinny
-    monkeypatch.setattr(linear, "_skinny", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = linear._gemv
+    monkeypatch.setattr(linear, "_gemv", lambda *a, **k: calls.append(1) or original(*a, **k))
     w = weights(16, 64, torch.float32)
-    linear_residual(torch.randn(SKINNY_MAX_ROWS, 64), w, torch.zeros(SKINNY_MAX_ROWS, 16))
+    linear_residual(torch.randn(GEMV_MAX_ROWS, 64), w, torch.zeros(GEMV_MAX_ROWS, 16))
     assert calls == [1]
-    linear_residual(torch.randn(SKINNY_MAX_ROWS + 1, 64), w, torch.zeros(SKINNY_MAX_ROWS + 1, 16))
+    linear_residual(torch.randn(GEMV_MAX_ROWS + 1, 64), w, torch.zeros(GEMV_MAX_ROWS + 1, 16))
     assert calls == [1]
 
 
 @pytest.mark.parametrize("n,k", [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192),
                                  (6144, 4096), (4096, 14336), (28672, 4096), (40, 96)])
-def test_skinny_config_fills_the_gpu(n, k):
-    config = skinny_config(n, k, torch.bfloat16)
+def test_gemv_config_fills_the_gpu(n, k):
+    config = gemv_config(n, k, torch.bfloat16)
     programs = -(-n // config.block_n)
-    assert config.block_n in (16, 32, 64)
-    # The widest tile that still gives each of the 132 SMs a program (or the narrowest tile).
-    assert programs >= 132 or config.block_n == 16
-    if config.block_n > 16:
-        assert -(-n // (2 * config.block_n)) < 132 or config.block_n == 64
-    assert 16 <= config.block_k <= 256 and config.block_k & (config.block_k - 1) == 0
-    assert skinny_config(n, k, torch.bfloat16) == config  # a pure function
+    assert config.block_n in (4, 8, 16)
+    # The widest slice that still gives each of the 132 SMs two programs (or the narrowest).
+    assert programs >= 2 * 132 or config.block_n == 4
+    if config.block_n < 16:
+        assert -(-n // (2 * config.block_n)) < 2 * 132
+    assert 16 <= config.block_k <= 512 and config.block_k & (config.block_k - 1) == 0
+    assert gemv_config(n, k, torch.bfloat16) == config  # a pure function
 
 
 def test_bad_inputs_are_refused_with_clear_errors():
