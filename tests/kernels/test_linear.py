@@ -137,3 +137,25 @@ def test_bad_inputs_are_refused_with_clear_errors():
         linear_residual(x, w, torch.zeros(3, 16))
     with pytest.raises(ValueError, match=r"\[M, 2K\]"):
         gated_linear_residual(torch.randn(2, 65), w, torch.zeros(2, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, GEMV_MAX_ROWS])
+@pytest.mark.parametrize("N,K", [(3072, 2048), (2048, 8192), (6144, 4096), (1152, 896)])
+def test_gpu_bf16_model_projections(M, N, K):
+    """The compiled kernel (every prologue) on model projection shapes, bf16 against fp32."""
+    dev, bf16 = "cuda", torch.bfloat16
+    x = torch.randn(M, 2 * K, dtype=bf16, device=dev)
+    w = (torch.randn(N, K, device=dev) * K ** -0.5).to(bf16)
+    norm_w = torch.randn(K, dtype=bf16, device=dev)
+    bias = torch.randn(N, dtype=bf16, device=dev)
+    out = torch.full((M, N), float("nan"), dtype=bf16, device=dev)
+    norm_linear(x[:, :K], norm_w, EPS, w, bias, out=out)
+    expected = reference.norm_linear(x[:, :K].float(), norm_w.float(), EPS, w.float(), bias.float())
+    assert rel_l2(out, expected) < 1e-2
+    residual = torch.randn(M, N, dtype=bf16, device=dev)
+    expected = reference.gated_linear_residual(x.float(), w.float(), residual.float())
+    assert rel_l2(gated_linear_residual(x, w, residual), expected) < 1e-2
+    residual = torch.randn(M, N, dtype=bf16, device=dev)
+    expected = reference.linear_residual(x[:, :K].float(), w.float(), residual.float())
+    assert rel_l2(linear_residual(x[:, :K], w, residual), expected) < 1e-2
