@@ -12,18 +12,19 @@ the same run times, as CUDA-graph replays with the L2 flushed:
 Bytes are the weight plus the activations read and written; "% copy" is ours against the
 measured copy bandwidth.
 
-    python -m bench.kernel_linear [--sweep]   # on a GPU; prints a table
+    python -m bench.kernel_linear [--sweep] [--out DIR]   # on a GPU; a table and kernel_linear.json
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import copy_bandwidth_gbps, time_ms
+from bench.common import RESULTS_DIR, copy_bandwidth_gbps, time_ms, write_json
 from kernels import linear
 from kernels.activation import silu_and_mul
 from kernels.rmsnorm import rmsnorm
@@ -108,10 +109,9 @@ def sweep(copy_gbps: float) -> list[dict]:
         default = linear.gemv_config(n, k, DTYPE)
         candidates = [default] + [
             dataclasses.replace(default, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
-            for bn, bk, w, s in ((4, 512, 4, 2), (8, 512, 4, 2), (16, 512, 4, 2),
-                                 (4, 1024, 4, 2), (8, 1024, 4, 2), (16, 1024, 8, 2),
-                                 (8, 512, 8, 2), (8, 512, 4, 1), (8, 512, 4, 3),
-                                 (4, 256, 2, 2), (2, 1024, 4, 2), (16, 256, 4, 2))]
+            for bn, bk, w, s in ((4, 1024, 4, 1), (16, 1024, 4, 1), (8, 512, 4, 1),
+                                 (8, 2048, 4, 1), (4, 2048, 4, 1), (8, 2048, 8, 1),
+                                 (8, 1024, 8, 1), (8, 1024, 2, 1), (8, 1024, 4, 2))]
         p = _problem(1, n, k, op)
         seen = []
         for config in candidates:
@@ -129,19 +129,25 @@ def sweep(copy_gbps: float) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also time alternative launch shapes")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     args = parser.parse_args()
     copy_gbps = copy_bandwidth_gbps()
     print(f"copy bandwidth {copy_gbps:.0f} GB/s")
     print(f"{'shape':<34}{'ours us':>9}{'unfused':>9}{'cublas':>9}{'roof us':>9}{'% copy':>8}")
-    for r in run(copy_gbps):
+    rows = run(copy_gbps)
+    for r in rows:
         print(f"{r['shape']:<34}{r['ours_us']:>9.1f}{r['torch_us']:>9.1f}{r['cublas_us']:>9.1f}"
               f"{r['roofline_us']:>9.1f}{r['pct_copy']:>7.1f}%")
-    if args.sweep:
-        for r in sweep(copy_gbps):
+    sweep_rows = sweep(copy_gbps) if args.sweep else []
+    if sweep_rows:
+        for r in sweep_rows:
             c = r["config"]
             print(f"{r['shape']:<34} n{c['block_n']:<3} k{c['block_k']:<4} w{c['num_warps']} "
                   f"s{c['num_stages']}  {r['us']:>7.1f} us {r['pct_copy']:>6.1f}%"
                   f"{'  <- default' if r['is_default'] else ''}")
+    path = write_json(args.out / "kernel_linear.json",
+                      {"copy_gbps": copy_gbps, "rows": rows, "sweep": sweep_rows})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
