@@ -2,8 +2,8 @@
 
 Both backends expose the same functions with the same signatures (``kernels.reference``
 documents them): ``rmsnorm``, ``fused_add_rmsnorm``, ``rope_kv_write``, ``decode_attention``,
-``prefill_attention``, ``silu_and_mul``, ``norm_linear``, ``linear_residual``,
-``gated_linear_residual`` and ``argmax``.
+``prefill_attention``, ``silu_and_mul``, ``norm_linear``, ``qkv_rope_write``,
+``linear_residual``, ``gated_linear_residual`` and ``argmax``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ _TRITON_MODULES = {
     "prefill_attention": "kernels.prefill_attention",
     "silu_and_mul": "kernels.activation",
     "norm_linear": "kernels.linear",
+    "qkv_rope_write": "kernels.linear",
     "linear_residual": "kernels.linear",
     "gated_linear_residual": "kernels.linear",
     "argmax": "kernels.argmax",

@@ -132,9 +132,15 @@ class CausalLM(nn.Module):
         seq_lens = positions + 1  # 0 on dead rows
 
         def attention(layer_index: int, layer: DecoderLayer, residual: torch.Tensor) -> None:
-            q, k, v = self._qkv(layer, residual)
             k_cache, v_cache = kv.k[layer_index], kv.v[layer_index]
-            ops.rope_kv_write(q, k, v, k_cache, v_cache, positions, self.rope_cos, self.rope_sin)
+            if c.qk_norm:  # Qwen3 normalises q and k between the projection and RoPE
+                q, k, v = self._qkv(layer, residual)
+                ops.rope_kv_write(q, k, v, k_cache, v_cache, positions, self.rope_cos,
+                                  self.rope_sin)
+            else:
+                q = ops.qkv_rope_write(residual, layer.input_norm, c.rms_norm_eps, layer.qkv_proj,
+                                       layer.qkv_bias, c.num_heads, c.num_kv_heads, k_cache,
+                                       v_cache, positions, self.rope_cos, self.rope_sin)
             out = ops.decode_attention(q, k_cache, v_cache, seq_lens)
             ops.linear_residual(out.reshape(residual.shape[0], c.num_heads * c.head_dim),
                                 layer.o_proj, residual)

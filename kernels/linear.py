@@ -1,8 +1,9 @@
 """The decoder layer's linear layers with their neighbours fused in.
 
-Three ops cover every projection of a layer (``kernels.reference`` has their plain-torch twins):
+Four ops cover every projection of a layer (``kernels.reference`` has their plain-torch twins):
 
 - ``norm_linear(x, norm_weight, eps, weight, bias)``: RMSNorm(x) @ W.T (+ bias) — QKV, gate/up;
+- ``qkv_rope_write(...)``: the decode step's QKV projection with RoPE and the K/V slab write;
 - ``linear_residual(x, weight, residual)``: residual += x @ W.T — the output projection;
 - ``gated_linear_residual(gate_up, weight, residual)``: residual += (silu(gate) * up) @ W.T —
   the down projection.
@@ -39,6 +40,8 @@ import triton.language as tl
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import H100_NUM_SMS
 from kernels.rmsnorm import rmsnorm
+from kernels.rope_kv_write import _check as _check_rope
+from kernels.rope_kv_write import rope_kv_write
 
 GEMV_MAX_ROWS = 1  # rows the GEMV kernel takes; more go to cuBLAS (measured: it wins at 1)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -134,6 +137,55 @@ def gated_linear_residual(gate_up: torch.Tensor, weight: torch.Tensor,
     return _gemv(gate_up, weight, residual, prologue=GATED, residual=residual)
 
 
+def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                   bias: torch.Tensor | None, num_q_heads: int, num_kv_heads: int,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """A decode step's attention input: q, k, v = RMSNorm(x) @ weight.T (+ bias); q and k
+    rotated (rotate-half RoPE) at ``positions``; k and v written into the slab. Returns q.
+
+    x: [T, hidden], token t in slab row t; weight: [(H_q + 2 H_kv) * D, hidden] contiguous,
+    bias: [(H_q + 2 H_kv) * D] or None; k_cache, v_cache: [B, C, H_kv, D]; positions: int32
+    [T] (-1 = dead row: nothing written, its q unrotated); cos, sin: fp32 [max_positions,
+    D // 2]. Returns q [T, H_q, D] in x's dtype.
+
+    One token (B = 1 decode) runs as one kernel: the projection's GEMV with RoPE and the slab
+    write as its epilogue (``_qkv_rope_kernel``). More tokens run ``norm_linear`` and then
+    ``rope_kv_write``, the same two steps.
+    """
+    head_dim = k_cache.shape[-1]
+    sizes = [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    if weight.dim() != 2 or weight.shape[0] != sum(sizes) or k_cache.dim() != 4:
+        raise ValueError(f"qkv_rope_write: weight {tuple(weight.shape)} does not hold "
+                         f"{num_q_heads} + 2 x {num_kv_heads} heads of the cache's size "
+                         f"{head_dim} (k_cache {tuple(k_cache.shape)})")
+    T = x.shape[0] if x.dim() == 2 else -1
+    config = gemv_config(weight.shape[0], weight.shape[1], weight.dtype)
+    fused = (T == 1 and head_dim % 2 == 0 and (head_dim // 2) % (config.block_n // 2) == 0
+             and k_cache.stride() == v_cache.stride())
+    if not fused:
+        qkv = norm_linear(x, norm_weight, eps, weight, bias)
+        q, k, v = (t.view(T, -1, head_dim) for t in qkv.split(sizes, dim=-1))
+        rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin)
+        return q
+    _check(x, weight, weight.shape[1], "qkv_rope_write")
+    _check_vector("norm_weight", norm_weight, weight.shape[1], x.device)
+    if bias is not None:
+        _check_vector("bias", bias, weight.shape[0], x.device)
+    q = torch.empty(1, num_q_heads, head_dim, dtype=x.dtype, device=x.device)
+    # The unfused path's checks cover the RoPE operands (q, k, v views of the right shapes).
+    _check_rope(q, q.new_empty(1, num_kv_heads, head_dim), q.new_empty(1, num_kv_heads, head_dim),
+                k_cache, v_cache, positions, cos, sin, None)
+    half = head_dim // 2
+    _qkv_rope_kernel[(weight.shape[0] // config.block_n,)](
+        x, weight, bias if bias is not None else x, norm_weight, q, k_cache, v_cache, positions,
+        cos, sin, weight.shape[1], eps, k_cache.stride(1), k_cache.stride(2), num_q_heads,
+        num_kv_heads, HAS_BIAS=bias is not None, HALF=half, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, EVEN_K=weight.shape[1] % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return q
+
+
 def _gemv(x, weight, out, prologue: int, bias=None, norm_weight=None, eps: float = 0.0,
           residual=None, config: GemvConfig | None = None) -> torch.Tensor:
     M, (N, K) = x.shape[0], weight.shape
@@ -154,31 +206,19 @@ def _gemv(x, weight, out, prologue: int, bias=None, norm_weight=None, eps: float
 
 
 @triton.jit
-def _gemv_kernel(
-        x_ptr, w_ptr, bias_ptr, norm_w_ptr, residual_ptr, out_ptr,
-        N, K, stride_xm, stride_rm, stride_om, eps,
-        PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """out[m, n] = residual[m, n] + bias[n] + sum_k A[m, k] * W[n, k] for one row m and one
-    BLOCK_N slice of n; the grid is (M, cdiv(N, BLOCK_N)).
+def _row_times_weight(x_row, w_ptr, norm_w_ptr, offs_n, n_live, K, eps,
+                      PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """sum_k A[k] * W[n, k] for the BLOCK_N features ``offs_n``: fp32 [BLOCK_N].
 
-    W: [N, K] contiguous. A is the activation, from x after the prologue:
-    PLAIN: x [M, K]; NORM: x [M, K] * norm_w [K] / rms(x[m]); GATED: silu(x[:, :K]) * x[:, K:]
-    with x [M, 2K]. bias [N], residual [M, N] and out [M, N] (out may alias residual: each
-    element is read and written by the same program). fp32 accumulation.
-
-    The product accumulates elementwise into a [BLOCK_N, BLOCK_K] fp32 tile, reduced over K
-    once after the loop (no cross-thread reduction inside it).
+    W: [N, K] contiguous. A is the activation row at x_row after the prologue: PLAIN: x [K];
+    NORM: x * norm_w [K] / rms(x); GATED: silu(x[:K]) * x[K:] with x [2K]. The product
+    accumulates elementwise into a [BLOCK_N, BLOCK_K] fp32 tile, reduced over K once after the
+    loop (no cross-thread reduction inside it).
     """
-    m = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    n_live = offs_n < N
-    x_row = x_ptr + m.to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
     dtype = w_ptr.dtype.element_ty
-
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -210,6 +250,28 @@ def _gemv_kernel(
     y = tl.sum(acc, axis=1)
     if PROLOGUE == 1:
         y = y * tl.math.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
+    return y
+
+
+@triton.jit
+def _gemv_kernel(
+        x_ptr, w_ptr, bias_ptr, norm_w_ptr, residual_ptr, out_ptr,
+        N, K, stride_xm, stride_rm, stride_om, eps,
+        PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """out[m, n] = residual[m, n] + bias[n] + sum_k A[m, k] * W[n, k] for one row m and one
+    BLOCK_N slice of n; the grid is (M, cdiv(N, BLOCK_N)).
+
+    x: [M, K] ([M, 2K] for GATED), rows ``stride_xm`` apart; W: [N, K] contiguous; A as in
+    ``_row_times_weight``. bias [N], residual [M, N] and out [M, N] (out may alias residual:
+    each element is read and written by the same program). fp32 accumulation.
+    """
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_live = offs_n < N
+    y = _row_times_weight(x_ptr + m.to(tl.int64) * stride_xm, w_ptr, norm_w_ptr, offs_n, n_live,
+                          K, eps, PROLOGUE, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)
     if ADD_RESIDUAL:
@@ -217,6 +279,63 @@ def _gemv_kernel(
                      other=0.0).to(tl.float32)
     tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n, y.to(out_ptr.dtype.element_ty),
              mask=n_live)
+
+
+@triton.jit
+def _qkv_rope_kernel(
+        x_ptr, w_ptr, bias_ptr, norm_w_ptr, q_ptr, k_cache_ptr, v_cache_ptr, positions_ptr,
+        cos_ptr, sin_ptr, K, eps, stride_cache_slot, stride_cache_head, num_q_heads,
+        num_kv_heads, HAS_BIAS: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """One token's QKV projection with RMSNorm, RoPE and the K/V write: q, k, v =
+    RMSNorm(x) @ W.T (+ bias); q and k rotated (rotate-half) at positions[0]; q to q_ptr,
+    k and v into row 0 of the slab at slot positions[0] (nothing written to the slab when
+    it is -1, a dead row, and q is left unrotated).
+
+    x: [1, K]; W: [(H_q + 2 H_kv) * 2 HALF, K] contiguous (q heads, k heads, v heads);
+    q: [H_q, 2 HALF] contiguous; caches: [B, C, H_kv, 2 HALF] with the given slot and head
+    strides (k and v alike); cos, sin: fp32 [max_positions, HALF].
+    Each program takes BLOCK_N / 2 rotation pairs (features i and i + HALF of one head;
+    HALF % (BLOCK_N / 2) == 0), so both halves of a pair are in its registers.
+    """
+    PAIRS: tl.constexpr = BLOCK_N // 2
+    first = tl.program_id(0) * PAIRS  # first pair index over all heads
+    head = first // HALF
+    i = first % HALF + tl.arange(0, PAIRS)
+    lane = tl.arange(0, BLOCK_N)
+    offs_n = head * 2 * HALF + first % HALF + lane % PAIRS + (lane // PAIRS) * HALF
+    y = _row_times_weight(x_ptr, w_ptr, norm_w_ptr, offs_n, offs_n >= 0, K, eps, 1, BLOCK_N,
+                          BLOCK_K, True, EVEN_K)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n).to(tl.float32)
+    # Round as the unfused projection does before RoPE reads it.
+    dtype = w_ptr.dtype.element_ty
+    y = y.to(dtype).to(tl.float32)
+    lo, hi = tl.split(tl.permute(tl.reshape(y, [2, PAIRS]), [1, 0]))
+
+    pos = tl.load(positions_ptr)
+    live = pos >= 0
+    table = tl.maximum(pos, 0).to(tl.int64) * HALF + i
+    cos = tl.load(cos_ptr + table)
+    sin = tl.load(sin_ptr + table)
+    rot_lo = lo * cos - hi * sin
+    rot_hi = hi * cos + lo * sin
+    if head < num_q_heads:
+        q_row = q_ptr + head * 2 * HALF + i
+        tl.store(q_row, tl.where(live, rot_lo, lo).to(dtype))
+        tl.store(q_row + HALF, tl.where(live, rot_hi, hi).to(dtype))
+    else:
+        slot = pos.to(tl.int64) * stride_cache_slot
+        if head < num_q_heads + num_kv_heads:
+            k_row = k_cache_ptr + slot + (head - num_q_heads) * stride_cache_head + i
+            # Round to the model dtype before the cache's, as rope_kv_write does.
+            tl.store(k_row, rot_lo.to(dtype).to(k_cache_ptr.dtype.element_ty), mask=live & (i >= 0))
+            tl.store(k_row + HALF, rot_hi.to(dtype).to(k_cache_ptr.dtype.element_ty),
+                     mask=live & (i >= 0))
+        else:
+            v_row = v_cache_ptr + slot + (head - num_q_heads - num_kv_heads) * stride_cache_head + i
+            tl.store(v_row, lo.to(v_cache_ptr.dtype.element_ty), mask=live & (i >= 0))
+            tl.store(v_row + HALF, hi.to(v_cache_ptr.dtype.element_ty), mask=live & (i >= 0))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, k: int, name: str) -> tuple[int, int]:

@@ -125,6 +125,20 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     return torch.nn.functional.linear(rmsnorm(x, norm_weight, eps), weight, bias)
 
 
+def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                   bias: torch.Tensor | None, num_q_heads: int, num_kv_heads: int,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``norm_linear`` to q, k, v [T, heads, D], then ``rope_kv_write`` (token t in slab row t);
+    returns the rotated q [T, H_q, D]."""
+    D = k_cache.shape[-1]
+    qkv = norm_linear(x, norm_weight, eps, weight, bias)
+    q, k, v = (t.reshape(x.shape[0], -1, D) for t in
+               qkv.split([num_q_heads * D, num_kv_heads * D, num_kv_heads * D], dim=-1))
+    rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin)
+    return q
+
+
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``residual += x @ weight.T`` in place (one rounding); returns residual [M, N]."""
     return residual.addmm_(x, weight.t())

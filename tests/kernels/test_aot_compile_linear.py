@@ -77,3 +77,36 @@ def test_every_projection_configuration_compiles_without_spills():
     spilling = [r for r in reports if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, f"register spills: {spilling}"
     assert all(r["shared_bytes"] <= 227 * 1024 for r in reports)
+
+
+def rope_compile_jobs() -> list[CompileJob]:
+    """``_qkv_rope_kernel`` for each model's QKV projection and dtype (caches in the model dtype)."""
+    jobs = {}
+    for _name, hidden, inter, hq, hkv, d, bias in MODELS:
+        for dtype_name, dtype in DTYPES.items():
+            n = (hq + 2 * hkv) * d
+            config = linear.gemv_config(n, hidden, dtype)
+            meta = dict(HAS_BIAS=bias, HALF=d // 2, BLOCK_N=config.block_n,
+                        BLOCK_K=config.block_k, EVEN_K=hidden % config.block_k == 0)
+            t = "*" + dtype_name
+            signature = {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "norm_w_ptr": t, "q_ptr": t,
+                         "k_cache_ptr": t, "v_cache_ptr": t, "positions_ptr": "*i32",
+                         "cos_ptr": "*fp32", "sin_ptr": "*fp32", "K": "i32", "eps": "fp32",
+                         "stride_cache_slot": "i32", "stride_cache_head": "i32",
+                         "num_q_heads": "i32", "num_kv_heads": "i32",
+                         **{name: "constexpr" for name in meta}}
+            aligned = [name for name in signature if name.endswith("_ptr")]
+            aligned += ["K", "stride_cache_slot", "stride_cache_head"]
+            key = json.dumps([dtype_name, meta], sort_keys=True)
+            jobs[key] = CompileJob.of(linear._qkv_rope_kernel, signature, meta,
+                                      config.num_warps, config.num_stages, aligned)
+    return list(jobs.values())
+
+
+@pytest.mark.slow
+def test_qkv_rope_kernel_compiles_without_spills():
+    reports = compile_many(rope_compile_jobs())
+    for report in reports:
+        print(f"\n_qkv_rope_kernel regs {report.registers} smem {report.shared_bytes} "
+              f"spills {report.spill_stores + report.spill_loads}")
+    assert reports and not [r for r in reports if r.spill_stores or r.spill_loads]

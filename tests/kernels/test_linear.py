@@ -175,3 +175,94 @@ def test_gpu_bf16_model_projections(M, N, K):
     residual = torch.randn(M, N, dtype=bf16, device=dev)
     expected = reference.linear_residual(x[:, :K].float(), w.float(), residual.float())
     assert rel_l2(linear_residual(x[:, :K], w, residual), expected) < 1e-2
+
+
+def rope_case(dtype, T=1, hidden=96, heads=(4, 2), D=32, with_bias=True, cache_dtype=None,
+              positions=None):
+    """Inputs of qkv_rope_write: x [T, hidden], weights, a [T + 1, 12, H_kv, D] slab filled with
+    random values (so any stray write shows), positions and RoPE tables."""
+    from kernels.rope_table import rope_cos_sin
+
+    H_q, H_kv = heads
+    N = (H_q + 2 * H_kv) * D
+    cos, sin = rope_cos_sin(D, 64, 10000.0, None)
+    slab = torch.randn(T + 1, 12, H_kv, D).to(cache_dtype or dtype)
+    return dict(x=torch.randn(T, hidden, dtype=dtype) * 2, norm_weight=torch.randn(hidden, dtype=dtype),
+                eps=EPS, weight=weights(N, hidden, dtype),
+                bias=torch.randn(N, dtype=dtype) if with_bias else None,
+                num_q_heads=H_q, num_kv_heads=H_kv, k_cache=slab.clone(), v_cache=slab.clone(),
+                positions=torch.tensor(positions or [7] * T, dtype=torch.int32), cos=cos, sin=sin)
+
+
+def run_both(case: dict):
+    """(ours, reference): each returns (q, k_cache, v_cache) on its own copy of the slab."""
+    copy = {**case, "k_cache": case["k_cache"].clone(), "v_cache": case["v_cache"].clone()}
+    ours = linear.qkv_rope_write(**case)
+    expected = reference.qkv_rope_write(**copy)
+    return (ours, case["k_cache"], case["v_cache"]), (expected, copy["k_cache"], copy["v_cache"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,D,with_bias", [((4, 2), 32, True), ((7, 1), 64, False),
+                                               ((2, 2), 16, True)])
+def test_qkv_rope_write_one_token_matches_reference(dtype, heads, D, with_bias):
+    """One token: the fused kernel (projection + RoPE + slab write) against the composition;
+    the whole slab is compared, so a write to any other slot or row fails."""
+    ours, expected = run_both(rope_case(dtype, heads=heads, D=D, with_bias=with_bias))
+    assert ours[0].shape == (1, heads[0], D)
+    assert rel_l2(ours[0], expected[0]) < TOLERANCE[dtype]
+    for actual, wanted in zip(ours[1:], expected[1:]):
+        assert_slot_written(actual, wanted, row=0, slot=7, tolerance=TOLERANCE[dtype])
+
+
+def assert_slot_written(actual: torch.Tensor, wanted: torch.Tensor, row: int, slot: int,
+                        tolerance: float) -> None:
+    """The slab slot (row, slot) matches within tolerance; every other slot is untouched."""
+    assert rel_l2(actual[row, slot], wanted[row, slot].to(actual.dtype)) < tolerance
+    others = torch.ones(actual.shape[:2], dtype=torch.bool)
+    others[row, slot] = False
+    assert torch.equal(actual[others], wanted[others].to(actual.dtype))
+
+
+def test_qkv_rope_write_dead_row_writes_nothing():
+    case = rope_case(torch.float32, positions=[-1])
+    before_k, before_v = case["k_cache"].clone(), case["v_cache"].clone()
+    ours, expected = run_both(case)
+    assert torch.equal(ours[1], before_k) and torch.equal(ours[2], before_v)
+    assert rel_l2(ours[0], expected[0]) < TOLERANCE[torch.float32]  # q unrotated, as the reference
+
+
+def test_qkv_rope_write_fp32_cache_and_several_tokens():
+    """An fp16 model over an fp32 slab (the kernel casts on store), and the T > 1 composition."""
+    ours, expected = run_both(rope_case(torch.float16, cache_dtype=torch.float32))
+    assert all(rel_l2(a, b) < TOLERANCE[torch.float16] for a, b in zip(ours, expected))
+    ours, expected = run_both(rope_case(torch.float32, T=3, positions=[5, -1, 11]))
+    assert all(rel_l2(a, b) < TOLERANCE[torch.float32] for a, b in zip(ours, expected))
+
+
+def test_qkv_rope_write_takes_the_kernel_for_one_token(monkeypatch):
+    calls = []
+    original = linear._qkv_rope_kernel
+    monkeypatch.setattr(linear, "_qkv_rope_kernel",
+                        type("Spy", (), {"__getitem__": lambda self, grid: calls.append(grid)
+                                         or original[grid]})())
+    run_both(rope_case(torch.float32))
+    assert len(calls) == 1
+    run_both(rope_case(torch.float32, T=2))
+    assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden,D", [(2048, 64), (4096, 128)])
+def test_gpu_qkv_rope_write_model_shapes(hidden, D):
+    """The compiled fused kernel on the Llama-3.2-1B / 3.1-8B QKV shapes in bf16, against the
+    composition in fp32; the slab is compared whole."""
+    case = rope_case(torch.bfloat16, hidden=hidden, heads=(32, 8), D=D, with_bias=False)
+    case = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    fp32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in case.items()}
+    expected = reference.qkv_rope_write(**fp32)
+    q = linear.qkv_rope_write(**case)
+    assert rel_l2(q, expected) < 1e-2
+    for name in ("k_cache", "v_cache"):
+        assert_slot_written(case[name].cpu(), fp32[name].cpu(), row=0, slot=7, tolerance=1e-2)
