@@ -26,6 +26,8 @@ from bench.common import RESULTS_DIR, write_json
 
 # Kernel name pattern -> step part (first match wins). cuBLAS/CUTLASS names vary by version.
 PARTS = [
+    # The B = 1 QKV kernel is a GEMV with RoPE and the K/V write as its epilogue: a projection.
+    ("matmul", r"_qkv_rope_kernel"),
     ("attention", r"_decode_split_kernel"),
     ("merge", r"_merge_splits_kernel"),
     ("rope_kv_write", r"rope"),
