@@ -3,7 +3,7 @@
 Both backends expose the same functions with the same signatures (``kernels.reference``
 documents them): ``rmsnorm``, ``fused_add_rmsnorm``, ``rope_kv_write``, ``decode_attention``,
 ``prefill_attention``, ``silu_and_mul``, ``norm_linear``, ``qkv_rope_write``,
-``linear_residual``, ``gated_linear_residual`` and ``argmax``.
+``linear_residual``, ``gated_linear_residual``, ``mlp_residual`` and ``argmax``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ _TRITON_MODULES = {
     "qkv_rope_write": "kernels.linear",
     "linear_residual": "kernels.linear",
     "gated_linear_residual": "kernels.linear",
+    "mlp_residual": "kernels.linear",
     "argmax": "kernels.argmax",
 }
 

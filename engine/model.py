@@ -2,12 +2,17 @@
 
 Weights are stored fused for fewer, larger matrix products: one QKV projection
 ``[(H_q + 2 H_kv) * D, hidden]`` (plus its bias for Qwen2) and one gate/up projection
-``[2 I, hidden]``. Every op but the embedding and the lm_head goes through ``ops``
-(``engine.backend.get_ops``), so the same code runs the plain-torch reference ops or our
-Triton kernels. The layer is written as its four projections with their neighbours attached
-(``norm_linear``, ``linear_residual``, ``gated_linear_residual``): the residual stream is
-updated in place by the projections that end each half of the layer, and the norms are taken
-by the projections that start them; the ops decide what to fuse.
+``[2 I, hidden]``. Once loaded, each layer's two RMSNorm weights are folded into the columns of
+the projection that follows them (``fold_norm_weights``): RMSNorm(x) * g @ W.T equals
+RMSNorm(x) @ (W * g).T, and a norm without a weight is a per-row scalar 1 / rms(x) that the ops
+may apply after the product instead of before it — which lets a decode step of many rows skip
+the norm kernels (``kernels.linear``).
+
+Every op but the embedding and the lm_head goes through ``ops`` (``engine.backend.get_ops``),
+so the same code runs the plain-torch reference ops or our Triton kernels. The layer is written
+as its projections with their neighbours attached (``qkv_rope_write``, ``linear_residual``,
+``mlp_residual``): the residual stream is updated in place by the ops that end each half of the
+layer, and the norms are taken by the ops that start them; the ops decide what to fuse.
 
 Two entry points, both writing K/V into a ``KVSlab`` ``[B, C, H_kv, D]`` per layer:
 ``prefill`` runs packed prompts; ``decode`` runs one new token per slab row and is CUDA-graph
@@ -37,7 +42,9 @@ def _weight(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramet
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + SwiGLU MLP. Parameter names are what ``engine.weights`` maps to."""
+    """Pre-norm attention + SwiGLU MLP. Parameter names are what ``engine.weights`` maps to;
+    ``input_norm`` and ``post_attention_norm`` are None once folded
+    (``CausalLM.fold_norm_weights``)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -81,6 +88,22 @@ class CausalLM(nn.Module):
                                 config.rope_scaling, device=device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def fold_norm_weights(self) -> None:
+        """Multiply each layer's ``input_norm`` into the columns of ``qkv_proj`` and its
+        ``post_attention_norm`` into those of ``gate_up_proj`` (in fp32, rounded once to the
+        weights' dtype), then set both norms to None: the ops then normalise without a weight.
+        Qwen3's per-head q/k norms and the final norm (the lm_head may be the tied embedding)
+        stay as they are. Idempotent."""
+        for layer in self.layers:
+            for norm_name, projection in (("input_norm", layer.qkv_proj),
+                                          ("post_attention_norm", layer.gate_up_proj)):
+                norm_weight = getattr(layer, norm_name)
+                if norm_weight is None:
+                    continue
+                projection.copy_(projection.float() * norm_weight.float())
+                setattr(layer, norm_name, None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -167,8 +190,8 @@ class CausalLM(nn.Module):
         residual = F.embedding(input_ids, self.embed_tokens)
         for i, layer in enumerate(self.layers):
             attention(i, layer, residual)
-            gate_up = ops.norm_linear(residual, layer.post_attention_norm, eps, layer.gate_up_proj)
-            ops.gated_linear_residual(gate_up, layer.down_proj, residual)
+            ops.mlp_residual(residual, layer.post_attention_norm, eps, layer.gate_up_proj,
+                             layer.down_proj)
         return residual
 
     def _qkv(self, layer: DecoderLayer, residual: torch.Tensor):
@@ -193,7 +216,7 @@ class CausalLM(nn.Module):
 
 def load_model(model: str, dtype: torch.dtype, device: torch.device | str,
                backend: str = "reference", seed: int = 0,
-               max_model_len: int | None = None) -> CausalLM:
+               max_model_len: int | None = None, fold_norms: bool = True) -> CausalLM:
     """Build a ``CausalLM`` from a local Hugging Face folder or a ``dummy:NAME`` model.
 
     model: a folder with ``config.json`` and ``*.safetensors``, or ``dummy:tiny``,
@@ -201,6 +224,8 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device | str,
     of the real shape, created on ``device``). dtype: bf16, fp16 or fp32.
     max_model_len: the longest sequence to be served (default: max_position_embeddings);
     a model whose sliding window is shorter is refused.
+    fold_norms: fold the layers' RMSNorm weights into their projections
+    (``CausalLM.fold_norm_weights``); off keeps the checkpoint's tensors as they are.
     Raises ``ModelLoadError`` with a message naming the file or tensor at fault.
     """
     if dtype not in SUPPORTED_DTYPES:
@@ -218,5 +243,7 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device | str,
         dummy.init_random_weights(lm, seed)
     else:
         weights.load_safetensors(lm, model)
+    if fold_norms:
+        lm.fold_norm_weights()
     return lm.eval()
 

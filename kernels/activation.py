@@ -1,4 +1,11 @@
-"""SwiGLU's elementwise half: ``silu(gate) * up`` straight from the fused gate/up projection."""
+"""SwiGLU's elementwise half: ``silu(gate) * up`` straight from the fused gate/up projection.
+
+Optionally it also finishes a deferred RMSNorm: when the gate/up product was taken of the
+*unnormalised* rows x (the norm weight folded into the projection's columns, see
+``engine.model``), gate and up are first scaled by the row's 1 / rms(x). The scale is a per-row
+scalar, so it commutes with the product; applying it here saves the norm kernel's launch and
+its pass over x.
+"""
 
 from __future__ import annotations
 
@@ -8,45 +15,81 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.decode_attention import H100_NUM_SMS
+from kernels.rmsnorm import check_norm_input
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x_row, stride_out_row, inter, BLOCK: tl.constexpr):
-    """Grid (T, cdiv(inter, BLOCK)). x: [T, 2 * inter] (gate then up), last dim contiguous;
-    out: [T, inter] in x's dtype, last dim contiguous."""
+def _silu_and_mul_kernel(x_ptr, out_ptr, norm_ptr, stride_x_row, stride_out_row, stride_norm_row,
+                         inter, norm_hidden, eps, BLOCK: tl.constexpr, NORM_BLOCK: tl.constexpr,
+                         SCALE_BY_RMS: tl.constexpr):
+    """Grid (T, S): program (t, s) takes column blocks s, s + S, s + 2S, ... of row t.
+
+    x: [T, 2 * inter] (gate then up), last dim contiguous; out: [T, inter] in x's dtype, last
+    dim contiguous. With SCALE_BY_RMS, norm: [T, norm_hidden] (last dim contiguous) and gate and
+    up are scaled by 1 / sqrt(mean(norm[t]^2) + eps), rounded to x's dtype, before the SiLU.
+    """
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < inter
-    gate_ptrs = x_ptr + row * stride_x_row + cols
-    gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
-    silu = gate / (1.0 + tl.exp(-gate))
-    tl.store(out_ptr + row * stride_out_row + cols, (silu * up).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    if SCALE_BY_RMS:
+        offs = tl.arange(0, NORM_BLOCK)
+        sum_sq = tl.zeros([NORM_BLOCK], dtype=tl.float32)
+        for h0 in range(0, norm_hidden, NORM_BLOCK):
+            h = h0 + offs
+            xn = tl.load(norm_ptr + row * stride_norm_row + h, mask=h < norm_hidden,
+                         other=0.0).to(tl.float32)
+            sum_sq += xn * xn
+        scale = tl.math.rsqrt(tl.sum(sum_sq, axis=0) / norm_hidden + eps)
+    dtype = x_ptr.dtype.element_ty
+    for c0 in range(tl.program_id(1) * BLOCK, inter, tl.num_programs(1) * BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < inter
+        gate_ptrs = x_ptr + row * stride_x_row + cols
+        gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gate_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
+        if SCALE_BY_RMS:
+            # Rounded as the normalised projection's output would be.
+            gate = (gate * scale).to(dtype).to(tl.float32)
+            up = (up * scale).to(dtype).to(tl.float32)
+        silu = gate / (1.0 + tl.exp(-gate))
+        tl.store(out_ptr + row * stride_out_row + cols, (silu * up).to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @dataclass(frozen=True)
 class SiluLaunch:
-    """Compile-time parameters of one ``_silu_and_mul_kernel`` launch."""
+    """Compile-time parameters and column split of one ``_silu_and_mul_kernel`` launch."""
 
     constexprs: dict
     num_warps: int
+    programs_per_row: int
 
 
-def silu_launch(num_tokens: int) -> SiluLaunch:
-    """Block size and warps: 8 elements per thread (16-byte half-precision loads); few tokens
-    get smaller blocks so a decode step of one token still spreads over many SMs."""
-    if num_tokens >= 16:
-        return SiluLaunch(dict(BLOCK=1024), num_warps=4)
-    return SiluLaunch(dict(BLOCK=256), num_warps=1)
+def silu_launch(num_tokens: int, inter: int, scale_by_rms: bool = False,
+                num_sms: int = H100_NUM_SMS) -> SiluLaunch:
+    """Block size, warps and programs per row: 8 elements per thread (16-byte half-precision
+    loads); few tokens get smaller blocks so a decode step of one token still spreads over many
+    SMs. A program that scales by 1 / rms reads its row of x first, so there a row is cut into
+    only as many programs as fill the GPU twice (each then loops over several blocks)."""
+    constexprs = dict(BLOCK=1024 if num_tokens >= 16 else 256, NORM_BLOCK=1024,
+                      SCALE_BY_RMS=scale_by_rms)
+    blocks = triton.cdiv(inter, constexprs["BLOCK"])
+    programs = blocks
+    if scale_by_rms:
+        programs = max(1, min(blocks, triton.cdiv(2 * num_sms, max(1, num_tokens))))
+    return SiluLaunch(constexprs, num_warps=4 if num_tokens >= 16 else 1,
+                      programs_per_row=programs)
 
 
-def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None,
+                 norm_input: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """silu(gate) * up with fp32 arithmetic.
 
     x: [T, 2 * I] (gate then up; fp16 / bf16 / fp32), last dim contiguous.
     out: optional [T, I] in x's dtype with a contiguous last dim.
+    norm_input: optional [T, H] with a contiguous last dim: gate and up are then first scaled by
+    1 / sqrt(mean(norm_input[t]^2) + eps) (x is the projection of unnormalised rows).
     Returns [T, I] in x's dtype.
     """
     if x.dim() != 2 or x.shape[1] % 2:
@@ -62,10 +105,13 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
           or out.device != x.device):
         raise ValueError(f"silu_and_mul: out must be {x.dtype} [{T}, {inter}] on {x.device} with a "
                          f"contiguous last dim, got {out.dtype} {tuple(out.shape)}")
+    if norm_input is not None:
+        check_norm_input("silu_and_mul", norm_input, T, x.device)
     if T == 0 or inter == 0:
         return out
-    launch = silu_launch(T)
-    grid = (T, triton.cdiv(inter, launch.constexprs["BLOCK"]))
-    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), inter, **launch.constexprs,
-                               num_warps=launch.num_warps)
+    launch = silu_launch(T, inter, norm_input is not None)
+    norm = x if norm_input is None else norm_input  # never read without SCALE_BY_RMS
+    _silu_and_mul_kernel[(T, launch.programs_per_row)](
+        x, out, norm, x.stride(0), out.stride(0), norm.stride(0), inter, norm.shape[1], eps,
+        **launch.constexprs, num_warps=launch.num_warps)
     return out

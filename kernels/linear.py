@@ -1,12 +1,17 @@
 """The decoder layer's linear layers with their neighbours fused in.
 
-Four ops cover every projection of a layer (``kernels.reference`` has their plain-torch twins):
+These ops cover every projection of a layer (``kernels.reference`` has their plain-torch twins):
 
 - ``norm_linear(x, norm_weight, eps, weight, bias)``: RMSNorm(x) @ W.T (+ bias) — QKV, gate/up;
 - ``qkv_rope_write(...)``: the decode step's QKV projection with RoPE and the K/V slab write;
 - ``linear_residual(x, weight, residual)``: residual += x @ W.T — the output projection;
 - ``gated_linear_residual(gate_up, weight, residual)``: residual += (silu(gate) * up) @ W.T —
-  the down projection.
+  the down projection;
+- ``mlp_residual(residual, norm_weight, eps, gate_up_weight, down_weight)``: the whole SwiGLU
+  block, residual += MLP(RMSNorm(residual)).
+
+``norm_weight`` may be None: the model folds each RMSNorm weight into the columns of the
+projection that follows it (``engine.model``), RMSNorm(x) * g @ W.T = RMSNorm(x) @ (W * g).T.
 
 A decode step of one or a few rows (M <= ``GEMV_MAX_ROWS``) is a stream over the weight
 matrix: each weight byte is read once and the activations are a few KB. There one Triton kernel
@@ -19,9 +24,13 @@ per-row scalar commutes with the product). A row has no tile of 16 for the tenso
 fill; FMAs keep up with the weight stream (2 FLOP per 2 bytes), so the kernel's only job is
 to keep enough loads in flight.
 
-Larger M goes to cuBLAS, which is the better GEMM there: our RMSNorm / SiLU-and-mul kernels
-first, and the residual add as the GEMM's own accumulate (``addmm_``, beta = 1), which costs
-no extra kernel or pass.
+Larger M goes to cuBLAS, which is the better GEMM there, with the residual add as the GEMM's
+own accumulate (``addmm_``, beta = 1), which costs no extra kernel or pass. The RMSNorm before
+it is deferred when its weight is folded: cuBLAS multiplies the raw rows x, and the kernel that
+reads the product next — RoPE + K/V write after QKV, SiLU-and-mul after gate/up — scales each
+row by 1 / rms(x) (a per-row scalar commutes with the product). That removes both norm kernels
+of a layer. Not for fp16, whose unnormalised products can overflow, nor with a QKV bias, which
+must come after the scale: those run our RMSNorm kernel first.
 
 Numerics: fp32 accumulation; the normalised or activated operand is rounded to the weight
 dtype before the product (as the unfused ops round their outputs); the residual sum is
@@ -77,25 +86,29 @@ def gemv_config(n: int, k: int, dtype: torch.dtype) -> GemvConfig:
 
 
 def gemv_launch_meta(config: GemvConfig, n: int, k: int, prologue: int, has_bias: bool,
-                     add_residual: bool) -> dict:
+                     add_residual: bool, has_norm_weight: bool = False) -> dict:
     """Constexprs and launch options of one launch (what the AOT test compiles)."""
-    return dict(PROLOGUE=prologue, HAS_BIAS=has_bias, ADD_RESIDUAL=add_residual,
+    return dict(PROLOGUE=prologue, HAS_NORM_WEIGHT=has_norm_weight, HAS_BIAS=has_bias,
+                ADD_RESIDUAL=add_residual,
                 BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                weight: torch.Tensor, bias: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm(x) * norm_weight @ weight.T (+ bias).
 
-    x: [M, K] (fp16 / bf16 / fp32, last dim contiguous); norm_weight: [K] contiguous float;
+    x: [M, K] (fp16 / bf16 / fp32, last dim contiguous); norm_weight: [K] contiguous float, or
+    None (no norm weight: it was folded into ``weight``'s columns);
     weight: [N, K] contiguous, x's dtype; bias: [N] contiguous or None; out: optional [M, N]
     in x's dtype with a contiguous last dim. Returns [M, N] in x's dtype.
     """
     M, K = _check(x, weight, x.shape[-1] if x.dim() == 2 else -1, "norm_linear")
     N = weight.shape[0]
-    _check_vector("norm_weight", norm_weight, K, x.device)
+    if norm_weight is not None:
+        _check_vector("norm_weight", norm_weight, K, x.device)
     if bias is not None:
         _check_vector("bias", bias, N, x.device)
     if out is not None and (out.shape != (M, N) or out.dtype != x.dtype or out.stride(-1) != 1):
@@ -137,10 +150,10 @@ def gated_linear_residual(gate_up: torch.Tensor, weight: torch.Tensor,
     return _gemv(gate_up, weight, residual, prologue=GATED, residual=residual)
 
 
-def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                   bias: torch.Tensor | None, num_q_heads: int, num_kv_heads: int,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                   weight: torch.Tensor, bias: torch.Tensor | None, num_q_heads: int,
+                   num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """A decode step's attention input: q, k, v = RMSNorm(x) @ weight.T (+ bias); q and k
     rotated (rotate-half RoPE) at ``positions``; k and v written into the slab. Returns q.
 
@@ -164,12 +177,20 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weigh
     fused = (T == 1 and head_dim % 2 == 0 and (head_dim // 2) % (config.block_n // 2) == 0
              and k_cache.stride() == v_cache.stride())
     if not fused:
-        qkv = norm_linear(x, norm_weight, eps, weight, bias)
+        if _defers_norm(x, norm_weight, bias):
+            _check(x, weight, weight.shape[1], "qkv_rope_write")
+            qkv = torch.mm(x, weight.t())  # unnormalised: rope_kv_write applies 1 / rms(x)
+            norm_input = x
+        else:
+            qkv = norm_linear(x, norm_weight, eps, weight, bias)
+            norm_input = None
         q, k, v = (t.view(T, -1, head_dim) for t in qkv.split(sizes, dim=-1))
-        rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin)
+        rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin, norm_input=norm_input,
+                      eps=eps)
         return q
     _check(x, weight, weight.shape[1], "qkv_rope_write")
-    _check_vector("norm_weight", norm_weight, weight.shape[1], x.device)
+    if norm_weight is not None:
+        _check_vector("norm_weight", norm_weight, weight.shape[1], x.device)
     if bias is not None:
         _check_vector("bias", bias, weight.shape[0], x.device)
     q = torch.empty(1, num_q_heads, head_dim, dtype=x.dtype, device=x.device)
@@ -178,12 +199,50 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weigh
                 k_cache, v_cache, positions, cos, sin, None)
     half = head_dim // 2
     _qkv_rope_kernel[(weight.shape[0] // config.block_n,)](
-        x, weight, bias if bias is not None else x, norm_weight, q, k_cache, v_cache, positions,
+        x, weight, bias if bias is not None else x,
+        norm_weight if norm_weight is not None else x, q, k_cache, v_cache, positions,
         cos, sin, weight.shape[1], eps, k_cache.stride(1), k_cache.stride(2), num_q_heads,
-        num_kv_heads, HAS_BIAS=bias is not None, HALF=half, BLOCK_N=config.block_n,
+        num_kv_heads, HAS_NORM_WEIGHT=norm_weight is not None, HAS_BIAS=bias is not None,
+        HALF=half, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, EVEN_K=weight.shape[1] % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return q
+
+
+def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                 gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU MLP block in place: residual += (silu(gate) * up) @ down_weight.T with
+    gate, up = RMSNorm(residual) (* norm_weight) @ gate_up_weight.T. Returns residual.
+
+    residual: [M, H] with a contiguous last dim; norm_weight: [H] or None (folded);
+    gate_up_weight: [2 I, H] (gate rows then up rows) and down_weight: [H, I], contiguous,
+    residual's dtype.
+
+    One row: two GEMV launches (norm on load; SiLU-and-mul on load, residual add on store).
+    More rows with a folded norm weight: cuBLAS on the raw rows, our SiLU-and-mul kernel with
+    the deferred 1 / rms, cuBLAS accumulating into the residual — three launches.
+    """
+    _check(residual, gate_up_weight, residual.shape[-1] if residual.dim() == 2 else -1,
+           "mlp_residual")
+    if gate_up_weight.shape[0] % 2 or down_weight.shape != (residual.shape[1],
+                                                            gate_up_weight.shape[0] // 2):
+        raise ValueError(f"mlp_residual: gate_up_weight {tuple(gate_up_weight.shape)} and "
+                         f"down_weight {tuple(down_weight.shape)} do not fit a hidden size of "
+                         f"{residual.shape[1]} (expected [2 I, H] and [H, I])")
+    if not _defers_norm(residual, norm_weight, None):
+        gate_up = norm_linear(residual, norm_weight, eps, gate_up_weight)
+        return gated_linear_residual(gate_up, down_weight, residual)
+    _check(residual, down_weight, down_weight.shape[1], "mlp_residual")  # dtype, contiguity
+    gate_up = torch.mm(residual, gate_up_weight.t())  # unnormalised: the 1 / rms comes next
+    return residual.addmm_(silu_and_mul(gate_up, norm_input=residual, eps=eps), down_weight.t())
+
+
+def _defers_norm(x: torch.Tensor, norm_weight: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> bool:
+    """Whether a normalised projection of x runs as cuBLAS on the raw rows with the 1 / rms
+    applied by the next kernel (see the module docstring)."""
+    return (x.dim() == 2 and x.shape[0] > GEMV_MAX_ROWS and norm_weight is None and bias is None
+            and x.dtype != torch.float16)
 
 
 def _gemv(x, weight, out, prologue: int, bias=None, norm_weight=None, eps: float = 0.0,
@@ -201,18 +260,21 @@ def _gemv(x, weight, out, prologue: int, bias=None, norm_weight=None, eps: float
         norm_weight if norm_weight is not None else x,
         residual if residual is not None else x, out,
         N, K, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), eps,
-        **gemv_launch_meta(config, N, K, prologue, bias is not None, residual is not None))
+        **gemv_launch_meta(config, N, K, prologue, bias is not None, residual is not None,
+                           norm_weight is not None))
     return out
 
 
 @triton.jit
 def _row_times_weight(x_row, w_ptr, norm_w_ptr, offs_n, n_live, K, eps,
-                      PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PROLOGUE: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
     """sum_k A[k] * W[n, k] for the BLOCK_N features ``offs_n``: fp32 [BLOCK_N].
 
     W: [N, K] contiguous. A is the activation row at x_row after the prologue: PLAIN: x [K];
-    NORM: x * norm_w [K] / rms(x); GATED: silu(x[:K]) * x[K:] with x [2K]. The product
+    NORM: x * norm_w [K] / rms(x) (no norm_w without HAS_NORM_WEIGHT); GATED: silu(x[:K]) *
+    x[K:] with x [2K]. The product
     accumulates elementwise into a [BLOCK_N, BLOCK_K] fp32 tile, reduced over K once after the
     loop (no cross-thread reduction inside it).
     """
@@ -240,7 +302,9 @@ def _row_times_weight(x_row, w_ptr, norm_w_ptr, offs_n, n_live, K, eps,
         elif PROLOGUE == 1:  # NORM
             xf = tl.load(x_row + k, mask=k_live, other=0.0).to(tl.float32)
             sum_sq += xf * xf
-            a = xf * tl.load(norm_w_ptr + k, mask=k_live, other=0.0).to(tl.float32)
+            a = xf
+            if HAS_NORM_WEIGHT:
+                a *= tl.load(norm_w_ptr + k, mask=k_live, other=0.0).to(tl.float32)
         else:
             a = tl.load(x_row + k, mask=k_live, other=0.0).to(tl.float32)
         # The activation is rounded to the weight dtype, as the unfused ops round their outputs.
@@ -257,8 +321,8 @@ def _row_times_weight(x_row, w_ptr, norm_w_ptr, offs_n, n_live, K, eps,
 def _gemv_kernel(
         x_ptr, w_ptr, bias_ptr, norm_w_ptr, residual_ptr, out_ptr,
         N, K, stride_xm, stride_rm, stride_om, eps,
-        PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PROLOGUE: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ADD_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
     """out[m, n] = residual[m, n] + bias[n] + sum_k A[m, k] * W[n, k] for one row m and one
     BLOCK_N slice of n; the grid is (M, cdiv(N, BLOCK_N)).
@@ -271,7 +335,7 @@ def _gemv_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_live = offs_n < N
     y = _row_times_weight(x_ptr + m.to(tl.int64) * stride_xm, w_ptr, norm_w_ptr, offs_n, n_live,
-                          K, eps, PROLOGUE, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K)
+                          K, eps, PROLOGUE, HAS_NORM_WEIGHT, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)
     if ADD_RESIDUAL:
@@ -285,10 +349,10 @@ def _gemv_kernel(
 def _qkv_rope_kernel(
         x_ptr, w_ptr, bias_ptr, norm_w_ptr, q_ptr, k_cache_ptr, v_cache_ptr, positions_ptr,
         cos_ptr, sin_ptr, K, eps, stride_cache_slot, stride_cache_head, num_q_heads,
-        num_kv_heads, HAS_BIAS: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        num_kv_heads, HAS_NORM_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """One token's QKV projection with RMSNorm, RoPE and the K/V write: q, k, v =
-    RMSNorm(x) @ W.T (+ bias); q and k rotated (rotate-half) at positions[0]; q to q_ptr,
+    RMSNorm(x) (* norm_w) @ W.T (+ bias); q and k rotated (rotate-half) at positions[0]; q to q_ptr,
     k and v into row 0 of the slab at slot positions[0] (nothing written to the slab when
     it is -1, a dead row, and q is left unrotated).
 
@@ -304,8 +368,8 @@ def _qkv_rope_kernel(
     i = first % HALF + tl.arange(0, PAIRS)
     lane = tl.arange(0, BLOCK_N)
     offs_n = head * 2 * HALF + first % HALF + lane % PAIRS + (lane // PAIRS) * HALF
-    y = _row_times_weight(x_ptr, w_ptr, norm_w_ptr, offs_n, offs_n >= 0, K, eps, 1, BLOCK_N,
-                          BLOCK_K, True, EVEN_K)
+    y = _row_times_weight(x_ptr, w_ptr, norm_w_ptr, offs_n, offs_n >= 0, K, eps, 1,
+                          HAS_NORM_WEIGHT, BLOCK_N, BLOCK_K, True, EVEN_K)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n).to(tl.float32)
     # Round as the unfused projection does before RoPE reads it.

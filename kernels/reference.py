@@ -40,7 +40,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+                  cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None,
+                  norm_input: torch.Tensor | None = None, eps: float = 0.0) -> None:
     """Rotate q and k of new tokens (rotate-half RoPE) and write k, v into the slab.
 
     q: [T, H_q, D], k, v: [T, H_kv, D] — one new token each; q is rotated in place.
@@ -48,8 +49,14 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     and its RoPE position (-1 = dead token: nothing written, its q left as is).
     cos, sin: fp32 [max_positions, D // 2] (``kernels.rope_table.rope_cos_sin``).
     rows: int32 [T], the slab row of each token; None means token t goes to row t (decode).
+    norm_input: optional [T, H], the unnormalised rows q, k, v were projected from: q, k, v are
+    first scaled by 1 / rms(norm_input[t]) (``_scale_by_rms``), q in place on every token.
     """
     T = q.shape[0]
+    q_in = q
+    if norm_input is not None:
+        q, k, v = (_scale_by_rms(t, norm_input, eps) for t in (q, k, v))
+        q_in.copy_(q)  # a dead token's q is scaled but not rotated
     rows = torch.arange(T, device=q.device) if rows is None else rows.long()
     pos = positions.long()
     live = pos >= 0
@@ -61,7 +68,7 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
     q_rot = rotate(q)
-    q[live] = q_rot[live]
+    q_in[live] = q_rot[live]
     k_rot = rotate(k)
     k_cache[rows[live], pos[live]] = k_rot[live].to(k_cache.dtype)
     v_cache[rows[live], pos[live]] = v[live].to(v_cache.dtype)
@@ -96,39 +103,54 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [T, H]; weight: [H]. Returns x / rms(x) * weight in x's dtype."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x: [T, H]; weight: [H] or None. Returns x / rms(x) * weight in x's dtype."""
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (normed * weight.float()).to(x.dtype)
+    return (normed if weight is None else normed * weight.float()).to(x.dtype)
 
 
-def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+def _scale_by_rms(y: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """y [T, ...] (a projection of the unnormalised rows x [T, H]) times 1 / rms(x[t]), in
+    y's dtype: a deferred RMSNorm whose weight is folded into the projection."""
+    xf = x.float()
+    inv_rms = torch.rsqrt(xf.pow(2).mean(-1) + eps).view(-1, *([1] * (y.dim() - 1)))
+    return (y.float() * inv_rms).to(y.dtype)
+
+
+def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual += x`` (in place), then RMSNorm of the sum.
 
-    x, residual: [T, H] same dtype; weight: [H]. Returns (normed [T, H], residual).
+    x, residual: [T, H] same dtype; weight: [H] or None. Returns (normed [T, H], residual).
     """
     residual.copy_((residual.float() + x.float()).to(residual.dtype))
     return rmsnorm(residual, weight, eps), residual
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, 2 * I] (gate then up). Returns silu(gate) * up: [T, I] in x's dtype."""
+def silu_and_mul(x: torch.Tensor, norm_input: torch.Tensor | None = None,
+                 eps: float = 0.0) -> torch.Tensor:
+    """x: [T, 2 * I] (gate then up). Returns silu(gate) * up: [T, I] in x's dtype.
+
+    norm_input: optional [T, H], the unnormalised rows x was projected from: x is first scaled
+    by 1 / rms(norm_input[t]) (``_scale_by_rms``)."""
+    if norm_input is not None:
+        x = _scale_by_rms(x, norm_input, eps)
     gate, up = x.float().chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
 
-def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """rmsnorm(x) @ weight.T (+ bias). x: [M, K]; weight: [N, K]. Returns [M, N] in x's dtype."""
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """rmsnorm(x) @ weight.T (+ bias). x: [M, K]; norm_weight: [K] or None (folded into
+    weight's columns); weight: [N, K]. Returns [M, N] in x's dtype."""
     return torch.nn.functional.linear(rmsnorm(x, norm_weight, eps), weight, bias)
 
 
-def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                   bias: torch.Tensor | None, num_q_heads: int, num_kv_heads: int,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                   weight: torch.Tensor, bias: torch.Tensor | None, num_q_heads: int,
+                   num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``norm_linear`` to q, k, v [T, heads, D], then ``rope_kv_write`` (token t in slab row t);
     returns the rotated q [T, H_q, D]."""
     D = k_cache.shape[-1]
@@ -153,3 +175,11 @@ def gated_linear_residual(gate_up: torch.Tensor, weight: torch.Tensor,
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits: [B, V] (fp32). Returns int64 [B]: the first index of each row's maximum."""
     return logits.argmax(dim=-1)
+
+
+def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                 gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU MLP block in place: ``residual += silu_and_mul(norm_linear(residual,
+    norm_weight, eps, gate_up_weight)) @ down_weight.T``; returns residual [M, H]."""
+    gate_up = norm_linear(residual, norm_weight, eps, gate_up_weight)
+    return gated_linear_residual(gate_up, down_weight, residual)

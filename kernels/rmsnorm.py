@@ -3,6 +3,9 @@
 Each program normalises ``ROWS`` rows held whole in registers (hidden sizes up to 8192), so a
 row is read once and written once. Small rows (e.g. Qwen3's per-head q/k norm, H = head_dim)
 are packed several to a program to keep programs from being mostly idle lanes.
+
+The weight may be None: a model whose norm weights are folded into the next projection's
+columns (``engine.model``) normalises without one.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ def _rmsnorm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr,
     n_rows, rows_per_group, stride_x_group, stride_x_row, stride_res_row, eps,
     H: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
 ):
     """Grid (cdiv(n_rows, ROWS),). Row r of x sits at (r // rows_per_group) * stride_x_group +
     (r % rows_per_group) * stride_x_row, which covers both [T, H] and strided [T, heads, H]
     views. out: contiguous [n_rows, H]. With ADD_RESIDUAL, residual row r (at
-    r * stride_res_row) becomes residual + x, rounded to its dtype, and that sum is normalised."""
+    r * stride_res_row) becomes residual + x, rounded to its dtype, and that sum is normalised.
+    weight: [H], multiplied in when HAS_WEIGHT."""
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     r = r.to(tl.int64)
     cols = tl.arange(0, BLOCK_H)[None, :]
@@ -40,9 +45,10 @@ def _rmsnorm_kernel(
         total = total.to(residual_ptr.dtype.element_ty)
         tl.store(res_ptrs, total, mask=mask)
         x = total.to(tl.float32)
-    inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=1) / H + eps)[:, None]
-    w = tl.load(weight_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
-    tl.store(out_ptr + r * H + cols, (x * inv_rms * w).to(out_ptr.dtype.element_ty), mask=mask)
+    y = x * tl.math.rsqrt(tl.sum(x * x, axis=1) / H + eps)[:, None]
+    if HAS_WEIGHT:
+        y *= tl.load(weight_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r * H + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -57,24 +63,25 @@ class RmsnormLaunch:
         return self.constexprs["ROWS"]
 
 
-def rmsnorm_launch(hidden: int, add_residual: bool) -> RmsnormLaunch:
+def rmsnorm_launch(hidden: int, add_residual: bool, has_weight: bool = True) -> RmsnormLaunch:
     """The constexprs and warp count the wrappers use for rows of ``hidden`` elements."""
     block_h = triton.next_power_of_2(hidden)
     # Small rows: pack up to 2048 elements per program; big rows: one row per program.
     rows = max(1, min(16, 2048 // block_h))
     # About 16 elements per thread: a 4096-wide bf16 row is two 16-byte loads per lane.
     num_warps = max(1, min(16, rows * block_h // 512))
-    return RmsnormLaunch(dict(H=hidden, BLOCK_H=block_h, ROWS=rows, ADD_RESIDUAL=add_residual),
-                         num_warps)
+    return RmsnormLaunch(dict(H=hidden, BLOCK_H=block_h, ROWS=rows, ADD_RESIDUAL=add_residual,
+                              HAS_WEIGHT=has_weight), num_warps)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
             out: torch.Tensor | None = None) -> torch.Tensor:
     """x / rms(x) * weight over the last dim, fp32 arithmetic.
 
     x: [T, H] or [T, heads, H] (fp16 / bf16 / fp32), last dim contiguous, other strides free
     (a per-head view of a fused QKV output works without a copy); H <= 8192.
-    weight: [H], any float dtype. out: optional contiguous tensor of x's shape and dtype.
+    weight: [H], any float dtype, or None (no weight). out: optional contiguous tensor of x's
+    shape and dtype.
     Returns the normalised tensor, x's shape and dtype, contiguous.
     """
     if x.dim() not in (2, 3):
@@ -90,12 +97,13 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out
 
 
-def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                      eps: float, out: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual += x`` in place (rounded to residual's dtype), then RMSNorm of that sum.
 
     x, residual: [T, H], same dtype (fp16 / bf16 / fp32), last dim contiguous; H <= 8192.
-    weight: [H]. out: optional contiguous [T, H] in x's dtype.
+    weight: [H] or None. out: optional contiguous [T, H] in x's dtype.
     Returns (normed [T, H], residual).
     """
     if x.dim() != 2 or residual.shape != x.shape:
@@ -119,9 +127,10 @@ def _launch(x, residual, weight, out, rows_per_group, stride_group, stride_row, 
     n_rows = out.numel() // out.shape[-1]
     if n_rows == 0:
         return
-    launch = rmsnorm_launch(x.shape[-1], add_residual)
+    launch = rmsnorm_launch(x.shape[-1], add_residual, weight is not None)
     grid = (triton.cdiv(n_rows, launch.rows_per_program),)
-    _rmsnorm_kernel[grid](x, residual, weight, out, n_rows, rows_per_group, stride_group,
+    # Without a weight its pointer gets x (never read).
+    _rmsnorm_kernel[grid](x, residual, x if weight is None else weight, out, n_rows, rows_per_group, stride_group,
                           stride_row, stride_res, eps, **launch.constexprs,
                           num_warps=launch.num_warps)
 
@@ -133,8 +142,8 @@ def _check_common(name: str, x: torch.Tensor, weight: torch.Tensor, hidden: int)
         raise ValueError(f"{name}: hidden size {hidden} outside 1..{MAX_HIDDEN}")
     if x.stride(-1) != 1:
         raise ValueError(f"{name}: x's last dim must be contiguous, strides {x.stride()}")
-    if (weight.shape != (hidden,) or not weight.is_floating_point() or not weight.is_contiguous()
-            or weight.device != x.device):
+    if weight is not None and (weight.shape != (hidden,) or not weight.is_floating_point()
+                               or not weight.is_contiguous() or weight.device != x.device):
         raise ValueError(f"{name}: weight must be a contiguous float [{hidden}] tensor on x's "
                          f"device, got {weight.dtype} {tuple(weight.shape)} on {weight.device}")
 
@@ -146,3 +155,15 @@ def _check_out(name: str, out: torch.Tensor | None, x: torch.Tensor) -> torch.Te
         raise ValueError(f"{name}: out must be contiguous {x.dtype} {tuple(x.shape)}, got "
                          f"{out.dtype} {tuple(out.shape)} contiguous={out.is_contiguous()}")
     return out
+
+
+def check_norm_input(name: str, norm_input: torch.Tensor, num_tokens: int,
+                     device: torch.device) -> None:
+    """Validates the rows whose deferred 1 / rms a kernel applies after the product: a float
+    [T, H] tensor on ``device`` with a contiguous last dim."""
+    if (norm_input.dim() != 2 or norm_input.shape[0] != num_tokens or norm_input.shape[1] == 0
+            or norm_input.stride(-1) != 1 or norm_input.dtype not in _DTYPES
+            or norm_input.device != device):
+        raise ValueError(f"{name}: norm_input must be a float [T={num_tokens}, H] tensor on "
+                         f"{device} with a contiguous last dim, got {norm_input.dtype} "
+                         f"{tuple(norm_input.shape)} strides {norm_input.stride()}")

@@ -4,6 +4,11 @@ One program per new token: it rotates all of that token's query heads in place, 
 key heads, and stores the rotated keys and the values at ``(rows[t], positions[t])`` of the
 ``[B, C, H_kv, D]`` slab. Rotation is rotate-half (GPT-NeoX / Llama layout): the first and the
 second half of each head form the (real, imaginary) pairs.
+
+Optionally it also finishes a deferred RMSNorm: when q, k, v were projected from the
+*unnormalised* rows x (the norm weight folded into the QKV projection's columns, see
+``engine.model``), the program first scales them by its token's 1 / rms(x), a per-row scalar
+that commutes with the product. That saves the norm kernel's launch and its pass over x.
 """
 
 from __future__ import annotations
@@ -14,22 +19,26 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.rmsnorm import check_norm_input
+
 _LOAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
 def _rope_kv_write_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, rows_ptr, cos_ptr, sin_ptr,
-    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
-    stride_kc_row, stride_kc_slot, stride_kc_head,
-    stride_vc_row, stride_vc_slot, stride_vc_head,
+    norm_ptr, stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok,
+    stride_v_head, stride_kc_row, stride_kc_slot, stride_kc_head,
+    stride_vc_row, stride_vc_slot, stride_vc_head, stride_norm_tok, norm_hidden, eps,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_Q_HEADS: tl.constexpr, BLOCK_KV_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    HAS_ROWS: tl.constexpr,
+    HAS_ROWS: tl.constexpr, SCALE_BY_RMS: tl.constexpr, NORM_BLOCK: tl.constexpr,
 ):
     """Grid (T,). q: [T, H_q, 2*HALF] rotated in place; k, v: [T, H_kv, 2*HALF] read;
     caches [B, C, H_kv, 2*HALF] written at (rows[t] or t, positions[t]) unless positions[t] < 0.
-    cos, sin: fp32 [max_positions, HALF], contiguous. Last dims of all tensors contiguous."""
+    cos, sin: fp32 [max_positions, HALF], contiguous. Last dims of all tensors contiguous.
+    With SCALE_BY_RMS, norm: [T, norm_hidden] and q, k, v are first scaled by
+    1 / sqrt(mean(norm[t]^2) + eps) and rounded to q's dtype."""
     tok = tl.program_id(0)
     pos = tl.load(positions_ptr + tok)
     live = pos >= 0
@@ -40,25 +49,40 @@ def _rope_kv_write_kernel(
     # A dead token still computes with position 0's table; every store below is masked off.
     table_row = tl.maximum(pos, 0).to(tl.int64) * HALF
 
+    q_dtype = q_ptr.dtype.element_ty
+    scale = 1.0
+    if SCALE_BY_RMS:
+        offs = tl.arange(0, NORM_BLOCK)
+        sum_sq = tl.zeros([NORM_BLOCK], dtype=tl.float32)
+        for h0 in range(0, norm_hidden, NORM_BLOCK):
+            h = h0 + offs
+            xn = tl.load(norm_ptr + tok.to(tl.int64) * stride_norm_tok + h, mask=h < norm_hidden,
+                         other=0.0).to(tl.float32)
+            sum_sq += xn * xn
+        scale = tl.math.rsqrt(tl.sum(sum_sq, axis=0) / norm_hidden + eps)
+
     d = tl.arange(0, BLOCK_HALF)
     d_ok = d < HALF
     cos = tl.load(cos_ptr + table_row + d, mask=d_ok, other=0.0)[None, :]
     sin = tl.load(sin_ptr + table_row + d, mask=d_ok, other=0.0)[None, :]
 
     hq = tl.arange(0, BLOCK_Q_HEADS)[:, None]
-    q_mask = (hq < NUM_Q_HEADS) & d_ok[None, :] & live
+    # A dead token's q is left as is, except that a deferred scale still applies to it.
+    q_mask = (hq < NUM_Q_HEADS) & d_ok[None, :] & (live | SCALE_BY_RMS)
     q_lo_ptrs = q_ptr + tok.to(tl.int64) * stride_q_tok + hq * stride_q_head + d[None, :]
-    q_lo = tl.load(q_lo_ptrs, mask=q_mask, other=0.0).to(tl.float32)
-    q_hi = tl.load(q_lo_ptrs + HALF, mask=q_mask, other=0.0).to(tl.float32)
-    q_dtype = q_ptr.dtype.element_ty
-    tl.store(q_lo_ptrs, (q_lo * cos - q_hi * sin).to(q_dtype), mask=q_mask)
-    tl.store(q_lo_ptrs + HALF, (q_hi * cos + q_lo * sin).to(q_dtype), mask=q_mask)
+    q_lo = _scaled(tl.load(q_lo_ptrs, mask=q_mask, other=0.0), scale, q_dtype, SCALE_BY_RMS)
+    q_hi = _scaled(tl.load(q_lo_ptrs + HALF, mask=q_mask, other=0.0), scale, q_dtype, SCALE_BY_RMS)
+    q_rot_lo = tl.where(live, q_lo * cos - q_hi * sin, q_lo)
+    q_rot_hi = tl.where(live, q_hi * cos + q_lo * sin, q_hi)
+    tl.store(q_lo_ptrs, q_rot_lo.to(q_dtype), mask=q_mask)
+    tl.store(q_lo_ptrs + HALF, q_rot_hi.to(q_dtype), mask=q_mask)
 
     hk = tl.arange(0, BLOCK_KV_HEADS)[:, None]
     kv_mask = (hk < NUM_KV_HEADS) & d_ok[None, :] & live
     k_lo_ptrs = k_ptr + tok.to(tl.int64) * stride_k_tok + hk * stride_k_head + d[None, :]
-    k_lo = tl.load(k_lo_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
-    k_hi = tl.load(k_lo_ptrs + HALF, mask=kv_mask, other=0.0).to(tl.float32)
+    k_lo = _scaled(tl.load(k_lo_ptrs, mask=kv_mask, other=0.0), scale, q_dtype, SCALE_BY_RMS)
+    k_hi = _scaled(tl.load(k_lo_ptrs + HALF, mask=kv_mask, other=0.0), scale, q_dtype,
+                   SCALE_BY_RMS)
     # Round to k's own dtype before the cache's: an fp32 cache then holds exactly the keys a
     # half-precision model produces (the reference does the same).
     k_dtype = k_ptr.dtype.element_ty
@@ -74,10 +98,21 @@ def _rope_kv_write_kernel(
     vc_lo_ptrs = (v_cache_ptr + row * stride_vc_row + pos.to(tl.int64) * stride_vc_slot
                   + hk * stride_vc_head + d[None, :])
     vc_dtype = v_cache_ptr.dtype.element_ty
-    v_lo = tl.load(v_lo_ptrs, mask=kv_mask, other=0.0)
-    v_hi = tl.load(v_lo_ptrs + HALF, mask=kv_mask, other=0.0)
-    tl.store(vc_lo_ptrs, v_lo.to(vc_dtype), mask=kv_mask)
-    tl.store(vc_lo_ptrs + HALF, v_hi.to(vc_dtype), mask=kv_mask)
+    v_lo = _scaled(tl.load(v_lo_ptrs, mask=kv_mask, other=0.0), scale, q_dtype, SCALE_BY_RMS)
+    v_hi = _scaled(tl.load(v_lo_ptrs + HALF, mask=kv_mask, other=0.0), scale, q_dtype,
+                   SCALE_BY_RMS)
+    tl.store(vc_lo_ptrs, v_lo.to(q_dtype).to(vc_dtype), mask=kv_mask)
+    tl.store(vc_lo_ptrs + HALF, v_hi.to(q_dtype).to(vc_dtype), mask=kv_mask)
+
+
+@triton.jit
+def _scaled(x, scale, dtype, SCALE_BY_RMS: tl.constexpr):
+    """x in fp32, times the deferred norm scale and rounded as a normalised projection's
+    output would be (no-op without SCALE_BY_RMS)."""
+    x = x.to(tl.float32)
+    if SCALE_BY_RMS:
+        x = (x * scale).to(dtype).to(tl.float32)
+    return x
 
 
 @dataclass(frozen=True)
@@ -88,14 +123,16 @@ class RopeLaunch:
     num_warps: int
 
 
-def rope_launch(num_q_heads: int, num_kv_heads: int, head_dim: int, has_rows: bool) -> RopeLaunch:
+def rope_launch(num_q_heads: int, num_kv_heads: int, head_dim: int, has_rows: bool,
+                scale_by_rms: bool = False) -> RopeLaunch:
     """The constexprs and warp count the wrapper uses for these head counts and head size."""
     half = head_dim // 2
     constexprs = dict(
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_Q_HEADS=triton.next_power_of_2(num_q_heads),
         BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half), HAS_ROWS=has_rows)
+        BLOCK_HALF=triton.next_power_of_2(half), HAS_ROWS=has_rows,
+        SCALE_BY_RMS=scale_by_rms, NORM_BLOCK=1024)
     # About 8 q elements per thread and half: enough bytes in flight without spilling.
     elements = constexprs["BLOCK_Q_HEADS"] * constexprs["BLOCK_HALF"]
     return RopeLaunch(constexprs, num_warps=max(1, min(8, elements // 256)))
@@ -103,7 +140,8 @@ def rope_launch(num_q_heads: int, num_kv_heads: int, head_dim: int, has_rows: bo
 
 def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+                  cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None,
+                  norm_input: torch.Tensor | None = None, eps: float = 0.0) -> None:
     """Rotate q (in place) and k of the new tokens with rotate-half RoPE; write k, v into the slab.
 
     q: [T, H_q, D]; k, v: [T, H_kv, D]; fp16 / bf16 / fp32, one dtype; any token and head
@@ -113,18 +151,27 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     its q left as is). Positions must be < C and < max_positions (not checked on the device).
     cos, sin: fp32 [max_positions, D // 2], contiguous (``kernels.rope_table.rope_cos_sin``).
     rows: int32 [T], each token's slab row (prefill packing); None means token t -> row t.
+    norm_input: optional [T, H] (last dim contiguous), the unnormalised rows q, k, v were
+    projected from: they are first scaled by 1 / sqrt(mean(norm_input[t]^2) + eps) (q in place
+    too; a dead token's q is scaled but not rotated).
     D must be even; 64 and 128 are the tuned sizes, others run with masked lanes.
     """
     _check(q, k, v, k_cache, v_cache, positions, cos, sin, rows)
     T, num_q_heads, head_dim = q.shape
+    if norm_input is not None:
+        check_norm_input("rope_kv_write", norm_input, T, q.device)
     if T == 0:
         return
-    launch = rope_launch(num_q_heads, k.shape[1], head_dim, rows is not None)
+    launch = rope_launch(num_q_heads, k.shape[1], head_dim, rows is not None,
+                         norm_input is not None)
     _rope_kv_write_kernel[(T,)](
         q, k, v, k_cache, v_cache, positions, positions if rows is None else rows, cos, sin,
+        norm_input if norm_input is not None else q,  # q: never read without the scale
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        norm_input.stride(0) if norm_input is not None else 0,
+        norm_input.shape[1] if norm_input is not None else 0, eps,
         **launch.constexprs, num_warps=launch.num_warps)
 
 

@@ -35,13 +35,16 @@ def _rewrite_weights(folder: Path, edit) -> None:
 
 def test_fused_weights_hold_the_checkpoint_tensors(hf_checkpoint):
     ckpt = hf_checkpoint("qwen2")
-    model = load_model(str(ckpt.path), torch.float32, "cpu")
+    model = load_model(str(ckpt.path), torch.float32, "cpu", fold_norms=False)
     hf = dict(ckpt.hf_model.named_parameters())
     c = model.config
     for i, layer in enumerate(model.layers):
         attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
         expected_qkv = torch.cat([hf[attn + f"{p}_proj.weight"] for p in "qkv"])
         assert torch.equal(layer.qkv_proj, expected_qkv)
+        assert torch.equal(layer.input_norm, hf[f"model.layers.{i}.input_layernorm.weight"])
+        assert torch.equal(layer.post_attention_norm,
+                           hf[f"model.layers.{i}.post_attention_layernorm.weight"])
         assert torch.equal(layer.qkv_bias, torch.cat([hf[attn + f"{p}_proj.bias"] for p in "qkv"]))
         assert torch.equal(layer.gate_up_proj, torch.cat([hf[mlp + "gate_proj.weight"],
                                                           hf[mlp + "up_proj.weight"]]))
@@ -51,10 +54,29 @@ def test_fused_weights_hold_the_checkpoint_tensors(hf_checkpoint):
     assert torch.equal(model.norm, hf["model.norm.weight"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folding_scales_each_projection_by_its_norm_weight(hf_checkpoint, dtype):
+    """The default load folds each layer's RMSNorm weights into the columns of the projection
+    that reads the norm (fp32 product, rounded once) and leaves the norms None."""
+    path = str(hf_checkpoint("llama").path)
+    plain = load_model(path, dtype, "cpu", fold_norms=False)
+    folded = load_model(path, dtype, "cpu")
+    for raw, layer in zip(plain.layers, folded.layers):
+        assert layer.input_norm is None and layer.post_attention_norm is None
+        for projection, unfolded, norm in ((layer.qkv_proj, raw.qkv_proj, raw.input_norm),
+                                           (layer.gate_up_proj, raw.gate_up_proj,
+                                            raw.post_attention_norm)):
+            assert not torch.equal(projection, unfolded)  # the norm weights are not all ones
+            assert torch.equal(projection, (unfolded.float() * norm.float()).to(dtype))
+        assert torch.equal(layer.o_proj, raw.o_proj) and torch.equal(layer.down_proj, raw.down_proj)
+    assert torch.equal(folded.norm, plain.norm)  # the final norm is not folded
+
+
 def test_every_placement_fills_its_parameter_exactly_once(hf_checkpoint):
     """The placement table tiles each parameter's rows with no gap and no overlap."""
     for family in ("llama", "qwen2", "qwen3", "llama3"):
-        model = load_model(str(hf_checkpoint(family).path), torch.float32, "cpu")
+        model = load_model(str(hf_checkpoint(family).path), torch.float32, "cpu",
+                           fold_norms=False)
         covered: dict[str, list[tuple[int, int]]] = {}
         for place in checkpoint_placements(model.config).values():
             covered.setdefault(place.param, []).append((place.row_start, place.shape[0]))

@@ -27,20 +27,22 @@ INT_ARGS = ["N", "K", "stride_xm", "stride_rm", "stride_om"]
 
 
 def projections(hidden, inter, hq, hkv, d, bias):
-    """(N, K, prologue, has_bias, add_residual) of the layer's four projections."""
-    return [((hq + 2 * hkv) * d, hidden, linear.NORM, bias, False),
-            (hidden, hq * d, linear.PLAIN, False, True),
-            (2 * inter, hidden, linear.NORM, False, False),
-            (hidden, inter, linear.GATED, False, True)]
+    """(N, K, prologue, has_bias, add_residual, has_norm_weight) of the layer's four
+    projections; the normalised ones with the norm weight folded (the default) or not."""
+    return [*(((hq + 2 * hkv) * d, hidden, linear.NORM, bias, False, w) for w in (False, True)),
+            (hidden, hq * d, linear.PLAIN, False, True, False),
+            *((2 * inter, hidden, linear.NORM, False, False, w) for w in (False, True)),
+            (hidden, inter, linear.GATED, False, True, False)]
 
 
 def distinct_launches() -> list[dict]:
     launches = {}
     for _name, *shape in MODELS:
         for dtype_name, dtype in DTYPES.items():
-            for n, k, prologue, has_bias, add_residual in projections(*shape):
+            for n, k, prologue, has_bias, add_residual, has_norm_weight in projections(*shape):
                 config = linear.gemv_config(n, k, dtype)
-                meta = linear.gemv_launch_meta(config, n, k, prologue, has_bias, add_residual)
+                meta = linear.gemv_launch_meta(config, n, k, prologue, has_bias, add_residual,
+                                               has_norm_weight)
                 # Divisibility of N and K (a specialisation the launcher makes) is part of the key.
                 launch = {"dtype": dtype_name, "meta": meta, "n16": n % 16 == 0,
                           "k16": k % 16 == 0}
@@ -65,7 +67,7 @@ def compile_job(launch: dict) -> CompileJob:
 @pytest.mark.slow
 def test_every_projection_configuration_compiles_without_spills():
     launches = distinct_launches()
-    assert 0 < len(launches) < 60, f"{len(launches)} distinct configurations: too many to compile"
+    assert 0 < len(launches) < 90, f"{len(launches)} distinct configurations: too many to compile"
     reports = [{**launch, **asdict(report)}
                for launch, report in zip(launches, compile_many([compile_job(l) for l in launches]))]
     print(f"\n{'dtype':<6}{'constexprs':<100}{'regs':>6}{'smem KB':>9}{'spill B':>8}")
@@ -80,14 +82,17 @@ def test_every_projection_configuration_compiles_without_spills():
 
 
 def rope_compile_jobs() -> list[CompileJob]:
-    """``_qkv_rope_kernel`` for each model's QKV projection and dtype (caches in the model dtype)."""
+    """``_qkv_rope_kernel`` for each model's QKV projection and dtype (caches in the model
+    dtype), with the norm weight folded or not."""
     jobs = {}
     for _name, hidden, inter, hq, hkv, d, bias in MODELS:
-        for dtype_name, dtype in DTYPES.items():
+        for (dtype_name, dtype), has_norm_weight in ((t, w) for t in DTYPES.items()
+                                                     for w in (False, True)):
             n = (hq + 2 * hkv) * d
             config = linear.gemv_config(n, hidden, dtype)
-            meta = dict(HAS_BIAS=bias, HALF=d // 2, BLOCK_N=config.block_n,
-                        BLOCK_K=config.block_k, EVEN_K=hidden % config.block_k == 0)
+            meta = dict(HAS_NORM_WEIGHT=has_norm_weight, HAS_BIAS=bias, HALF=d // 2,
+                        BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                        EVEN_K=hidden % config.block_k == 0)
             t = "*" + dtype_name
             signature = {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "norm_w_ptr": t, "q_ptr": t,
                          "k_cache_ptr": t, "v_cache_ptr": t, "positions_ptr": "*i32",

@@ -77,25 +77,31 @@ def configurations() -> dict[tuple, tuple]:
     for model in MODELS:
         for dtype, cache_dtypes in DTYPES.items():
             act = f"*{dtype}"
-            for cache, has_rows in ((c, r) for c in cache_dtypes for r in (False, True)):
+            # Decode steps of many rows defer a folded norm to this kernel (not in fp16).
+            scales = (False, True) if dtype != "fp16" else (False,)
+            for cache, has_rows, scale in ((c, r, s) for c in cache_dtypes for r in (False, True)
+                                           for s in scales if not (r and s)):
                 launch = rope_launch(model.num_q_heads, model.num_kv_heads, model.head_dim,
-                                     has_rows)
+                                     has_rows, scale)
                 pointers = dict(q_ptr=act, k_ptr=act, v_ptr=act, k_cache_ptr=f"*{cache}",
                                 v_cache_ptr=f"*{cache}", positions_ptr="*i32", rows_ptr="*i32",
-                                cos_ptr="*fp32", sin_ptr="*fp32")
+                                cos_ptr="*fp32", sin_ptr="*fp32", norm_ptr=act)
                 add(_rope_kv_write_kernel, pointers, launch.constexprs, launch.num_warps,
-                    f"{model.name} {dtype} cache={cache} rows={has_rows}")
-            # Hidden-size norms, plus a per-head (Qwen3-style q/k) norm at this head size.
-            for hidden, add_residual in ((model.hidden, False), (model.hidden, True),
-                                         (model.head_dim, False)):
-                launch = rmsnorm_launch(hidden, add_residual)
+                    f"{model.name} {dtype} cache={cache} rows={has_rows} scale={scale}")
+            # Hidden-size norms (with a weight, or without one once it is folded into the next
+            # projection), plus a per-head (Qwen3-style q/k) norm at this head size.
+            for hidden, add_residual, has_weight in ((model.hidden, False, True),
+                                                     (model.hidden, True, True),
+                                                     (model.hidden, False, False),
+                                                     (model.head_dim, False, True)):
+                launch = rmsnorm_launch(hidden, add_residual, has_weight)
                 pointers = dict(x_ptr=act, residual_ptr=act, weight_ptr=act, out_ptr=act)
                 add(_rmsnorm_kernel, pointers, launch.constexprs, launch.num_warps,
-                    f"{model.name} {dtype} H={hidden} add={add_residual}")
-            for tokens in SILU_TOKEN_COUNTS:
-                launch = silu_launch(tokens)
-                add(_silu_and_mul_kernel, dict(x_ptr=act, out_ptr=act), launch.constexprs,
-                    launch.num_warps, f"{dtype} T={tokens}")
+                    f"{model.name} {dtype} H={hidden} add={add_residual} weight={has_weight}")
+            for tokens, scale in ((t, s) for t in SILU_TOKEN_COUNTS for s in scales):
+                launch = silu_launch(tokens, model.intermediate, scale)
+                add(_silu_and_mul_kernel, dict(x_ptr=act, out_ptr=act, norm_ptr=act),
+                    launch.constexprs, launch.num_warps, f"{dtype} T={tokens} scale={scale}")
         # Logits are fp32 whatever the model dtype.
         launch = argmax_launch(model.vocab)
         add(_chunk_argmax_kernel,

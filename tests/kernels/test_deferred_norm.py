@@ -1,0 +1,213 @@
+"""The deferred RMSNorm: with the norm weight folded into the projection, the product is taken
+of the raw rows and the kernel after it (RoPE + K/V write, SiLU-and-mul) applies 1 / rms(x).
+
+Every op is compared with its plain-torch twin, which normalises first and multiplies after,
+on random inputs with outputs and slabs poisoned or filled with random values first.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import linear, reference
+from kernels.activation import silu_and_mul
+from kernels.rmsnorm import rmsnorm
+from kernels.rope_kv_write import rope_kv_write
+from kernels.rope_table import rope_cos_sin
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+EPS = 1e-5
+
+
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rows(t: int, hidden: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    """Rows of very different scales, as a residual stream has: a missing or misplaced 1 / rms
+    cannot hide."""
+    scales = torch.logspace(-1, 1.5, t, device=device)[:, None]
+    return (torch.randn(t, hidden, device=device) * scales).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 96), (5, 300), (3, 4, 16)])
+def test_rmsnorm_without_weight(dtype, shape):
+    x = torch.randn(*shape, dtype=dtype) * 3
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    rmsnorm(x, None, EPS, out=out)
+    expected = reference.rmsnorm(x.reshape(-1, shape[-1]), None, EPS).reshape(shape)
+    assert rel_l2(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,inter,hidden", [(1, 300, 96), (3, 1100, 1500), (17, 1500, 2100),
+                                            (300, 40, 64)])
+def test_silu_and_mul_scales_by_rms(dtype, T, inter, hidden):
+    """Both block sizes, rows longer than one norm block, and more rows than two per SM (one
+    program per row)."""
+    x = rows(T, hidden, dtype)
+    gate_up = torch.randn(T, 2 * inter).to(dtype)
+    out = torch.full((T, inter), float("nan"), dtype=dtype)
+    silu_and_mul(gate_up, out=out, norm_input=x, eps=EPS)
+    expected = reference.silu_and_mul(gate_up.float(), norm_input=x.float(), eps=EPS)
+    assert rel_l2(out, expected) < TOLERANCE[dtype]
+    unscaled = reference.silu_and_mul(gate_up.float())
+    assert rel_l2(out, unscaled) > 0.1  # the scale is really applied
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,D", [((4, 2), 32), ((7, 1), 64)])
+def test_rope_kv_write_scales_by_rms(dtype, heads, D):
+    """q (in place), k and v scaled by their token's 1 / rms; a dead token writes nothing to
+    the slab and its q is scaled, not rotated; the whole slab is compared."""
+    H_q, H_kv = heads
+    T, hidden, B, C = 4, 200, 5, 16
+    x = rows(T, hidden, dtype)
+    qkv = torch.randn(T, (H_q + 2 * H_kv) * D, dtype=dtype)
+    slab = torch.randn(B, C, H_kv, D, dtype=dtype)
+    cos, sin = rope_cos_sin(D, C, 10000.0, None)
+    positions = torch.tensor([3, -1, 0, C - 1], dtype=torch.int32)
+
+    results = []
+    for op in (rope_kv_write, reference.rope_kv_write):
+        buffer, k_cache, v_cache = qkv.clone(), slab.clone(), slab.clone()
+        q, k, v = (t.view(T, -1, D) for t in buffer.split([H_q * D, H_kv * D, H_kv * D], -1))
+        op(q, k, v, k_cache, v_cache, positions, cos, sin, norm_input=x, eps=EPS)
+        results.append((q, k_cache, v_cache))
+    (q, k_cache, v_cache), (q_ref, k_ref, v_ref) = results
+    assert rel_l2(q, q_ref) < TOLERANCE[dtype]
+    dead_q = qkv[1, : H_q * D].view(H_q, D).float() * torch.rsqrt(x[1].float().pow(2).mean() + EPS)
+    assert rel_l2(q[1], dead_q) < TOLERANCE[dtype]  # dead token: scaled, not rotated
+    for actual, wanted in ((k_cache, k_ref), (v_cache, v_ref)):
+        assert rel_l2(actual, wanted) < TOLERANCE[dtype]
+        written = torch.zeros(B, C, dtype=torch.bool)
+        written[[0, 2, 3], [3, 0, C - 1]] = True
+        assert torch.equal(actual[~written], slab[~written])
+    # The value rows are the scaled projections themselves.
+    v_new = qkv[:, (H_q + H_kv) * D:].view(T, H_kv, D).float()
+    scale = torch.rsqrt(x.float().pow(2).mean(-1) + EPS)[:, None, None]
+    assert rel_l2(v_cache[3, C - 1], (v_new * scale)[3]) < TOLERANCE[dtype]
+
+
+def qkv_case(dtype, T, with_bias=False, hidden=96, heads=(4, 2), D=32):
+    H_q, H_kv = heads
+    N = (H_q + 2 * H_kv) * D
+    cos, sin = rope_cos_sin(D, 64, 10000.0, None)
+    slab = torch.randn(T + 1, 12, H_kv, D).to(dtype)
+    return dict(x=rows(T, hidden, dtype), norm_weight=None, eps=EPS,
+                weight=(torch.randn(N, hidden) * hidden ** -0.5).to(dtype),
+                bias=(torch.randn(N) * 0.1).to(dtype) if with_bias else None,
+                num_q_heads=H_q, num_kv_heads=H_kv, k_cache=slab.clone(), v_cache=slab.clone(),
+                positions=torch.tensor([5, -1, 11, 2][:T], dtype=torch.int32), cos=cos, sin=sin)
+
+
+@pytest.mark.parametrize("dtype,T,with_bias", [(torch.float32, 1, False), (torch.float32, 4, False),
+                                               (torch.float32, 3, True), (torch.float16, 4, False),
+                                               (torch.float16, 1, True)])
+def test_qkv_rope_write_with_a_folded_norm(dtype, T, with_bias):
+    """One token: the GEMV kernel normalising without a weight. More tokens: cuBLAS on the raw
+    rows and the deferred scale in rope_kv_write (fp32), or the norm kernel first (a bias,
+    fp16)."""
+    case = qkv_case(dtype, T, with_bias)
+    copy = {**case, "k_cache": case["k_cache"].clone(), "v_cache": case["v_cache"].clone()}
+    fp32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in copy.items()}
+    q = linear.qkv_rope_write(**case)
+    q_ref = reference.qkv_rope_write(**fp32)
+    assert rel_l2(q, q_ref) < TOLERANCE[dtype]
+    for name in ("k_cache", "v_cache"):
+        assert rel_l2(case[name], fp32[name]) < TOLERANCE[dtype]
+
+
+def test_deferral_is_taken_only_where_it_is_exact(monkeypatch):
+    """Several rows with a folded norm in fp32 / bf16: no norm kernel. With a norm weight, a
+    QKV bias or fp16 (whose raw products may overflow): the norm kernel runs first."""
+    calls = []
+    original = linear.rmsnorm
+    monkeypatch.setattr(linear, "rmsnorm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    linear.qkv_rope_write(**qkv_case(torch.float32, 4))
+    linear.mlp_residual(*mlp_case(torch.float32, 4, with_norm_weight=False))
+    assert calls == []
+    linear.qkv_rope_write(**qkv_case(torch.float32, 3, with_bias=True))
+    linear.qkv_rope_write(**qkv_case(torch.float16, 4))
+    linear.mlp_residual(*mlp_case(torch.float16, 4, with_norm_weight=False))
+    linear.mlp_residual(*mlp_case(torch.float32, 4, with_norm_weight=True))
+    assert len(calls) == 4
+
+
+def mlp_case(dtype, M, with_norm_weight, hidden=96, inter=160):
+    return (rows(M, hidden, dtype),
+            torch.randn(hidden).to(dtype) if with_norm_weight else None, EPS,
+            (torch.randn(2 * inter, hidden) * hidden ** -0.5).to(dtype),
+            (torch.randn(hidden, inter) * inter ** -0.5).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M", [1, 2, 19])
+@pytest.mark.parametrize("with_norm_weight", [False, True])
+def test_mlp_residual_matches_reference(dtype, M, with_norm_weight):
+    residual, norm_weight, eps, gate_up_weight, down_weight = mlp_case(dtype, M, with_norm_weight)
+    expected = reference.mlp_residual(
+        residual.float(), None if norm_weight is None else norm_weight.float(), eps,
+        gate_up_weight.float(), down_weight.float())
+    result = linear.mlp_residual(residual, norm_weight, eps, gate_up_weight, down_weight)
+    assert result is residual
+    assert rel_l2(residual, expected) < TOLERANCE[dtype]
+
+
+def test_mlp_residual_refuses_mismatched_weights():
+    residual, _, eps, gate_up_weight, down_weight = mlp_case(torch.float32, 2, False)
+    with pytest.raises(ValueError, match=r"\[2 I, H\] and \[H, I\]"):
+        linear.mlp_residual(residual, None, eps, gate_up_weight, down_weight.t().contiguous())
+    with pytest.raises(ValueError, match="does not match weight"):
+        linear.mlp_residual(residual[:, :64], None, eps, gate_up_weight, down_weight)
+    with pytest.raises(ValueError, match="share one of"):
+        linear.mlp_residual(residual, None, eps, gate_up_weight, down_weight.half())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 64, 256])
+@pytest.mark.parametrize("hidden,inter,D", [(2048, 8192, 64), (4096, 14336, 128)])
+def test_gpu_bf16_decode_layer_ops_with_folded_norms(M, hidden, inter, D):
+    """The compiled kernels on the Llama-3.2-1B / 3.1-8B shapes in bf16 at the engine's batch
+    sizes, against the fp32 twins: the QKV projection with RoPE and the slab write, and the MLP."""
+    dev, bf16 = "cuda", torch.bfloat16
+    x = rows(M, hidden, bf16, dev)
+    H_q, H_kv = 32, 8
+    weight = (torch.randn((H_q + 2 * H_kv) * D, hidden, device=dev) * hidden ** -0.5).to(bf16)
+    cos, sin = rope_cos_sin(D, 1024, 500000.0, None, device=dev)
+    slab = torch.randn(M, 1024, H_kv, D, device=dev).to(bf16)
+    positions = torch.randint(0, 1024, (M,), dtype=torch.int32, device=dev)
+    args = dict(eps=EPS, bias=None, num_q_heads=H_q, num_kv_heads=H_kv, positions=positions,
+                cos=cos, sin=sin)
+    k_cache, v_cache = slab.clone(), slab.clone()
+    k_ref, v_ref = slab.float(), slab.float()
+    q = linear.qkv_rope_write(x, None, weight=weight, k_cache=k_cache, v_cache=v_cache, **args)
+    q_ref = reference.qkv_rope_write(x.float(), None, weight=weight.float(), k_cache=k_ref,
+                                     v_cache=v_ref, **args)
+    assert rel_l2(q, q_ref) < 1e-2
+    assert rel_l2(k_cache, k_ref) < 1e-2 and rel_l2(v_cache, v_ref) < 1e-2
+
+    gate_up = (torch.randn(2 * inter, hidden, device=dev) * hidden ** -0.5).to(bf16)
+    down = (torch.randn(hidden, inter, device=dev) * inter ** -0.5).to(bf16)
+    expected = reference.mlp_residual(x.float(), None, EPS, gate_up.float(), down.float())
+    assert rel_l2(linear.mlp_residual(x, None, EPS, gate_up, down), expected) < 1e-2
+
+
+def test_bad_norm_input_is_refused():
+    gate_up = torch.randn(3, 16)
+    with pytest.raises(ValueError, match=r"silu_and_mul: norm_input must be a float \[T=3, H\]"):
+        silu_and_mul(gate_up, norm_input=torch.randn(2, 8))
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    slab = torch.zeros(2, 4, 2, 8)
+    cos, sin = rope_cos_sin(8, 4, 10000.0, None)
+    with pytest.raises(ValueError, match="rope_kv_write: norm_input"):
+        rope_kv_write(q, k, v, slab, slab.clone(), torch.zeros(2, dtype=torch.int32), cos, sin,
+                      norm_input=torch.randn(2, 8).t())
