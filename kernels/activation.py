@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import H100_NUM_SMS
-from kernels.rmsnorm import check_norm_input
+from kernels.rmsnorm import check_norm_input, norm_block
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -25,7 +24,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _silu_and_mul_kernel(x_ptr, out_ptr, norm_ptr, stride_x_row, stride_out_row, stride_norm_row,
                          inter, norm_hidden, eps, BLOCK: tl.constexpr, NORM_BLOCK: tl.constexpr,
                          SCALE_BY_RMS: tl.constexpr):
-    """Grid (T, S): program (t, s) takes column blocks s, s + S, s + 2S, ... of row t.
+    """Grid (T, S): program (t, s) takes column blocks s, s + S, s + 2S, ... of row t
+    (the launcher makes S = cdiv(inter, BLOCK): one block each).
 
     x: [T, 2 * inter] (gate then up), last dim contiguous; out: [T, inter] in x's dtype, last
     dim contiguous. With SCALE_BY_RMS, norm: [T, norm_hidden] (last dim contiguous) and gate and
@@ -66,20 +66,21 @@ class SiluLaunch:
     programs_per_row: int
 
 
-def silu_launch(num_tokens: int, inter: int, scale_by_rms: bool = False,
-                num_sms: int = H100_NUM_SMS) -> SiluLaunch:
-    """Block size, warps and programs per row: 8 elements per thread (16-byte half-precision
-    loads); few tokens get smaller blocks so a decode step of one token still spreads over many
-    SMs. A program that scales by 1 / rms reads its row of x first, so there a row is cut into
-    only as many programs as fill the GPU twice (each then loops over several blocks)."""
-    constexprs = dict(BLOCK=1024 if num_tokens >= 16 else 256, NORM_BLOCK=1024,
-                      SCALE_BY_RMS=scale_by_rms)
-    blocks = triton.cdiv(inter, constexprs["BLOCK"])
-    programs = blocks
-    if scale_by_rms:
-        programs = max(1, min(blocks, triton.cdiv(2 * num_sms, max(1, num_tokens))))
-    return SiluLaunch(constexprs, num_warps=4 if num_tokens >= 16 else 1,
-                      programs_per_row=programs)
+def silu_launch(num_tokens: int, inter: int, norm_hidden: int = 0) -> SiluLaunch:
+    """Block size, warps and programs per row (one block each): 8 elements per thread (16-byte
+    half-precision loads); few tokens get smaller blocks so a decode step of one token still
+    spreads over many SMs. With a deferred norm (``norm_hidden`` > 0, the row length of x) each
+    program first reads its whole row of x, in the same round trip as its gate and up blocks;
+    4096-column blocks keep those repeated reads of x to a few per row."""
+    if norm_hidden:
+        block, num_warps = (4096, 8) if num_tokens >= 16 else (1024, 4)
+    else:
+        block, num_warps = (1024, 4) if num_tokens >= 16 else (256, 1)
+    block = min(block, max(16, triton.next_power_of_2(inter)))
+    constexprs = dict(BLOCK=block, NORM_BLOCK=norm_block(norm_hidden) if norm_hidden else 16,
+                      SCALE_BY_RMS=norm_hidden > 0)
+    return SiluLaunch(constexprs, num_warps=num_warps,
+                      programs_per_row=triton.cdiv(inter, block))
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None,
@@ -109,7 +110,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None,
         check_norm_input("silu_and_mul", norm_input, T, x.device)
     if T == 0 or inter == 0:
         return out
-    launch = silu_launch(T, inter, norm_input is not None)
+    launch = silu_launch(T, inter, 0 if norm_input is None else norm_input.shape[1])
     norm = x if norm_input is None else norm_input  # never read without SCALE_BY_RMS
     _silu_and_mul_kernel[(T, launch.programs_per_row)](
         x, out, norm, x.stride(0), out.stride(0), norm.stride(0), inter, norm.shape[1], eps,

@@ -157,6 +157,12 @@ def _check_out(name: str, out: torch.Tensor | None, x: torch.Tensor) -> torch.Te
     return out
 
 
+def norm_block(hidden: int) -> int:
+    """Elements of a row a kernel loads at once to take its sum of squares: the whole row up to
+    ``MAX_HIDDEN`` (one round trip to memory), in a loop beyond."""
+    return min(triton.next_power_of_2(max(1, hidden)), MAX_HIDDEN)
+
+
 def check_norm_input(name: str, norm_input: torch.Tensor, num_tokens: int,
                      device: torch.device) -> None:
     """Validates the rows whose deferred 1 / rms a kernel applies after the product: a float

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rmsnorm import check_norm_input
+from kernels.rmsnorm import check_norm_input, norm_block
 
 _LOAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -124,15 +124,16 @@ class RopeLaunch:
 
 
 def rope_launch(num_q_heads: int, num_kv_heads: int, head_dim: int, has_rows: bool,
-                scale_by_rms: bool = False) -> RopeLaunch:
-    """The constexprs and warp count the wrapper uses for these head counts and head size."""
+                norm_hidden: int = 0) -> RopeLaunch:
+    """The constexprs and warp count the wrapper uses for these head counts and head size;
+    ``norm_hidden`` > 0: a deferred norm over rows of that length (read in one go)."""
     half = head_dim // 2
     constexprs = dict(
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_Q_HEADS=triton.next_power_of_2(num_q_heads),
         BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), HAS_ROWS=has_rows,
-        SCALE_BY_RMS=scale_by_rms, NORM_BLOCK=1024)
+        SCALE_BY_RMS=norm_hidden > 0, NORM_BLOCK=norm_block(norm_hidden) if norm_hidden else 16)
     # About 8 q elements per thread and half: enough bytes in flight without spilling.
     elements = constexprs["BLOCK_Q_HEADS"] * constexprs["BLOCK_HALF"]
     return RopeLaunch(constexprs, num_warps=max(1, min(8, elements // 256)))
@@ -163,7 +164,7 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if T == 0:
         return
     launch = rope_launch(num_q_heads, k.shape[1], head_dim, rows is not None,
-                         norm_input is not None)
+                         0 if norm_input is None else norm_input.shape[1])
     _rope_kv_write_kernel[(T,)](
         q, k, v, k_cache, v_cache, positions, positions if rows is None else rows, cos, sin,
         norm_input if norm_input is not None else q,  # q: never read without the scale

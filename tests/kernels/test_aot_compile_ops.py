@@ -82,7 +82,7 @@ def configurations() -> dict[tuple, tuple]:
             for cache, has_rows, scale in ((c, r, s) for c in cache_dtypes for r in (False, True)
                                            for s in scales if not (r and s)):
                 launch = rope_launch(model.num_q_heads, model.num_kv_heads, model.head_dim,
-                                     has_rows, scale)
+                                     has_rows, model.hidden if scale else 0)
                 pointers = dict(q_ptr=act, k_ptr=act, v_ptr=act, k_cache_ptr=f"*{cache}",
                                 v_cache_ptr=f"*{cache}", positions_ptr="*i32", rows_ptr="*i32",
                                 cos_ptr="*fp32", sin_ptr="*fp32", norm_ptr=act)
@@ -99,7 +99,7 @@ def configurations() -> dict[tuple, tuple]:
                 add(_rmsnorm_kernel, pointers, launch.constexprs, launch.num_warps,
                     f"{model.name} {dtype} H={hidden} add={add_residual} weight={has_weight}")
             for tokens, scale in ((t, s) for t in SILU_TOKEN_COUNTS for s in scales):
-                launch = silu_launch(tokens, model.intermediate, scale)
+                launch = silu_launch(tokens, model.intermediate, model.hidden if scale else 0)
                 add(_silu_and_mul_kernel, dict(x_ptr=act, out_ptr=act, norm_ptr=act),
                     launch.constexprs, launch.num_warps, f"{dtype} T={tokens} scale={scale}")
         # Logits are fp32 whatever the model dtype.

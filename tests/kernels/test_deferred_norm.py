@@ -48,10 +48,9 @@ def test_rmsnorm_without_weight(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T,inter,hidden", [(1, 300, 96), (3, 1100, 1500), (17, 1500, 2100),
-                                            (300, 40, 64)])
+                                            (2, 50, 9000), (300, 40, 64)])
 def test_silu_and_mul_scales_by_rms(dtype, T, inter, hidden):
-    """Both block sizes, rows longer than one norm block, and more rows than two per SM (one
-    program per row)."""
+    """Both block sizes with partial last blocks, and rows of x longer than one norm block."""
     x = rows(T, hidden, dtype)
     gate_up = torch.randn(T, 2 * inter).to(dtype)
     out = torch.full((T, inter), float("nan"), dtype=dtype)
