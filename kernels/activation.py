@@ -29,7 +29,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, norm_ptr, stride_x_row, stride_out_row,
 
     x: [T, 2 * inter] (gate then up), last dim contiguous; out: [T, inter] in x's dtype, last
     dim contiguous. With SCALE_BY_RMS, norm: [T, norm_hidden] (last dim contiguous) and gate and
-    up are scaled by 1 / sqrt(mean(norm[t]^2) + eps), rounded to x's dtype, before the SiLU.
+    up are scaled by 1 / sqrt(mean(norm[t]^2) + eps) before the SiLU.
     """
     row = tl.program_id(0).to(tl.int64)
     if SCALE_BY_RMS:
@@ -41,17 +41,15 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, norm_ptr, stride_x_row, stride_out_row,
                          other=0.0).to(tl.float32)
             sum_sq += xn * xn
         scale = tl.math.rsqrt(tl.sum(sum_sq, axis=0) / norm_hidden + eps)
-    dtype = x_ptr.dtype.element_ty
     for c0 in range(tl.program_id(1) * BLOCK, inter, tl.num_programs(1) * BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         mask = cols < inter
         gate_ptrs = x_ptr + row * stride_x_row + cols
         gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(gate_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
-        if SCALE_BY_RMS:
-            # Rounded as the normalised projection's output would be.
-            gate = (gate * scale).to(dtype).to(tl.float32)
-            up = (up * scale).to(dtype).to(tl.float32)
+        if SCALE_BY_RMS:  # in fp32: the product was already rounded once, by cuBLAS
+            gate *= scale
+            up *= scale
         silu = gate / (1.0 + tl.exp(-gate))
         tl.store(out_ptr + row * stride_out_row + cols, (silu * up).to(out_ptr.dtype.element_ty),
                  mask=mask)

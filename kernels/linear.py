@@ -34,7 +34,7 @@ must come after the scale: those run our RMSNorm kernel first.
 
 Numerics: fp32 accumulation; the normalised or activated operand is rounded to the weight
 dtype before the product (as the unfused ops round their outputs); the residual sum is
-rounded once. The kernel's products are IEEE fp32 FMAs in every dtype (no tf32).
+rounded once. A deferred norm's product is rounded once by cuBLAS and scaled in fp32. The kernel's products are IEEE fp32 FMAs in every dtype (no tf32).
 """
 
 from __future__ import annotations

@@ -52,9 +52,9 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     norm_input: optional [T, H], the unnormalised rows q, k, v were projected from: q, k, v are
     first scaled by 1 / rms(norm_input[t]) (``_scale_by_rms``), q in place on every token.
     """
-    T = q.shape[0]
+    T, dtype = q.shape[0], q.dtype
     q_in = q
-    if norm_input is not None:
+    if norm_input is not None:  # fp32 from here; rounded once, on store
         q, k, v = (_scale_by_rms(t, norm_input, eps) for t in (q, k, v))
         q_in.copy_(q)  # a dead token's q is scaled but not rotated
     rows = torch.arange(T, device=q.device) if rows is None else rows.long()
@@ -65,13 +65,13 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(dtype)
 
     q_rot = rotate(q)
     q_in[live] = q_rot[live]
     k_rot = rotate(k)
     k_cache[rows[live], pos[live]] = k_rot[live].to(k_cache.dtype)
-    v_cache[rows[live], pos[live]] = v[live].to(v_cache.dtype)
+    v_cache[rows[live], pos[live]] = v[live].to(dtype).to(v_cache.dtype)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -112,10 +112,10 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.T
 
 def _scale_by_rms(y: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     """y [T, ...] (a projection of the unnormalised rows x [T, H]) times 1 / rms(x[t]), in
-    y's dtype: a deferred RMSNorm whose weight is folded into the projection."""
+    fp32: a deferred RMSNorm whose weight is folded into the projection."""
     xf = x.float()
     inv_rms = torch.rsqrt(xf.pow(2).mean(-1) + eps).view(-1, *([1] * (y.dim() - 1)))
-    return (y.float() * inv_rms).to(y.dtype)
+    return y.float() * inv_rms
 
 
 def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
@@ -134,10 +134,11 @@ def silu_and_mul(x: torch.Tensor, norm_input: torch.Tensor | None = None,
 
     norm_input: optional [T, H], the unnormalised rows x was projected from: x is first scaled
     by 1 / rms(norm_input[t]) (``_scale_by_rms``)."""
+    dtype = x.dtype
     if norm_input is not None:
         x = _scale_by_rms(x, norm_input, eps)
     gate, up = x.float().chunk(2, dim=-1)
-    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+    return (torch.nn.functional.silu(gate) * up).to(dtype)
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,

@@ -38,7 +38,7 @@ def _rope_kv_write_kernel(
     caches [B, C, H_kv, 2*HALF] written at (rows[t] or t, positions[t]) unless positions[t] < 0.
     cos, sin: fp32 [max_positions, HALF], contiguous. Last dims of all tensors contiguous.
     With SCALE_BY_RMS, norm: [T, norm_hidden] and q, k, v are first scaled by
-    1 / sqrt(mean(norm[t]^2) + eps) and rounded to q's dtype."""
+    1 / sqrt(mean(norm[t]^2) + eps) (in fp32)."""
     tok = tl.program_id(0)
     pos = tl.load(positions_ptr + tok)
     live = pos >= 0
@@ -70,8 +70,8 @@ def _rope_kv_write_kernel(
     # A dead token's q is left as is, except that a deferred scale still applies to it.
     q_mask = (hq < NUM_Q_HEADS) & d_ok[None, :] & (live | SCALE_BY_RMS)
     q_lo_ptrs = q_ptr + tok.to(tl.int64) * stride_q_tok + hq * stride_q_head + d[None, :]
-    q_lo = _scaled(tl.load(q_lo_ptrs, mask=q_mask, other=0.0), scale, q_dtype, SCALE_BY_RMS)
-    q_hi = _scaled(tl.load(q_lo_ptrs + HALF, mask=q_mask, other=0.0), scale, q_dtype, SCALE_BY_RMS)
+    q_lo = _scaled(tl.load(q_lo_ptrs, mask=q_mask, other=0.0), scale, SCALE_BY_RMS)
+    q_hi = _scaled(tl.load(q_lo_ptrs + HALF, mask=q_mask, other=0.0), scale, SCALE_BY_RMS)
     q_rot_lo = tl.where(live, q_lo * cos - q_hi * sin, q_lo)
     q_rot_hi = tl.where(live, q_hi * cos + q_lo * sin, q_hi)
     tl.store(q_lo_ptrs, q_rot_lo.to(q_dtype), mask=q_mask)
@@ -80,9 +80,8 @@ def _rope_kv_write_kernel(
     hk = tl.arange(0, BLOCK_KV_HEADS)[:, None]
     kv_mask = (hk < NUM_KV_HEADS) & d_ok[None, :] & live
     k_lo_ptrs = k_ptr + tok.to(tl.int64) * stride_k_tok + hk * stride_k_head + d[None, :]
-    k_lo = _scaled(tl.load(k_lo_ptrs, mask=kv_mask, other=0.0), scale, q_dtype, SCALE_BY_RMS)
-    k_hi = _scaled(tl.load(k_lo_ptrs + HALF, mask=kv_mask, other=0.0), scale, q_dtype,
-                   SCALE_BY_RMS)
+    k_lo = _scaled(tl.load(k_lo_ptrs, mask=kv_mask, other=0.0), scale, SCALE_BY_RMS)
+    k_hi = _scaled(tl.load(k_lo_ptrs + HALF, mask=kv_mask, other=0.0), scale, SCALE_BY_RMS)
     # Round to k's own dtype before the cache's: an fp32 cache then holds exactly the keys a
     # half-precision model produces (the reference does the same).
     k_dtype = k_ptr.dtype.element_ty
@@ -98,20 +97,19 @@ def _rope_kv_write_kernel(
     vc_lo_ptrs = (v_cache_ptr + row * stride_vc_row + pos.to(tl.int64) * stride_vc_slot
                   + hk * stride_vc_head + d[None, :])
     vc_dtype = v_cache_ptr.dtype.element_ty
-    v_lo = _scaled(tl.load(v_lo_ptrs, mask=kv_mask, other=0.0), scale, q_dtype, SCALE_BY_RMS)
-    v_hi = _scaled(tl.load(v_lo_ptrs + HALF, mask=kv_mask, other=0.0), scale, q_dtype,
-                   SCALE_BY_RMS)
+    v_lo = _scaled(tl.load(v_lo_ptrs, mask=kv_mask, other=0.0), scale, SCALE_BY_RMS)
+    v_hi = _scaled(tl.load(v_lo_ptrs + HALF, mask=kv_mask, other=0.0), scale, SCALE_BY_RMS)
     tl.store(vc_lo_ptrs, v_lo.to(q_dtype).to(vc_dtype), mask=kv_mask)
     tl.store(vc_lo_ptrs + HALF, v_hi.to(q_dtype).to(vc_dtype), mask=kv_mask)
 
 
 @triton.jit
-def _scaled(x, scale, dtype, SCALE_BY_RMS: tl.constexpr):
-    """x in fp32, times the deferred norm scale and rounded as a normalised projection's
-    output would be (no-op without SCALE_BY_RMS)."""
+def _scaled(x, scale, SCALE_BY_RMS: tl.constexpr):
+    """x in fp32, times the deferred norm scale with SCALE_BY_RMS (kept in fp32: the product
+    was already rounded once, by cuBLAS)."""
     x = x.to(tl.float32)
     if SCALE_BY_RMS:
-        x = (x * scale).to(dtype).to(tl.float32)
+        x = x * scale
     return x
 
 
