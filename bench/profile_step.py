@@ -10,7 +10,7 @@ time: the device idling between kernels.
 
     python -m bench.profile_step [--models dummy:llama-3.2-1b,dummy:llama-3.1-8b]
         [--batch-sizes 1,64,256] [--prompt-len 512] [--steps 32] [--out DIR] [--name profile]
-    python -m bench.profile_step --replot bench/results/profile_*.json   # tables + PNG again
+    python -m bench.profile_step --replot bench/results/profile.json   # tables + PNG again
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ def replot(paths: list[Path], out: Path) -> None:
     rows = [row for path in paths for row in json.loads(path.read_text())["rows"]]
     for row in rows:
         print(format_report(row))
+    out.parent.mkdir(parents=True, exist_ok=True)
     plot_profile(rows, out)
     print(f"wrote {out}")
 
