@@ -24,8 +24,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _silu_and_mul_kernel(x_ptr, out_ptr, norm_ptr, stride_x_row, stride_out_row, stride_norm_row,
                          inter, norm_hidden, eps, BLOCK: tl.constexpr, NORM_BLOCK: tl.constexpr,
                          SCALE_BY_RMS: tl.constexpr):
-    """Grid (T, S): program (t, s) takes column blocks s, s + S, s + 2S, ... of row t
-    (the launcher makes S = cdiv(inter, BLOCK): one block each).
+    """Grid (T, cdiv(inter, BLOCK)): program (t, j) takes column block j of row t.
 
     x: [T, 2 * inter] (gate then up), last dim contiguous; out: [T, inter] in x's dtype, last
     dim contiguous. With SCALE_BY_RMS, norm: [T, norm_hidden] (last dim contiguous) and gate and
@@ -41,35 +40,33 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, norm_ptr, stride_x_row, stride_out_row,
                          other=0.0).to(tl.float32)
             sum_sq += xn * xn
         scale = tl.math.rsqrt(tl.sum(sum_sq, axis=0) / norm_hidden + eps)
-    for c0 in range(tl.program_id(1) * BLOCK, inter, tl.num_programs(1) * BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        mask = cols < inter
-        gate_ptrs = x_ptr + row * stride_x_row + cols
-        gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(gate_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
-        if SCALE_BY_RMS:  # in fp32: the product was already rounded once, by cuBLAS
-            gate *= scale
-            up *= scale
-        silu = gate / (1.0 + tl.exp(-gate))
-        tl.store(out_ptr + row * stride_out_row + cols, (silu * up).to(out_ptr.dtype.element_ty),
-                 mask=mask)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    gate_ptrs = x_ptr + row * stride_x_row + cols
+    gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
+    if SCALE_BY_RMS:  # in fp32: the product was already rounded once, by cuBLAS
+        gate *= scale
+        up *= scale
+    silu = gate / (1.0 + tl.exp(-gate))
+    tl.store(out_ptr + row * stride_out_row + cols, (silu * up).to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @dataclass(frozen=True)
 class SiluLaunch:
-    """Compile-time parameters and column split of one ``_silu_and_mul_kernel`` launch."""
+    """Compile-time parameters of one ``_silu_and_mul_kernel`` launch."""
 
     constexprs: dict
     num_warps: int
-    programs_per_row: int
 
 
 def silu_launch(num_tokens: int, inter: int, norm_hidden: int = 0) -> SiluLaunch:
-    """Block size, warps and programs per row (one block each): 8 elements per thread (16-byte
-    half-precision loads); few tokens get smaller blocks so a decode step of one token still
-    spreads over many SMs. With a deferred norm (``norm_hidden`` > 0, the row length of x) each
-    program first reads its whole row of x, in the same round trip as its gate and up blocks;
-    4096-column blocks keep those repeated reads of x to a few per row."""
+    """Block size and warps: 8 elements per thread (16-byte half-precision loads); few tokens
+    get smaller blocks so a decode step of one token still spreads over many SMs. With a
+    deferred norm (``norm_hidden`` > 0, the row length of x) each program first reads its whole
+    row of x, in the same round trip as its gate and up blocks; 4096-column blocks (16 elements
+    per thread) keep those repeated reads of x to a few per row."""
     if norm_hidden:
         block, num_warps = (4096, 8) if num_tokens >= 16 else (1024, 4)
     else:
@@ -77,8 +74,7 @@ def silu_launch(num_tokens: int, inter: int, norm_hidden: int = 0) -> SiluLaunch
     block = min(block, max(16, triton.next_power_of_2(inter)))
     constexprs = dict(BLOCK=block, NORM_BLOCK=norm_block(norm_hidden) if norm_hidden else 16,
                       SCALE_BY_RMS=norm_hidden > 0)
-    return SiluLaunch(constexprs, num_warps=num_warps,
-                      programs_per_row=triton.cdiv(inter, block))
+    return SiluLaunch(constexprs, num_warps=num_warps)
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None,
@@ -110,7 +106,8 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None,
         return out
     launch = silu_launch(T, inter, 0 if norm_input is None else norm_input.shape[1])
     norm = x if norm_input is None else norm_input  # never read without SCALE_BY_RMS
-    _silu_and_mul_kernel[(T, launch.programs_per_row)](
+    grid = (T, triton.cdiv(inter, launch.constexprs["BLOCK"]))
+    _silu_and_mul_kernel[grid](
         x, out, norm, x.stride(0), out.stride(0), norm.stride(0), inter, norm.shape[1], eps,
         **launch.constexprs, num_warps=launch.num_warps)
     return out
