@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rmsnorm import check_norm_input, norm_block
+from kernels.rmsnorm import check_norm_input, norm_block, row_inv_rms
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -32,14 +32,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, norm_ptr, stride_x_row, stride_out_row,
     """
     row = tl.program_id(0).to(tl.int64)
     if SCALE_BY_RMS:
-        offs = tl.arange(0, NORM_BLOCK)
-        sum_sq = tl.zeros([NORM_BLOCK], dtype=tl.float32)
-        for h0 in range(0, norm_hidden, NORM_BLOCK):
-            h = h0 + offs
-            xn = tl.load(norm_ptr + row * stride_norm_row + h, mask=h < norm_hidden,
-                         other=0.0).to(tl.float32)
-            sum_sq += xn * xn
-        scale = tl.math.rsqrt(tl.sum(sum_sq, axis=0) / norm_hidden + eps)
+        scale = row_inv_rms(norm_ptr + row * stride_norm_row, norm_hidden, eps, NORM_BLOCK)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     gate_ptrs = x_ptr + row * stride_x_row + cols

@@ -34,7 +34,8 @@ must come after the scale: those run our RMSNorm kernel first.
 
 Numerics: fp32 accumulation; the normalised or activated operand is rounded to the weight
 dtype before the product (as the unfused ops round their outputs); the residual sum is
-rounded once. A deferred norm's product is rounded once by cuBLAS and scaled in fp32. The kernel's products are IEEE fp32 FMAs in every dtype (no tf32).
+rounded once. A deferred norm's product is rounded once by cuBLAS and scaled in fp32. The
+kernel's products are IEEE fp32 FMAs in every dtype (no tf32).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ import triton
 import triton.language as tl
 
 from kernels.activation import silu_and_mul
-from kernels.decode_attention import H100_NUM_SMS
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import _check as _check_rope
 from kernels.rope_kv_write import rope_kv_write
@@ -89,8 +89,7 @@ def gemv_launch_meta(config: GemvConfig, n: int, k: int, prologue: int, has_bias
                      add_residual: bool, has_norm_weight: bool = False) -> dict:
     """Constexprs and launch options of one launch (what the AOT test compiles)."""
     return dict(PROLOGUE=prologue, HAS_NORM_WEIGHT=has_norm_weight, HAS_BIAS=has_bias,
-                ADD_RESIDUAL=add_residual,
-                BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                ADD_RESIDUAL=add_residual, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -101,9 +100,9 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
     """RMSNorm(x) * norm_weight @ weight.T (+ bias).
 
     x: [M, K] (fp16 / bf16 / fp32, last dim contiguous); norm_weight: [K] contiguous float, or
-    None (no norm weight: it was folded into ``weight``'s columns);
-    weight: [N, K] contiguous, x's dtype; bias: [N] contiguous or None; out: optional [M, N]
-    in x's dtype with a contiguous last dim. Returns [M, N] in x's dtype.
+    None (no norm weight: it was folded into ``weight``'s columns); weight: [N, K] contiguous,
+    x's dtype; bias: [N] contiguous or None; out: optional [M, N] in x's dtype with a
+    contiguous last dim. Returns [M, N] in x's dtype.
     """
     M, K = _check(x, weight, x.shape[-1] if x.dim() == 2 else -1, "norm_linear")
     N = weight.shape[0]
@@ -163,8 +162,9 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
     D // 2]. Returns q [T, H_q, D] in x's dtype.
 
     One token (B = 1 decode) runs as one kernel: the projection's GEMV with RoPE and the slab
-    write as its epilogue (``_qkv_rope_kernel``). More tokens run ``norm_linear`` and then
-    ``rope_kv_write``, the same two steps.
+    write as its epilogue (``_qkv_rope_kernel``). More tokens run the projection, then
+    ``rope_kv_write`` — which also applies the 1 / rms when the norm is deferred (see the
+    module docstring).
     """
     head_dim = k_cache.shape[-1]
     sizes = [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
@@ -203,8 +203,8 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
         norm_weight if norm_weight is not None else x, q, k_cache, v_cache, positions,
         cos, sin, weight.shape[1], eps, k_cache.stride(1), k_cache.stride(2), num_q_heads,
         num_kv_heads, HAS_NORM_WEIGHT=norm_weight is not None, HAS_BIAS=bias is not None,
-        HALF=half, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, EVEN_K=weight.shape[1] % config.block_k == 0,
+        HALF=half, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        EVEN_K=weight.shape[1] % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return q
 
@@ -274,9 +274,8 @@ def _row_times_weight(x_row, w_ptr, norm_w_ptr, offs_n, n_live, K, eps,
 
     W: [N, K] contiguous. A is the activation row at x_row after the prologue: PLAIN: x [K];
     NORM: x * norm_w [K] / rms(x) (no norm_w without HAS_NORM_WEIGHT); GATED: silu(x[:K]) *
-    x[K:] with x [2K]. The product
-    accumulates elementwise into a [BLOCK_N, BLOCK_K] fp32 tile, reduced over K once after the
-    loop (no cross-thread reduction inside it).
+    x[K:] with x [2K]. The product accumulates elementwise into a [BLOCK_N, BLOCK_K] fp32 tile,
+    reduced over K once after the loop (no cross-thread reduction inside it).
     """
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
@@ -418,7 +417,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, k: int, name: str) -> tuple[in
 
 
 def _check_vector(name: str, v: torch.Tensor, size: int, device: torch.device) -> None:
-    if v.shape != (size,) or not v.is_floating_point() or not v.is_contiguous() or v.device != device:
+    if (v.shape != (size,) or not v.is_floating_point() or not v.is_contiguous()
+            or v.device != device):
         raise ValueError(f"{name} must be a contiguous float [{size}] tensor on {device}, got "
                          f"{v.dtype} {tuple(v.shape)} on {v.device}")
 

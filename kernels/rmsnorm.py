@@ -130,9 +130,9 @@ def _launch(x, residual, weight, out, rows_per_group, stride_group, stride_row, 
     launch = rmsnorm_launch(x.shape[-1], add_residual, weight is not None)
     grid = (triton.cdiv(n_rows, launch.rows_per_program),)
     # Without a weight its pointer gets x (never read).
-    _rmsnorm_kernel[grid](x, residual, x if weight is None else weight, out, n_rows, rows_per_group, stride_group,
-                          stride_row, stride_res, eps, **launch.constexprs,
-                          num_warps=launch.num_warps)
+    _rmsnorm_kernel[grid](x, residual, x if weight is None else weight, out, n_rows,
+                          rows_per_group, stride_group, stride_row, stride_res, eps,
+                          **launch.constexprs, num_warps=launch.num_warps)
 
 
 def _check_common(name: str, x: torch.Tensor, weight: torch.Tensor, hidden: int) -> None:
@@ -155,6 +155,19 @@ def _check_out(name: str, out: torch.Tensor | None, x: torch.Tensor) -> torch.Te
         raise ValueError(f"{name}: out must be contiguous {x.dtype} {tuple(x.shape)}, got "
                          f"{out.dtype} {tuple(out.shape)} contiguous={out.is_contiguous()}")
     return out
+
+
+@triton.jit
+def row_inv_rms(row_ptr, hidden, eps, NORM_BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of the row x [hidden] at row_ptr (contiguous), fp32; the
+    deferred norm's scale. NORM_BLOCK from ``norm_block``: usually one load for the row."""
+    offs = tl.arange(0, NORM_BLOCK)
+    sum_sq = tl.zeros([NORM_BLOCK], dtype=tl.float32)
+    for h0 in range(0, hidden, NORM_BLOCK):
+        h = h0 + offs
+        x = tl.load(row_ptr + h, mask=h < hidden, other=0.0).to(tl.float32)
+        sum_sq += x * x
+    return tl.math.rsqrt(tl.sum(sum_sq, axis=0) / hidden + eps)
 
 
 def norm_block(hidden: int) -> int:

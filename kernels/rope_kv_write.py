@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rmsnorm import check_norm_input, norm_block
+from kernels.rmsnorm import check_norm_input, norm_block, row_inv_rms
 
 _LOAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -52,14 +52,8 @@ def _rope_kv_write_kernel(
     q_dtype = q_ptr.dtype.element_ty
     scale = 1.0
     if SCALE_BY_RMS:
-        offs = tl.arange(0, NORM_BLOCK)
-        sum_sq = tl.zeros([NORM_BLOCK], dtype=tl.float32)
-        for h0 in range(0, norm_hidden, NORM_BLOCK):
-            h = h0 + offs
-            xn = tl.load(norm_ptr + tok.to(tl.int64) * stride_norm_tok + h, mask=h < norm_hidden,
-                         other=0.0).to(tl.float32)
-            sum_sq += xn * xn
-        scale = tl.math.rsqrt(tl.sum(sum_sq, axis=0) / norm_hidden + eps)
+        scale = row_inv_rms(norm_ptr + tok.to(tl.int64) * stride_norm_tok, norm_hidden, eps,
+                            NORM_BLOCK)
 
     d = tl.arange(0, BLOCK_HALF)
     d_ok = d < HALF
