@@ -12,8 +12,9 @@ against it.
     python -m bench.kernels [--out DIR] [--sweep] [--quick] [--grid B:L,...] [--head-dim D]
         [--decode-only]
 
---sweep also times a handful of alternative (block_n, splits, warps, stages) per shape around
-``decode_config``'s choice, to retune it from one GPU run.
+--sweep also times a handful of alternative (block_n, splits, warps, stages, launch order,
+dependent merge launch) per shape around ``decode_config``'s choice, to retune it from one GPU
+run.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def bench_shape(shape: Shape, copy_gbps: float) -> dict:
     return row
 
 
-def sweep_candidates(default, capacity: int) -> list:
+def sweep_candidates(default, batch: int, capacity: int) -> list:
     """Alternatives around ``default``, one knob at a time, plus the obvious big-tile pairing."""
     from kernels.decode_attention import MAX_SPLITS
 
@@ -189,7 +190,11 @@ def sweep_candidates(default, capacity: int) -> list:
     out = [d]
     for splits in (d.num_splits // 4, d.num_splits // 2, d.num_splits * 2, d.num_splits * 4):
         if 1 <= splits <= MAX_SPLITS and capacity // splits >= d.block_n:
-            out.append(dataclasses.replace(d, num_splits=splits))
+            out.append(dataclasses.replace(d, num_splits=splits, merge_pdl=splits > 1))
+    if batch > 1:  # launch order only matters with several rows
+        out.append(dataclasses.replace(d, longest_first=not d.longest_first))
+    if d.num_splits > 1:
+        out.append(dataclasses.replace(d, merge_pdl=not d.merge_pdl))
     for block_n in (32, 128):
         out.append(dataclasses.replace(d, block_n=block_n,
                                        num_stages=2 if block_n == 128 else d.num_stages))
@@ -212,7 +217,7 @@ def sweep_shape(shape: Shape, copy_gbps: float) -> list[dict]:
     default = decode_config(shape.batch, shape.length, NUM_Q_HEADS, NUM_KV_HEADS, shape.head_dim, DTYPE,
                             num_sms())
     rows = []
-    for config in sweep_candidates(default, shape.length):
+    for config in sweep_candidates(default, shape.batch, shape.length):
         row = {"shape": shape.label, "config": dataclasses.asdict(config),
                "is_default": config == default}
         try:
@@ -284,15 +289,16 @@ def format_decode_table(rows: list[dict]) -> str:
 
 
 def format_sweep_table(rows: list[dict]) -> str:
-    lines = [f"{'shape':<18}{'block_n':>8}{'splits':>7}{'warps':>6}{'stages':>7}{'us':>10}"
-             f"{'%copy':>7}"]
+    lines = [f"{'shape':<18}{'block_n':>8}{'splits':>7}{'warps':>6}{'stages':>7}{'sort':>5}"
+             f"{'pdl':>4}{'us':>10}{'%copy':>7}"]
     for r in rows:
         c = r["config"]
         timing = (f"{r['us']:>10.1f}{r['pct_copy']:>6.1f}%" if "us" in r
                   else f"  {r['error'][:40]}")
         mark = "  <- default" if r["is_default"] else ""
         lines.append(f"{r['shape']:<18}{c['block_n']:>8}{c['num_splits']:>7}{c['num_warps']:>6}"
-                     f"{c['num_stages']:>7}{timing}{mark}")
+                     f"{c['num_stages']:>7}{c['longest_first']:>5d}{c['merge_pdl']:>4d}{timing}"
+                     f"{mark}")
     return "\n".join(lines)
 
 

@@ -9,7 +9,12 @@ log-sum-exp, which a second small kernel merges.
 The launch grid depends only on (B, C, head shape, SM count), never on ``seq_lens``, so one
 CUDA graph serves every batch of a bin. Inside, each split covers an equal share of the row's
 *live* length (read on the device), so padding costs memory but not bandwidth, and rows of
-very different lengths still spread over all splits.
+very different lengths still spread over all splits. Rows are launched longest first (each
+program sorts the batch's lengths on the device): with more programs than the GPU holds at once,
+the last ones to start are then the shortest, and the grid does not end on a few long programs
+streaming alone while the rest of the GPU idles. With splits, the merge kernel is launched as a
+programmatic dependent launch (Hopper): its programs are scheduled while the attention grid
+drains and wait on the device for its results, which hides the second launch.
 
 Numerics: tiles are loaded in the cache dtype; the two matrix products take 16-bit operands
 and accumulate in fp32 (the products of 16-bit numbers are exact in fp32), softmax statistics
@@ -20,6 +25,7 @@ memory. An fp32 cache uses IEEE fp32 products (no tf32) for exact parity tests.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -34,6 +40,10 @@ PROGRAMS_PER_SM_TARGET = 2  # split until B * H_kv * splits reaches this many pr
 MIN_SPLIT_POSITIONS = 128  # a split shorter than this many positions is mostly overhead
 MAX_SPLITS = 64
 H100_NUM_SMS = 132
+# Longest-first launch sorts the lengths in registers: batches up to this size. The sort key
+# packs a clamped length above 10 bits of row index, so capacities stay below 2**21.
+MAX_SORTED_ROWS = 256
+MAX_SORTED_CAPACITY = 1 << 21
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -44,13 +54,18 @@ class DecodeConfig:
 
     block_n: KV positions per tile; num_splits: programs per (row, KV head) — 1 means the
     attention kernel writes the output itself and no merge runs; num_warps, num_stages: Triton
-    launch options of the attention kernel (num_stages = tiles in flight in its loop).
+    launch options of the attention kernel (num_stages = tiles in flight in its loop);
+    longest_first: launch rows in decreasing order of live length (sorted on the device);
+    merge_pdl: launch the merge as a programmatic dependent launch (ignored where the GPU has
+    none, i.e. before Hopper, and in the interpreter).
     """
 
     block_n: int
     num_splits: int
     num_warps: int
     num_stages: int
+    longest_first: bool = False
+    merge_pdl: bool = False
 
 
 def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int,
@@ -89,16 +104,22 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
     num_splits = 1
     while rows * num_splits < PROGRAMS_PER_SM_TARGET * num_sms and num_splits * 2 <= max_splits:
         num_splits *= 2
-    return DecodeConfig(block_n, num_splits, num_warps, num_stages)
+    # fp32 caches (parity tests) keep launch order: with the sort their IEEE products spill.
+    longest_first = (dtype != torch.float32 and 2 <= batch <= MAX_SORTED_ROWS
+                     and capacity < MAX_SORTED_CAPACITY)
+    return DecodeConfig(block_n, num_splits, num_warps, num_stages, longest_first,
+                        merge_pdl=num_splits > 1)
 
 
-def attention_launch_meta(config: DecodeConfig, num_q_heads: int, num_kv_heads: int,
-                          head_dim: int) -> dict:
+def attention_launch_meta(config: DecodeConfig, batch: int, num_q_heads: int,
+                          num_kv_heads: int, head_dim: int) -> dict:
     """Constexprs and launch options of the attention kernel for ``config`` (what the AOT
     test compiles, so it sees exactly the binaries the engine launches)."""
     return dict(HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
                 GROUP_PAD=_group_pad(num_q_heads // num_kv_heads), BLOCK_N=config.block_n,
                 SINGLE_SPLIT=config.num_splits == 1,
+                ROWS_PAD=_rows_pad(batch) if config.longest_first else 1,
+                LAUNCH_DEPENDENTS=config.merge_pdl and config.num_splits > 1,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -110,7 +131,7 @@ def merge_launch_meta(config: DecodeConfig, head_dim: int) -> dict:
     # The whole [splits, D] fp32 block sits in registers: more warps for big ones.
     num_warps = 4 if splits_pad * d_pad <= 64 * 128 else 8
     return dict(HEAD_DIM=head_dim, D_PAD=d_pad, SPLITS_PAD=splits_pad,
-                num_warps=num_warps, num_stages=1)
+                WAIT_FOR_PRIMARY=config.merge_pdl, num_warps=num_warps, num_stages=1)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -143,6 +164,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
               and config.block_n & (config.block_n - 1) == 0):
         raise ValueError(f"config needs 1 <= num_splits <= {MAX_SPLITS} and block_n a power of "
                          f"two >= 16, got {config}")
+    elif config.longest_first and not (B <= MAX_SORTED_ROWS and C < MAX_SORTED_CAPACITY):
+        raise ValueError(f"longest_first sorts at most {MAX_SORTED_ROWS} rows of capacity below "
+                         f"{MAX_SORTED_CAPACITY}, got B={B}, C={C}")
+    if config.merge_pdl and not _has_pdl(q.device):
+        config = dataclasses.replace(config, merge_pdl=False)
     scale = D ** -0.5 if scale is None else scale
     splits = config.num_splits
     if splits == 1:
@@ -150,15 +176,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         partial_out, partial_lse = _alloc_partials(B, H_q, splits, D, q.device)
 
-    _decode_split_kernel[(B, H_kv, splits)](
+    # Grid (split, KV head, rank): programs start in launch order, so a row's splits and heads
+    # start together and rank 0 (the longest row, with longest_first) starts first.
+    _decode_split_kernel[(splits, H_kv, B)](
         q, k_cache, v_cache, seq_lens, out, partial_out, partial_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), C, H_q // H_kv, H_q, splits, scale * LOG2_E,
-        **attention_launch_meta(config, H_q, H_kv, D))
+        **attention_launch_meta(config, B, H_q, H_kv, D))
     if splits > 1:
         _merge_splits_kernel[(B, H_q)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1), splits,
-            **merge_launch_meta(config, D))
+            launch_pdl=config.merge_pdl, **merge_launch_meta(config, D))
     return out
 
 
@@ -176,19 +204,30 @@ def _decode_split_kernel(
         stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_ob, stride_oh,
         capacity, group, num_q_heads, num_splits, qk_scale_log2,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
-    """One (row b, KV head, split) program.
+        BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, ROWS_PAD: tl.constexpr,
+        LAUNCH_DEPENDENTS: tl.constexpr):
+    """One (split, KV head, rank) program; the grid is (S, H_kv, B).
 
     q: [B, H_q, D]; k, v: [B, C, H_kv, D] (shared strides); seq_lens: int32 [B].
+    ROWS_PAD > 1: rank r runs the row with the r-th longest live length (ties: lower row first;
+    ROWS_PAD >= B lengths are sorted); ROWS_PAD == 1: rank r runs row r.
+    LAUNCH_DEPENDENTS: allow the merge kernel (a programmatic dependent launch) to be scheduled.
     SINGLE_SPLIT: write softmax(qK)V to out [B, H_q, D] (q's dtype).
     Otherwise: write the split's normalised output to partial_out fp32 [B, H_q, S, D] and its
     log2-sum-exp2 (scores in log2 units) to partial_lse fp32 [B, H_q, S]; a split with no
     live positions writes only its lse, -inf, which tells the merge to skip it.
     The query group is padded to GROUP_PAD >= 16 rows so both products run on tensor cores.
     """
-    row = tl.program_id(0)
+    split = tl.program_id(0)
     kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    rank = tl.program_id(2)
+    if LAUNCH_DEPENDENTS:
+        # The merge's programs may now take free slots; they wait on the device for this grid.
+        tl.extra.cuda.gdc_launch_dependents()
+    if ROWS_PAD > 1:
+        row = _row_of_rank(seq_lens_ptr, rank, tl.num_programs(2), capacity, ROWS_PAD)
+    else:
+        row = rank
     row64 = row.to(tl.int64)
 
     seq_len = tl.minimum(tl.maximum(tl.load(seq_lens_ptr + row), 0), capacity)
@@ -250,14 +289,31 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _row_of_rank(seq_lens_ptr, rank, batch, capacity, ROWS_PAD: tl.constexpr):
+    """The row with the rank-th longest live length of seq_lens int32 [batch] (clamped to
+    [0, capacity] as the kernel reads them; ties go to the lower row). batch <= ROWS_PAD <= 1024,
+    capacity < 2**21: the int32 key is the length above 10 bits of the row's complement, so
+    keys are distinct and a descending sort puts longer rows, then lower rows, first."""
+    rows = tl.arange(0, ROWS_PAD)
+    live = rows < batch
+    lens = tl.minimum(tl.maximum(tl.load(seq_lens_ptr + rows, mask=live, other=0), 0), capacity)
+    keys = tl.where(live, lens * 1024 + (1023 - rows), -1)
+    ordered = tl.sort(keys, descending=True)
+    key = tl.sum(tl.where(rows == rank, ordered, 0))
+    return 1023 - key % 1024
+
+
+@triton.jit
 def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_ob, stride_oh,
                          num_splits, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                         SPLITS_PAD: tl.constexpr):
+                         SPLITS_PAD: tl.constexpr, WAIT_FOR_PRIMARY: tl.constexpr):
     """One (row b, query head) program: combine the splits' partial outputs by their weights.
 
     partial_out: fp32 [B, H_q, S, D] (written for live splits only), partial_lse: fp32
     [B, H_q, S] (log2 units, -inf for a split without live positions), as written by
     ``_decode_split_kernel``; out: [B, H_q, D]. A dead row (no live split) gets zeros.
+    WAIT_FOR_PRIMARY: launched as a programmatic dependent launch; wait until the attention
+    grid has finished and its writes are visible before reading them.
     """
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -265,6 +321,8 @@ def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_ob, s
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, D_PAD)
     slot = (row.to(tl.int64) * num_q_heads + head) * num_splits + offs_s
+    if WAIT_FOR_PRIMARY:
+        tl.extra.cuda.gdc_wait()
     lse = tl.load(partial_lse_ptr + slot, mask=offs_s < num_splits, other=float("-inf"))
     split_live = lse > float("-inf")
     lse_max = tl.max(lse, axis=0)
@@ -279,6 +337,11 @@ def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_ob, s
     merged = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     out_ptrs = out_ptr + row.to(tl.int64) * stride_ob + head * stride_oh + offs_d
     tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=d_live)
+
+
+def _rows_pad(batch: int) -> int:
+    """Lengths sorted per program for longest_first: two sizes, so few binaries."""
+    return 64 if batch <= 64 else MAX_SORTED_ROWS
 
 
 def _group_pad(group: int) -> int:
@@ -319,6 +382,19 @@ def _check_inputs(q, k_cache, v_cache, seq_lens) -> tuple[int, int, int, int, in
         raise ValueError(f"seq_lens must be int32 [B={B}] on {q.device}, got {seq_lens.dtype} "
                          f"{tuple(seq_lens.shape)} on {seq_lens.device}")
     return B, H_q, D, C, H_kv
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl_cached(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _has_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: CUDA GPUs from Hopper (sm_90) on; not the interpreter."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _has_pdl_cached(index)
 
 
 @functools.lru_cache(maxsize=None)

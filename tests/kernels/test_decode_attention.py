@@ -8,6 +8,8 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels import decode_attention as da
 from kernels import reference
@@ -98,6 +100,40 @@ def test_merge_never_reads_unwritten_partials(monkeypatch):
     run_and_check(3, 64, 4, 2, 64, [5, 0, 64], torch.float32, config=config)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_longest_first_matches_reference(splits):
+    """Rows run in sorted order (ties, dead rows, a row longer than the slab clamps to C) and
+    every (row, head, split) still lands in its own output."""
+    config = da.DecodeConfig(block_n=16, num_splits=splits, num_warps=4, num_stages=2,
+                             longest_first=True)
+    run_and_check(6, 40, 4, 2, 64, [7, 40, 0, 7, 1, 33], torch.float32, config=config)
+
+
+@triton.jit
+def _ranked_rows_kernel(seq_lens_ptr, ranks_ptr, rows_ptr, batch, capacity,
+                        ROWS_PAD: tl.constexpr):
+    rank = tl.load(ranks_ptr + tl.program_id(0))
+    tl.store(rows_ptr + tl.program_id(0),
+             da._row_of_rank(seq_lens_ptr, rank, batch, capacity, ROWS_PAD))
+
+
+@pytest.mark.parametrize("B,rows_pad", [(5, 64), (64, 64), (200, 256)])
+def test_row_of_rank_is_the_longest_first_permutation(B, rows_pad):
+    """Rank r gets the r-th longest row (lengths clamped to [0, C]; ties: lower row first).
+    Through the interpreter a 256-slot sort is slow, so a few ranks of each end are checked."""
+    C = 50
+    lens = torch.randint(-3, 70, (B,), generator=torch.Generator().manual_seed(B))
+    lens[:2] = lens[2]  # a tie
+    ranks = sorted({*range(min(B, 6)), *range(max(0, B - 6), B), B // 2})
+    rows = torch.full((len(ranks),), -1, dtype=torch.int32, device=DEVICE)
+    _ranked_rows_kernel[(len(ranks),)](lens.to(torch.int32).to(DEVICE),
+                                       torch.tensor(ranks, dtype=torch.int32, device=DEVICE),
+                                       rows, B, C, ROWS_PAD=rows_pad)
+    clamped = lens.clamp(0, C).tolist()
+    expected = sorted(range(B), key=lambda b: (-clamped[b], b))
+    assert rows.tolist() == [expected[r] for r in ranks]
+
+
 def test_all_rows_dead_give_zeros():
     for splits in (1, 4):
         config = da.DecodeConfig(block_n=16, num_splits=splits, num_warps=4, num_stages=2)
@@ -184,6 +220,9 @@ def test_decode_config_fills_the_machine():
             assert c.num_splits == 1 or C // c.num_splits >= max(da.MIN_SPLIT_POSITIONS,
                                                                  c.block_n)
             assert c == cfg(B, C)  # pure
+            assert c.longest_first == (B >= 2)  # one row: nothing to order
+            assert c.merge_pdl == (c.num_splits > 1)
+    assert not cfg(512, 1024).longest_first  # more rows than one program sorts
 
 
 @pytest.mark.parametrize("B,C", [(1, 768), (1, 8192), (64, 768), (256, 1024)])
@@ -214,6 +253,11 @@ def test_bad_inputs_raise_clear_errors():
         da.decode_attention(q, k, v, lens, config=da.DecodeConfig(24, 1, 4, 2))
     with pytest.raises(ValueError, match="head_dim"):
         da.decode_config(1, 16, 4, 2, 512, torch.float16)
+    with pytest.raises(ValueError, match="longest_first sorts at most"):
+        big = make_inputs(da.MAX_SORTED_ROWS + 1, 16, 2, 1, 16, [1] * (da.MAX_SORTED_ROWS + 1),
+                          torch.float32)
+        da.decode_attention(big[0], big[1], big[2], big[5],
+                            config=da.DecodeConfig(16, 1, 4, 2, longest_first=True))
 
 
 # ----------------------------------------------------------------------------- GPU only
