@@ -195,7 +195,7 @@ def sweep_candidates(default, batch: int, capacity: int) -> list:
         out.append(dataclasses.replace(d, longest_first=not d.longest_first))
     if d.num_splits > 1:
         out.append(dataclasses.replace(d, merge_pdl=not d.merge_pdl))
-    for block_n in (32, 128):
+    for block_n in (32, 64, 128):
         out.append(dataclasses.replace(d, block_n=block_n,
                                        num_stages=2 if block_n == 128 else d.num_stages))
     # 128-position tiles at D=64 are the bytes of 64-position tiles at D=128.

@@ -88,15 +88,23 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
         # IEEE fp32 products run on CUDA cores with operands in registers: small tiles, no
         # prefetch (ptxas spills otherwise). fp32 caches exist for parity tests, not speed.
         block_n, num_warps, num_stages = 32, 4 if d_pad <= 128 else 8, 1
-    elif d_pad <= 128:
-        # K and V tiles of 64 x 128 or 128 x 64 bf16, 16 KB each. On the H100 sweeps (bench
-        # --sweep, CUDA-graph timing) two warps and two stages were the only setting within 3% of
-        # the best on every canonical (D = 128) shape; four warps lost 5-10% on uniform B >= 64
-        # slabs. At D = 64, 128-position tiles matched or beat 64-position ones on all six swept
-        # shapes (results/kernels_d64.json; up to 6% on skewed B = 64).
-        block_n, num_warps, num_stages = (128 if d_pad <= 64 else 64), 2, 2
-    else:
+    elif d_pad > 128:
         block_n, num_warps, num_stages = 32, 8, 3
+    elif d_pad <= 64:
+        # 128 x 64 tiles, 16 KB each. On the H100 (bench --sweep, CUDA-graph timing) they matched
+        # or beat 64-position tiles on all six D = 64 shapes (results/kernels_d64.json), and two
+        # warps beat four at B = 64.
+        block_n, num_warps, num_stages = 128, 2, 2
+    elif batch == 1:
+        # One row is all splits: small 64 x 128 tiles, many programs, each a short stream.
+        block_n, num_warps, num_stages = 64, 2, 2
+    else:
+        # 128 x 128 tiles over four warps: two programs per SM (registers), so a B >= 64 slab
+        # runs in two waves, and longest-first ordering balances skewed rows across them.
+        # On the H100 sweep this matched the best setting on every uniform canonical shape and
+        # was up to 11% faster on skewed ones than 64 x 128 tiles over two warps (four
+        # programs per SM: one wave, which ends on the longest rows).
+        block_n, num_warps, num_stages = 128, 4, 2
     block_n = min(block_n, max(16, triton.next_power_of_2(capacity)))
 
     rows = batch * num_kv_heads
@@ -221,9 +229,6 @@ def _decode_split_kernel(
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     rank = tl.program_id(2)
-    if LAUNCH_DEPENDENTS:
-        # The merge's programs may now take free slots; they wait on the device for this grid.
-        tl.extra.cuda.gdc_launch_dependents()
     if ROWS_PAD > 1:
         row = _row_of_rank(seq_lens_ptr, rank, tl.num_programs(2), capacity, ROWS_PAD)
     else:
@@ -273,6 +278,10 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
+    if LAUNCH_DEPENDENTS:
+        # Once every program is past its loop the merge's programs may take free slots (they
+        # wait on the device for this grid's writes), so the second launch is off the path.
+        tl.extra.cuda.gdc_launch_dependents()
     # A dead row or an empty split has l_i == 0: its output is zeros, never 0/0.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out_tile = acc / l_safe[:, None]
