@@ -9,10 +9,10 @@ log-sum-exp, which a second small kernel merges.
 The launch grid depends only on (B, C, head shape, SM count), never on ``seq_lens``, so one
 CUDA graph serves every batch of a bin. Inside, each split covers an equal share of the row's
 *live* length (read on the device), so padding costs memory but not bandwidth, and rows of
-very different lengths still spread over all splits. Rows are launched longest first (each
-program sorts the batch's lengths on the device): with more programs than the GPU holds at once,
-the last ones to start are then the shortest, and the grid does not end on a few long programs
-streaming alone while the rest of the GPU idles. With splits, the merge kernel is launched as a
+very different lengths still spread over all splits. Batches of up to 64 rows are launched
+longest first (each program sorts the batch's lengths on the device): with more programs than
+the GPU holds at once, the last ones to start are then the shortest, and the grid does not end
+on a few long programs streaming alone while the rest of the GPU idles. With splits, the merge kernel is launched as a
 programmatic dependent launch (Hopper): its programs are scheduled while the attention grid
 drains and wait on the device for its results, which hides the second launch.
 
@@ -40,9 +40,11 @@ PROGRAMS_PER_SM_TARGET = 2  # split until B * H_kv * splits reaches this many pr
 MIN_SPLIT_POSITIONS = 128  # a split shorter than this many positions is mostly overhead
 MAX_SPLITS = 64
 H100_NUM_SMS = 132
-# Longest-first launch sorts the lengths in registers: batches up to this size. The sort key
-# packs a clamped length above 10 bits of row index, so capacities stay below 2**21.
-MAX_SORTED_ROWS = 256
+# Longest-first launch sorts the lengths in every program: batches up to this size (on the
+# H100 sweep a 256-row sort cost more than it saved at B = 256, where the many waves of
+# programs balance already). The sort key packs a clamped length above 10 bits of row index,
+# so capacities stay below 2**21.
+MAX_SORTED_ROWS = 64
 MAX_SORTED_CAPACITY = 1 << 21
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -99,7 +101,7 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
         # One row is all splits: small 64 x 128 tiles, many programs, each a short stream.
         block_n, num_warps, num_stages = 64, 2, 2
     else:
-        # 128 x 128 tiles over four warps: two programs per SM (registers), so a B >= 64 slab
+        # 128 x 128 tiles over four warps: two programs per SM (registers), so a B = 64 slab
         # runs in two waves, and longest-first ordering balances skewed rows across them.
         # On the H100 sweep this matched the best setting on every uniform canonical shape and
         # was up to 11% faster on skewed ones than 64 x 128 tiles over two warps (four
@@ -119,14 +121,14 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
                         merge_pdl=num_splits > 1)
 
 
-def attention_launch_meta(config: DecodeConfig, batch: int, num_q_heads: int,
-                          num_kv_heads: int, head_dim: int) -> dict:
+def attention_launch_meta(config: DecodeConfig, num_q_heads: int, num_kv_heads: int,
+                          head_dim: int) -> dict:
     """Constexprs and launch options of the attention kernel for ``config`` (what the AOT
     test compiles, so it sees exactly the binaries the engine launches)."""
     return dict(HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
                 GROUP_PAD=_group_pad(num_q_heads // num_kv_heads), BLOCK_N=config.block_n,
                 SINGLE_SPLIT=config.num_splits == 1,
-                ROWS_PAD=_rows_pad(batch) if config.longest_first else 1,
+                ROWS_PAD=MAX_SORTED_ROWS if config.longest_first else 1,
                 LAUNCH_DEPENDENTS=config.merge_pdl and config.num_splits > 1,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -190,7 +192,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, seq_lens, out, partial_out, partial_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), C, H_q // H_kv, H_q, splits, scale * LOG2_E,
-        **attention_launch_meta(config, B, H_q, H_kv, D))
+        **attention_launch_meta(config, H_q, H_kv, D))
     if splits > 1:
         _merge_splits_kernel[(B, H_q)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1), splits,
@@ -218,7 +220,7 @@ def _decode_split_kernel(
 
     q: [B, H_q, D]; k, v: [B, C, H_kv, D] (shared strides); seq_lens: int32 [B].
     ROWS_PAD > 1: rank r runs the row with the r-th longest live length (ties: lower row first;
-    ROWS_PAD >= B lengths are sorted); ROWS_PAD == 1: rank r runs row r.
+    B <= ROWS_PAD); ROWS_PAD == 1: rank r runs row r.
     LAUNCH_DEPENDENTS: allow the merge kernel (a programmatic dependent launch) to be scheduled.
     SINGLE_SPLIT: write softmax(qK)V to out [B, H_q, D] (q's dtype).
     Otherwise: write the split's normalised output to partial_out fp32 [B, H_q, S, D] and its
@@ -346,11 +348,6 @@ def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_ob, s
     merged = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     out_ptrs = out_ptr + row.to(tl.int64) * stride_ob + head * stride_oh + offs_d
     tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=d_live)
-
-
-def _rows_pad(batch: int) -> int:
-    """Lengths sorted per program for longest_first: two sizes, so few binaries."""
-    return 64 if batch <= 64 else MAX_SORTED_ROWS
 
 
 def _group_pad(group: int) -> int:

@@ -36,7 +36,7 @@ def distinct_launches() -> list[dict]:
             for B in BATCHES:
                 for C in CAPACITIES:
                     config = da.decode_config(B, C, H_q, H_kv, D, dtype, NUM_SMS)
-                    entries = [("attention", da.attention_launch_meta(config, B, H_q, H_kv, D))]
+                    entries = [("attention", da.attention_launch_meta(config, H_q, H_kv, D))]
                     if config.num_splits > 1:
                         entries.append(("merge", da.merge_launch_meta(config, D)))
                     for kernel, meta in entries:

@@ -117,10 +117,10 @@ def _ranked_rows_kernel(seq_lens_ptr, ranks_ptr, rows_ptr, batch, capacity,
              da._row_of_rank(seq_lens_ptr, rank, batch, capacity, ROWS_PAD))
 
 
-@pytest.mark.parametrize("B,rows_pad", [(5, 64), (64, 64), (200, 256)])
+@pytest.mark.parametrize("B,rows_pad", [(5, 64), (64, 64), (30, 32)])
 def test_row_of_rank_is_the_longest_first_permutation(B, rows_pad):
     """Rank r gets the r-th longest row (lengths clamped to [0, C]; ties: lower row first).
-    Through the interpreter a 256-slot sort is slow, so a few ranks of each end are checked."""
+    The interpreter sorts slowly, so a few ranks of each end and the middle are checked."""
     C = 50
     lens = torch.randint(-3, 70, (B,), generator=torch.Generator().manual_seed(B))
     lens[:2] = lens[2]  # a tie
@@ -220,9 +220,9 @@ def test_decode_config_fills_the_machine():
             assert c.num_splits == 1 or C // c.num_splits >= max(da.MIN_SPLIT_POSITIONS,
                                                                  c.block_n)
             assert c == cfg(B, C)  # pure
-            assert c.longest_first == (B >= 2)  # one row: nothing to order
+            # One row has nothing to order; past MAX_SORTED_ROWS the sort costs more than it saves.
+            assert c.longest_first == (2 <= B <= da.MAX_SORTED_ROWS)
             assert c.merge_pdl == (c.num_splits > 1)
-    assert not cfg(512, 1024).longest_first  # more rows than one program sorts
 
 
 @pytest.mark.parametrize("B,C", [(1, 768), (1, 8192), (64, 768), (256, 1024)])
