@@ -184,14 +184,14 @@ def bench_shape(shape: Shape, copy_gbps: float) -> dict:
 
 def sweep_candidates(default, batch: int, capacity: int) -> list:
     """Alternatives around ``default``, one knob at a time, plus the obvious big-tile pairing."""
-    from kernels.decode_attention import MAX_SPLITS
+    from kernels.decode_attention import MAX_SORTED_ROWS, MAX_SPLITS
 
     d = default
     out = [d]
     for splits in (d.num_splits // 4, d.num_splits // 2, d.num_splits * 2, d.num_splits * 4):
         if 1 <= splits <= MAX_SPLITS and capacity // splits >= d.block_n:
             out.append(dataclasses.replace(d, num_splits=splits, merge_pdl=splits > 1))
-    if batch > 1:  # launch order only matters with several rows
+    if 2 <= batch <= MAX_SORTED_ROWS:  # launch order only matters with several rows
         out.append(dataclasses.replace(d, longest_first=not d.longest_first))
     if d.num_splits > 1:
         out.append(dataclasses.replace(d, merge_pdl=not d.merge_pdl))

@@ -40,6 +40,9 @@ PROGRAMS_PER_SM_TARGET = 2  # split until B * H_kv * splits reaches this many pr
 MIN_SPLIT_POSITIONS = 128  # a split shorter than this many positions is mostly overhead
 MAX_SPLITS = 64
 H100_NUM_SMS = 132
+# 64 x 128 bf16 tiles over two warps take 254 registers a thread: four programs fit an SM.
+SMALL_TILE_PROGRAMS_PER_SM = 4
+LONG_SLAB = 2048  # positions from which D = 128 slabs take 128 x 128 tiles (see decode_config)
 # Longest-first launch sorts the lengths in every program: batches up to this size (on the
 # H100 sweep a 256-row sort cost more than it saved at B = 256, where the many waves of
 # programs balance already). The sort key packs a clamped length above 10 bits of row index,
@@ -97,26 +100,33 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
         # or beat 64-position tiles on all six D = 64 shapes (results/kernels_d64.json), and two
         # warps beat four at B = 64.
         block_n, num_warps, num_stages = 128, 2, 2
-    elif batch == 1:
-        # One row is all splits: small 64 x 128 tiles, many programs, each a short stream.
-        block_n, num_warps, num_stages = 64, 2, 2
     else:
-        # 128 x 128 tiles over four warps: two programs per SM (registers), so a B = 64 slab
-        # runs in two waves, and longest-first ordering balances skewed rows across them.
-        # On the H100 sweep this matched the best setting on every uniform canonical shape and
-        # was up to 11% faster on skewed ones than 64 x 128 tiles over two warps (four
-        # programs per SM: one wave, which ends on the longest rows).
-        block_n, num_warps, num_stages = 128, 4, 2
-    block_n = min(block_n, max(16, triton.next_power_of_2(capacity)))
+        block_n, num_warps, num_stages = 64, 2, 2  # may grow to 128 below
 
     rows = batch * num_kv_heads
     max_splits = min(MAX_SPLITS, max(1, capacity // max(MIN_SPLIT_POSITIONS, block_n)))
     num_splits = 1
     while rows * num_splits < PROGRAMS_PER_SM_TARGET * num_sms and num_splits * 2 <= max_splits:
         num_splits *= 2
+    programs = rows * num_splits
+
     # fp32 caches (parity tests) keep launch order: with the sort their IEEE products spill.
     longest_first = (dtype != torch.float32 and 2 <= batch <= MAX_SORTED_ROWS
                      and capacity < MAX_SORTED_CAPACITY)
+    if (dtype != torch.float32 and d_pad == 128 and batch > 1
+            and (capacity >= LONG_SLAB or programs > SMALL_TILE_PROGRAMS_PER_SM * num_sms)):
+        # 128 x 128 tiles over four warps: two programs per SM, so the slab runs in two or more
+        # waves and longest-first order balances skewed rows across them. With 64 x 128 tiles
+        # (four programs per SM) a B = 64 slab is one wave, which ends on its longest rows: on
+        # the H100 sweeps the big tiles were up to 11% faster on skewed slabs of C >= 2048 and
+        # as fast on uniform ones, and as fast or faster at every B >= 128. A short slab
+        # (C < 2048) that fits one wave keeps the small tiles: its rows are short streams, and
+        # at the engine's shape (B = 64, ~530 positions) they were 6% faster uniform and 5%
+        # slower skewed.
+        block_n, num_warps, num_stages = 128, 4, 2
+    elif programs <= SMALL_TILE_PROGRAMS_PER_SM * num_sms:
+        longest_first = False  # one wave: every program starts at once, order is moot
+    block_n = min(block_n, max(16, triton.next_power_of_2(capacity)))
     return DecodeConfig(block_n, num_splits, num_warps, num_stages, longest_first,
                         merge_pdl=num_splits > 1)
 

@@ -221,18 +221,36 @@ def test_decode_config_fills_the_machine():
                                                                  c.block_n)
             assert c == cfg(B, C)  # pure
             # One row has nothing to order; past MAX_SORTED_ROWS the sort costs more than it saves.
-            assert c.longest_first == (2 <= B <= da.MAX_SORTED_ROWS)
+            assert not c.longest_first or 2 <= B <= da.MAX_SORTED_ROWS
             assert c.merge_pdl == (c.num_splits > 1)
 
 
 @pytest.mark.parametrize("B,C", [(1, 768), (1, 8192), (64, 768), (256, 1024)])
 def test_head_dim_does_not_change_the_split_count(B, C):
     """D = 64 and D = 128 cut a (B, C) slab into the same splits; 16-bit tiles stay within
-    32 KB (128 x 128) and a single row gets the smaller 64 x 128 tiles at D = 128."""
+    32 KB (128 x 128)."""
     c64 = da.decode_config(B, C, 32, 8, 64, torch.bfloat16, 132)
     c128 = da.decode_config(B, C, 32, 8, 128, torch.bfloat16, 132)
     assert c64.num_splits == c128.num_splits
-    assert c64.block_n == 128 and c128.block_n == (64 if B == 1 else 128)
+    assert c64.block_n == 128 and c128.block_n in (64, 128)
+
+
+# (B, C) -> (block_n, num_warps, longest_first) at D = 128, bf16, 132 SMs.
+D128_LAYOUTS = {
+    (1, 8192): (64, 2, False),  # one row: all splits, small tiles
+    (8, 1024): (64, 2, False),  # 512 programs of a short slab: one wave of small tiles
+    (64, 1024): (64, 2, False),
+    (64, 2048): (128, 4, True),  # a long slab: two waves of big tiles, longest rows first
+    (16, 2048): (128, 4, True),
+    (128, 1024): (128, 4, False),  # more programs than one wave; too many rows to sort
+    (256, 1024): (128, 4, False),
+}
+
+
+@pytest.mark.parametrize("B,C", list(D128_LAYOUTS), ids=[f"B{b}-C{c}" for b, c in D128_LAYOUTS])
+def test_d128_tile_layout_follows_waves_and_slab_length(B, C):
+    c = da.decode_config(B, C, 32, 8, 128, torch.bfloat16, 132)
+    assert (c.block_n, c.num_warps, c.longest_first) == D128_LAYOUTS[B, C]
 
 
 def test_bad_inputs_raise_clear_errors():
