@@ -9,12 +9,12 @@ log-sum-exp, which a second small kernel merges.
 The launch grid depends only on (B, C, head shape, SM count), never on ``seq_lens``, so one
 CUDA graph serves every batch of a bin. Inside, each split covers an equal share of the row's
 *live* length (read on the device), so padding costs memory but not bandwidth, and rows of
-very different lengths still spread over all splits. Batches of up to 64 rows are launched
-longest first (each program sorts the batch's lengths on the device): with more programs than
-the GPU holds at once, the last ones to start are then the shortest, and the grid does not end
-on a few long programs streaming alone while the rest of the GPU idles. With splits, the merge kernel is launched as a
-programmatic dependent launch (Hopper): its programs are scheduled while the attention grid
-drains and wait on the device for its results, which hides the second launch.
+very different lengths still spread over all splits. When a batch of up to 64 rows has more
+programs than the GPU holds at once, rows are launched longest first (each program sorts the
+batch's lengths on the device): the last programs to start are then the shortest, and the grid
+does not end on a few long rows streaming alone while the rest of the GPU idles. With splits,
+the merge kernel is a programmatic dependent launch (Hopper): its programs are scheduled while
+the attention grid drains and wait on the device for its results, which hides the second launch.
 
 Numerics: tiles are loaded in the cache dtype; the two matrix products take 16-bit operands
 and accumulate in fp32 (the products of 16-bit numbers are exact in fp32), softmax statistics
