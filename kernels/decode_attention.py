@@ -96,9 +96,9 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
     elif d_pad > 128:
         block_n, num_warps, num_stages = 32, 8, 3
     elif d_pad <= 64:
-        # 128 x 64 tiles, 16 KB each. On the H100 (bench --sweep, CUDA-graph timing) they matched
-        # or beat 64-position tiles on all six D = 64 shapes (results/kernels_d64.json), and two
-        # warps beat four at B = 64.
+        # 128 x 64 tiles, 16 KB each. On the H100 (bench --sweep, CUDA-graph timing, commit
+        # cd45d2d; bench/RESULTS.md) they matched or beat 64-position tiles on all six D = 64
+        # shapes, and two warps beat four at B = 64.
         block_n, num_warps, num_stages = 128, 2, 2
     else:
         block_n, num_warps, num_stages = 64, 2, 2  # may grow to 128 below
@@ -401,26 +401,25 @@ def _check_inputs(q, k_cache, v_cache, seq_lens) -> tuple[int, int, int, int, in
 
 
 @functools.lru_cache(maxsize=None)
-def _has_pdl_cached(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+def _cuda_properties(device_index: int):
+    return torch.cuda.get_device_properties(device_index)
+
+
+def _device_properties(device: torch.device):
+    """The CUDA properties of q's GPU (cached), or None without one (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _cuda_properties(device.index if device.index is not None
+                            else torch.cuda.current_device())
 
 
 def _has_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch: CUDA GPUs from Hopper (sm_90) on; not the interpreter."""
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _has_pdl_cached(index)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms_cached(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    props = _device_properties(device)
+    return props is not None and props.major >= 9
 
 
 def _num_sms(device: torch.device) -> int:
     """SMs of q's GPU; without one (the interpreter) the H100's, so configs match the GPU's."""
-    if device.type != "cuda":
-        return H100_NUM_SMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _num_sms_cached(index)
+    props = _device_properties(device)
+    return H100_NUM_SMS if props is None else props.multi_processor_count
