@@ -7,17 +7,9 @@ import torch
 
 from kernels import reference
 from kernels.activation import silu_and_mul
+from tests.kernels.numerics import rel_l2
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -11,11 +11,6 @@ from kernels.argmax import argmax, argmax_launch
 CHUNK = argmax_launch(1).chunk
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 def check(logits: torch.Tensor) -> None:
     out = torch.full((logits.shape[0],), -7, dtype=torch.int64, device=logits.device)
     result = argmax(logits, out=out)

@@ -13,13 +13,10 @@ import triton.language as tl
 
 from kernels import decode_attention as da
 from kernels import reference
+from tests.kernels.numerics import rel_l2
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-
-
-def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
 def make_inputs(B, C, H_q, H_kv, D, seq_lens, dtype, seed=0):
@@ -46,7 +43,7 @@ def run_and_check(B, C, H_q, H_kv, D, seq_lens, dtype, config=None, scale=None):
     assert not out.isnan().any(), "unwritten or NaN-polluted output elements"
     live = lens > 0
     if live.any():
-        err = relative_l2(out[live], expected[live])
+        err = rel_l2(out[live], expected[live])
         assert err < TOLERANCE[dtype], f"relative L2 error {err:.2e}"
     assert (out[~live] == 0).all(), "dead rows must be exactly zero"
     return out
@@ -148,7 +145,7 @@ def test_seq_lens_outside_slab_are_clamped():
     out = da.decode_attention(q, k, v, lens)
     expected = reference.decode_attention(q, k, v, torch.tensor([24, 0], dtype=torch.int32,
                                                                 device=DEVICE))
-    assert relative_l2(out[:1], expected[:1]) < 1e-4
+    assert rel_l2(out[:1], expected[:1]) < 1e-4
     assert (out[1] == 0).all()
 
 
@@ -167,7 +164,7 @@ def test_strided_query_and_output_views():
     out = big_out[:, 1:H_q + 1]
     da.decode_attention(q, k, v, lens, out=out)
     expected = reference.decode_attention(q, k, v, lens)
-    assert relative_l2(out, expected) < 5e-3
+    assert rel_l2(out, expected) < 5e-3
     assert big_out[:, 0].isnan().all() and big_out[:, H_q + 1:].isnan().all()
 
 
@@ -200,7 +197,7 @@ def test_launch_grid_does_not_depend_on_seq_lens(monkeypatch):
         out = da.decode_attention(q, k, v, seq_lens)
         live = seq_lens > 0
         expected = reference.decode_attention(q, k, v, seq_lens)
-        assert relative_l2(out[live], expected[live]) < 1e-4
+        assert rel_l2(out[live], expected[live]) < 1e-4
         launches.append(list(calls))
     assert len(launches[0]) == 2
     assert launches[0] == launches[1]
@@ -297,7 +294,7 @@ def test_bf16_canonical_shapes(B, L, skewed):
     da.decode_attention(q, k, v, lens, out=out)
     expected = reference.decode_attention(q, k, v, lens)
     assert not out.isnan().any()
-    assert relative_l2(out, expected) < 1e-2
+    assert rel_l2(out, expected) < 1e-2
 
 
 @pytest.mark.gpu
@@ -338,5 +335,5 @@ def test_cuda_graph_replays_with_new_lengths():
         expected = reference.decode_attention(q, k, v, lens)
         assert not out.isnan().any()
         live = lens > 0
-        assert relative_l2(out[live], expected[live]) < 1e-2
+        assert rel_l2(out[live], expected[live]) < 1e-2
         assert (out[~live] == 0).all()

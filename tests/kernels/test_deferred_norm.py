@@ -15,18 +15,10 @@ from kernels.activation import silu_and_mul
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import rope_kv_write
 from kernels.rope_table import rope_cos_sin
+from tests.kernels.numerics import rel_l2
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 EPS = 1e-5
-
-
-def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 def rows(t: int, hidden: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:

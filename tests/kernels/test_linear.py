@@ -13,6 +13,7 @@ import torch
 from kernels import linear, reference
 from kernels.linear import (GEMV_MAX_ROWS, gated_linear_residual, linear_residual, norm_linear,
                             gemv_config)
+from tests.kernels.numerics import rel_l2
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 EPS = 1e-5
@@ -20,15 +21,6 @@ EPS = 1e-5
 # cuBLAS side of the switch.
 SHAPES = [(1, 64, 256), (GEMV_MAX_ROWS, 40, 96), (1, 17, 300), (1, 24, 1100),
           (GEMV_MAX_ROWS + 3, 32, 64)]
-
-
-def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 def weights(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 
 from kernels import reference
 from kernels.prefill_attention import prefill_attention, prefill_config
+from tests.kernels.numerics import rel_l2
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 SMALL_BLOCKS = (32, 16, 4, 1)  # BLOCK_M, BLOCK_N, num_warps, num_stages
@@ -24,17 +25,13 @@ def make_batch(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device="cpu"
     return q, k, v, cu_seqlens.to(device)
 
 
-def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
-
-
 def check_against_reference(q, k, v, cu_seqlens, max_seqlen, scale=None, config=None):
     out = torch.full_like(q, float("nan"))
     result = prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, out=out, config=config)
     assert result is out
     expected = reference.prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale)
     assert torch.isfinite(out).all(), "rows left unwritten (NaN poison survived)"
-    error = relative_l2(out, expected)
+    error = rel_l2(out, expected)
     assert error < TOLERANCE[q.dtype], f"relative L2 error {error:.2e}"
 
 
@@ -105,7 +102,7 @@ def test_explicit_scale_and_fresh_output():
     out = prefill_attention(q, k, v, cu_seqlens, 38, scale=0.3, config=SMALL_BLOCKS)
     expected = reference.prefill_attention(q, k, v, cu_seqlens, 38, scale=0.3)
     assert out.shape == q.shape and out.dtype == q.dtype
-    assert relative_l2(out, expected) < TOLERANCE[torch.float32]
+    assert rel_l2(out, expected) < TOLERANCE[torch.float32]
 
 
 def test_max_seqlen_larger_than_needed_is_harmless():
