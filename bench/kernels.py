@@ -201,6 +201,7 @@ def sweep_candidates(default, batch: int, capacity: int) -> list:
     # 128-position tiles at D=64 are the bytes of 64-position tiles at D=128.
     out += [dataclasses.replace(d, block_n=128, num_warps=4, num_stages=s) for s in (2, 3)]
     out += [dataclasses.replace(d, num_warps=w) for w in (2, 4, 8)]
+    out.append(dataclasses.replace(d, block_n=32, num_warps=1, num_stages=3))  # short D = 64
     out += [dataclasses.replace(d, num_stages=s) for s in (2, 4)]
     unique = []
     for c in out:

@@ -12,9 +12,12 @@ CUDA graph serves every batch of a bin. Inside, each split covers an equal share
 very different lengths still spread over all splits. When a batch of up to 64 rows has more
 programs than the GPU holds at once, rows are launched longest first (each program sorts the
 batch's lengths on the device): the last programs to start are then the shortest, and the grid
-does not end on a few long rows streaming alone while the rest of the GPU idles. With splits,
-the merge kernel is a programmatic dependent launch (Hopper): its programs are scheduled while
-the attention grid drains and wait on the device for its results, which hides the second launch.
+does not end on a few long rows streaming alone while the rest of the GPU idles. On Hopper
+both kernels are programmatic dependent launches: the attention grid launches while the kernel
+before it (RoPE + K/V write in a decode step) finishes and waits on the device for its writes;
+with one split it releases the next kernel (the output projection) at once, so that kernel's
+weight prefetch overlaps the attention; with splits, the merge's programs are scheduled while
+the attention grid drains and wait for its results, which hides the second launch.
 
 Numerics: tiles are loaded in the cache dtype; the two matrix products take 16-bit operands
 and accumulate in fp32 (the products of 16-bit numbers are exact in fp32), softmax statistics
@@ -26,12 +29,13 @@ memory. An fp32 cache uses IEEE fp32 products (no tf32) for exact parity tests.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.device import H100_NUM_SMS, has_pdl, sm_count
 
 LOG2_E = 1.4426950408889634
 
@@ -39,10 +43,10 @@ LOG2_E = 1.4426950408889634
 PROGRAMS_PER_SM_TARGET = 2  # split until B * H_kv * splits reaches this many programs per SM
 MIN_SPLIT_POSITIONS = 128  # a split shorter than this many positions is mostly overhead
 MAX_SPLITS = 64
-H100_NUM_SMS = 132
 # 64 x 128 bf16 tiles over two warps take 254 registers a thread: four programs fit an SM.
 SMALL_TILE_PROGRAMS_PER_SM = 4
 LONG_SLAB = 2048  # positions from which D = 128 slabs take 128 x 128 tiles (see decode_config)
+SHORT_SLAB = 1024  # positions up to which D = 64 slabs take 32-position tiles on one warp
 # Longest-first launch sorts the lengths in every program: batches up to this size (on the
 # H100 sweep a 256-row sort cost more than it saved at B = 256, where the many waves of
 # programs balance already). The sort key packs a clamped length above 10 bits of row index,
@@ -95,6 +99,11 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
         block_n, num_warps, num_stages = 32, 4 if d_pad <= 128 else 8, 1
     elif d_pad > 128:
         block_n, num_warps, num_stages = 32, 8, 3
+    elif d_pad <= 64 and capacity <= SHORT_SLAB:
+        # 32 x 64 tiles on one warp, three in flight: in the decode step (bench.attention_layers:
+        # 16 layers back to back, B = 64 / 128 / 256 over 531 of 1024 positions) they beat
+        # 128 x 64 tiles over two warps by 3-11%, uniform and skewed.
+        block_n, num_warps, num_stages = 32, 1, 3
     elif d_pad <= 64:
         # 128 x 64 tiles, 16 KB each. On the H100 (bench --sweep, CUDA-graph timing, commit
         # cd45d2d; bench/RESULTS.md) they matched or beat 64-position tiles on all six D = 64
@@ -132,14 +141,15 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
 
 
 def attention_launch_meta(config: DecodeConfig, num_q_heads: int, num_kv_heads: int,
-                          head_dim: int) -> dict:
+                          head_dim: int, pdl: bool = False) -> dict:
     """Constexprs and launch options of the attention kernel for ``config`` (what the AOT
-    test compiles, so it sees exactly the binaries the engine launches)."""
+    test compiles, so it sees exactly the binaries the engine launches). ``pdl``: the launch
+    is a programmatic dependent one (Hopper; see the module docstring)."""
     return dict(HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
                 GROUP_PAD=_group_pad(num_q_heads // num_kv_heads), BLOCK_N=config.block_n,
                 SINGLE_SPLIT=config.num_splits == 1,
                 ROWS_PAD=MAX_SORTED_ROWS if config.longest_first else 1,
-                LAUNCH_DEPENDENTS=config.merge_pdl and config.num_splits > 1,
+                LAUNCH_DEPENDENTS=config.merge_pdl and config.num_splits > 1, PDL=pdl,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -179,7 +189,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                          f"{q.device} with a contiguous last dim, got {tuple(out.shape)} "
                          f"{out.dtype} strides {out.stride()} on {out.device}")
     if config is None:
-        config = decode_config(B, C, H_q, H_kv, D, k_cache.dtype, _num_sms(q.device))
+        config = decode_config(B, C, H_q, H_kv, D, k_cache.dtype, sm_count(q.device))
     elif not (1 <= config.num_splits <= MAX_SPLITS and config.block_n >= 16
               and config.block_n & (config.block_n - 1) == 0):
         raise ValueError(f"config needs 1 <= num_splits <= {MAX_SPLITS} and block_n a power of "
@@ -187,7 +197,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     elif config.longest_first and not (B <= MAX_SORTED_ROWS and C < MAX_SORTED_CAPACITY):
         raise ValueError(f"longest_first sorts at most {MAX_SORTED_ROWS} rows of capacity below "
                          f"{MAX_SORTED_CAPACITY}, got B={B}, C={C}")
-    if config.merge_pdl and not _has_pdl(q.device):
+    pdl = has_pdl(q.device)
+    if config.merge_pdl and not pdl:
         config = dataclasses.replace(config, merge_pdl=False)
     scale = D ** -0.5 if scale is None else scale
     splits = config.num_splits
@@ -202,7 +213,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, seq_lens, out, partial_out, partial_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), C, H_q // H_kv, H_q, splits, scale * LOG2_E,
-        **attention_launch_meta(config, H_q, H_kv, D))
+        launch_pdl=pdl, **attention_launch_meta(config, H_q, H_kv, D, pdl))
     if splits > 1:
         _merge_splits_kernel[(B, H_q)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1), splits,
@@ -225,19 +236,27 @@ def _decode_split_kernel(
         capacity, group, num_q_heads, num_splits, qk_scale_log2,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, ROWS_PAD: tl.constexpr,
-        LAUNCH_DEPENDENTS: tl.constexpr):
+        LAUNCH_DEPENDENTS: tl.constexpr, PDL: tl.constexpr):
     """One (split, KV head, rank) program; the grid is (S, H_kv, B).
 
     q: [B, H_q, D]; k, v: [B, C, H_kv, D] (shared strides); seq_lens: int32 [B].
     ROWS_PAD > 1: rank r runs the row with the r-th longest live length (ties: lower row first;
     B <= ROWS_PAD); ROWS_PAD == 1: rank r runs row r.
     LAUNCH_DEPENDENTS: allow the merge kernel (a programmatic dependent launch) to be scheduled.
+    PDL: launched as a programmatic dependent launch: wait for the previous kernel's writes
+    before reading anything; with one split, first let the next kernel launch.
     SINGLE_SPLIT: write softmax(qK)V to out [B, H_q, D] (q's dtype).
     Otherwise: write the split's normalised output to partial_out fp32 [B, H_q, S, D] and its
     log2-sum-exp2 (scores in log2 units) to partial_lse fp32 [B, H_q, S]; a split with no
     live positions writes only its lse, -inf, which tells the merge to skip it.
     The query group is padded to GROUP_PAD >= 16 rows so both products run on tensor cores.
     """
+    if PDL:
+        if SINGLE_SPLIT:
+            # The next kernel (the output projection) may take free slots and prefetch its
+            # weights; it waits on the device for this grid's writes.
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     rank = tl.program_id(2)
@@ -343,6 +362,7 @@ def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_ob, s
     offs_d = tl.arange(0, D_PAD)
     slot = (row.to(tl.int64) * num_q_heads + head) * num_splits + offs_s
     if WAIT_FOR_PRIMARY:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel waits for our writes too
         tl.extra.cuda.gdc_wait()
     lse = tl.load(partial_lse_ptr + slot, mask=offs_s < num_splits, other=float("-inf"))
     split_live = lse > float("-inf")
@@ -398,28 +418,3 @@ def _check_inputs(q, k_cache, v_cache, seq_lens) -> tuple[int, int, int, int, in
         raise ValueError(f"seq_lens must be int32 [B={B}] on {q.device}, got {seq_lens.dtype} "
                          f"{tuple(seq_lens.shape)} on {seq_lens.device}")
     return B, H_q, D, C, H_kv
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_properties(device_index: int):
-    return torch.cuda.get_device_properties(device_index)
-
-
-def _device_properties(device: torch.device):
-    """The CUDA properties of q's GPU (cached), or None without one (the interpreter)."""
-    if device.type != "cuda":
-        return None
-    return _cuda_properties(device.index if device.index is not None
-                            else torch.cuda.current_device())
-
-
-def _has_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: CUDA GPUs from Hopper (sm_90) on; not the interpreter."""
-    props = _device_properties(device)
-    return props is not None and props.major >= 9
-
-
-def _num_sms(device: torch.device) -> int:
-    """SMs of q's GPU; without one (the interpreter) the H100's, so configs match the GPU's."""
-    props = _device_properties(device)
-    return H100_NUM_SMS if props is None else props.multi_processor_count

@@ -13,24 +13,27 @@ These ops cover every projection of a layer (``kernels.reference`` has their pla
 ``norm_weight`` may be None: the model folds each RMSNorm weight into the columns of the
 projection that follows it (``engine.model``), RMSNorm(x) * g @ W.T = RMSNorm(x) @ (W * g).T.
 
-A decode step of one or a few rows (M <= ``GEMV_MAX_ROWS``) is a stream over the weight
-matrix: each weight byte is read once and the activations are a few KB. There one Triton kernel
-(``_gemv_kernel``) does the norm or the activation on the fly as it loads the activation, the
-product as CUDA-core FMAs, and the bias and residual add before its single store, instead of
-cuBLAS plus three small kernels (each one a launch and a round trip of the activations through
-memory). The norm needs the whole row's sum of squares, which is only known at the end of the K
-loop, so the kernel multiplies by the RMSNorm weight on load and by 1 / rms(x) after the loop (a
-per-row scalar commutes with the product). A row has no tile of 16 for the tensor cores to
-fill; FMAs keep up with the weight stream (2 FLOP per 2 bytes), so the kernel's only job is
-to keep enough loads in flight.
+Three regimes by the number of rows M:
 
-Larger M goes to cuBLAS, which is the better GEMM there, with the residual add as the GEMM's
-own accumulate (``addmm_``, beta = 1), which costs no extra kernel or pass. The RMSNorm before
-it is deferred when its weight is folded: cuBLAS multiplies the raw rows x, and the kernel that
-reads the product next — RoPE + K/V write after QKV, SiLU-and-mul after gate/up — scales each
-row by 1 / rms(x) (a per-row scalar commutes with the product). That removes both norm kernels
-of a layer. Not for fp16, whose unnormalised products can overflow, nor with a QKV bias, which
-must come after the scale: those run our RMSNorm kernel first.
+- M <= ``GEMV_MAX_ROWS`` (one row, a B = 1 decode step) is a stream over the weight matrix:
+  each weight byte is read once and the activation is a few KB. One Triton kernel
+  (``_gemv_kernel``) does the norm or the activation on the fly as it loads the activation, the
+  product as CUDA-core FMAs, and the bias and residual add before its single store, instead of
+  cuBLAS plus three small kernels (each one a launch and a round trip of the activations
+  through memory). The norm needs the whole row's sum of squares, which is only known at the
+  end of the K loop, so the kernel multiplies by the RMSNorm weight on load and by 1 / rms(x)
+  after the loop (a per-row scalar commutes with the product). A row has no tile of 16 for
+  the tensor cores to fill; FMAs keep up with the weight stream (2 FLOP per 2 bytes).
+- M <= ``GEMM_MAX_ROWS`` (a decode step of up to 64 rows) runs ``kernels.gemm``: the same
+  fusions on the tensor cores, as programmatic dependent launches that overlap each product's
+  start with the previous kernel's end.
+- Larger M goes to cuBLAS, which is the better GEMM there, with the residual add as the GEMM's
+  own accumulate (``addmm_``, beta = 1), which costs no extra kernel or pass. The RMSNorm
+  before it is deferred when its weight is folded: cuBLAS multiplies the raw rows x, and the
+  kernel that reads the product next — RoPE + K/V write after QKV, SiLU-and-mul after gate/up
+  — scales each row by 1 / rms(x) (a per-row scalar commutes with the product). That removes
+  both norm kernels of a layer. Not for fp16, whose unnormalised products can overflow, nor
+  with a QKV bias, which must come after the scale: those run our RMSNorm kernel first.
 
 Numerics: fp32 accumulation; the normalised or activated operand is rounded to the weight
 dtype before the product (as the unfused ops round their outputs); the residual sum is
@@ -48,15 +51,13 @@ import triton
 import triton.language as tl
 
 from kernels.activation import silu_and_mul
+from kernels.gemm import GATED, GEMM_MAX_ROWS, NORM, PLAIN, skinny_gemm
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import _check as _check_rope
 from kernels.rope_kv_write import rope_kv_write
 
-GEMV_MAX_ROWS = 1  # rows the GEMV kernel takes; more go to cuBLAS (measured: it wins at 1)
+GEMV_MAX_ROWS = 1  # rows the GEMV kernel takes; more go to kernels.gemm (measured: it wins at 1)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# What the kernel does to the activation as it loads it.
-PLAIN, NORM, GATED = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,13 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
     if out is not None and (out.shape != (M, N) or out.dtype != x.dtype or out.stride(-1) != 1):
         raise ValueError(f"norm_linear: out must be [{M}, {N}] {x.dtype} with a contiguous last "
                          f"dim, got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
-    if M > GEMV_MAX_ROWS:
+    if M > GEMM_MAX_ROWS:
         result = F.linear(rmsnorm(x, norm_weight, eps), weight, bias)
         return result if out is None else out.copy_(result)
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M > GEMV_MAX_ROWS:
+        return skinny_gemm(x, weight, out, NORM, bias=bias, norm_weight=norm_weight, eps=eps)
     return _gemv(x, weight, out, prologue=NORM, bias=bias, norm_weight=norm_weight, eps=eps)
 
 
@@ -129,8 +132,10 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     """
     _check(x, weight, x.shape[-1] if x.dim() == 2 else -1, "linear_residual")
     _check_residual(residual, x.shape[0], weight)
-    if x.shape[0] > GEMV_MAX_ROWS:
+    if x.shape[0] > GEMM_MAX_ROWS:
         return residual.addmm_(x, weight.t())
+    if x.shape[0] > GEMV_MAX_ROWS:
+        return skinny_gemm(x, weight, residual, PLAIN, add_residual=True)
     return _gemv(x, weight, residual, prologue=PLAIN, residual=residual)
 
 
@@ -144,8 +149,10 @@ def gated_linear_residual(gate_up: torch.Tensor, weight: torch.Tensor,
     inner = gate_up.shape[-1] // 2 if gate_up.dim() == 2 and gate_up.shape[-1] % 2 == 0 else -1
     _check(gate_up, weight, inner, "gated_linear_residual")
     _check_residual(residual, gate_up.shape[0], weight)
-    if gate_up.shape[0] > GEMV_MAX_ROWS:
+    if gate_up.shape[0] > GEMM_MAX_ROWS:
         return residual.addmm_(silu_and_mul(gate_up), weight.t())
+    if gate_up.shape[0] > GEMV_MAX_ROWS:
+        return skinny_gemm(gate_up, weight, residual, GATED, add_residual=True)
     return _gemv(gate_up, weight, residual, prologue=GATED, residual=residual)
 
 
@@ -241,7 +248,7 @@ def _defers_norm(x: torch.Tensor, norm_weight: torch.Tensor | None,
                  bias: torch.Tensor | None) -> bool:
     """Whether a normalised projection of x runs as cuBLAS on the raw rows with the 1 / rms
     applied by the next kernel (see the module docstring)."""
-    return (x.dim() == 2 and x.shape[0] > GEMV_MAX_ROWS and norm_weight is None and bias is None
+    return (x.dim() == 2 and x.shape[0] > GEMM_MAX_ROWS and norm_weight is None and bias is None
             and x.dtype != torch.float16)
 
 

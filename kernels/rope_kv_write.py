@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.device import has_pdl
 from kernels.rmsnorm import check_norm_input, norm_block, row_inv_rms
 
 _LOAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -33,12 +34,18 @@ def _rope_kv_write_kernel(
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_Q_HEADS: tl.constexpr, BLOCK_KV_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
     HAS_ROWS: tl.constexpr, SCALE_BY_RMS: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Grid (T,). q: [T, H_q, 2*HALF] rotated in place; k, v: [T, H_kv, 2*HALF] read;
     caches [B, C, H_kv, 2*HALF] written at (rows[t] or t, positions[t]) unless positions[t] < 0.
     cos, sin: fp32 [max_positions, HALF], contiguous. Last dims of all tensors contiguous.
     With SCALE_BY_RMS, norm: [T, norm_hidden] and q, k, v are first scaled by
-    1 / sqrt(mean(norm[t]^2) + eps) (in fp32)."""
+    1 / sqrt(mean(norm[t]^2) + eps) (in fp32).
+    PDL: launched as a programmatic dependent launch: let the next kernel (attention) launch,
+    then wait for the previous one's writes (the projection) before reading anything."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     tok = tl.program_id(0)
     pos = tl.load(positions_ptr + tok)
     live = pos >= 0
@@ -116,16 +123,18 @@ class RopeLaunch:
 
 
 def rope_launch(num_q_heads: int, num_kv_heads: int, head_dim: int, has_rows: bool,
-                norm_hidden: int = 0) -> RopeLaunch:
+                norm_hidden: int = 0, pdl: bool = False) -> RopeLaunch:
     """The constexprs and warp count the wrapper uses for these head counts and head size;
-    ``norm_hidden`` > 0: a deferred norm over rows of that length (read in one go)."""
+    ``norm_hidden`` > 0: a deferred norm over rows of that length (read in one go); ``pdl``: a
+    programmatic dependent launch (Hopper)."""
     half = head_dim // 2
     constexprs = dict(
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_Q_HEADS=triton.next_power_of_2(num_q_heads),
         BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), HAS_ROWS=has_rows,
-        SCALE_BY_RMS=norm_hidden > 0, NORM_BLOCK=norm_block(norm_hidden) if norm_hidden else 16)
+        SCALE_BY_RMS=norm_hidden > 0, NORM_BLOCK=norm_block(norm_hidden) if norm_hidden else 16,
+        PDL=pdl)
     # About 8 q elements per thread and half: enough bytes in flight without spilling.
     elements = constexprs["BLOCK_Q_HEADS"] * constexprs["BLOCK_HALF"]
     return RopeLaunch(constexprs, num_warps=max(1, min(8, elements // 256)))
@@ -155,8 +164,9 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         check_norm_input("rope_kv_write", norm_input, T, q.device)
     if T == 0:
         return
+    pdl = has_pdl(q.device)
     launch = rope_launch(num_q_heads, k.shape[1], head_dim, rows is not None,
-                         0 if norm_input is None else norm_input.shape[1])
+                         0 if norm_input is None else norm_input.shape[1], pdl)
     _rope_kv_write_kernel[(T,)](
         q, k, v, k_cache, v_cache, positions, positions if rows is None else rows, cos, sin,
         norm_input if norm_input is not None else q,  # q: never read without the scale
@@ -165,7 +175,7 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         norm_input.stride(0) if norm_input is not None else 0,
         norm_input.shape[1] if norm_input is not None else 0, eps,
-        **launch.constexprs, num_warps=launch.num_warps)
+        launch_pdl=pdl, **launch.constexprs, num_warps=launch.num_warps)
 
 
 def _check(q, k, v, k_cache, v_cache, positions, cos, sin, rows) -> None:

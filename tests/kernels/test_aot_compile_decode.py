@@ -36,7 +36,8 @@ def distinct_launches() -> list[dict]:
             for B in BATCHES:
                 for C in CAPACITIES:
                     config = da.decode_config(B, C, H_q, H_kv, D, dtype, NUM_SMS)
-                    entries = [("attention", da.attention_launch_meta(config, H_q, H_kv, D))]
+                    # On the H100 every launch is a programmatic dependent one.
+                    entries = [("attention", da.attention_launch_meta(config, H_q, H_kv, D, True))]
                     if config.num_splits > 1:
                         entries.append(("merge", da.merge_launch_meta(config, D)))
                     for kernel, meta in entries:

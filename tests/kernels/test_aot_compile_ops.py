@@ -82,7 +82,7 @@ def configurations() -> dict[tuple, tuple]:
             for cache, has_rows, scale in ((c, r, s) for c in cache_dtypes for r in (False, True)
                                            for s in scales if not (r and s)):
                 launch = rope_launch(model.num_q_heads, model.num_kv_heads, model.head_dim,
-                                     has_rows, model.hidden if scale else 0)
+                                     has_rows, model.hidden if scale else 0, pdl=True)
                 pointers = dict(q_ptr=act, k_ptr=act, v_ptr=act, k_cache_ptr=f"*{cache}",
                                 v_cache_ptr=f"*{cache}", positions_ptr="*i32", rows_ptr="*i32",
                                 cos_ptr="*fp32", sin_ptr="*fp32", norm_ptr=act)

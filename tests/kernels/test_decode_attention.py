@@ -225,11 +225,13 @@ def test_decode_config_fills_the_machine():
 @pytest.mark.parametrize("B,C", [(1, 768), (1, 8192), (64, 768), (256, 1024)])
 def test_head_dim_does_not_change_the_split_count(B, C):
     """D = 64 and D = 128 cut a (B, C) slab into the same splits; 16-bit tiles stay within
-    32 KB (128 x 128)."""
+    32 KB (128 x 128); short D = 64 slabs take 32-position tiles on one warp."""
     c64 = da.decode_config(B, C, 32, 8, 64, torch.bfloat16, 132)
     c128 = da.decode_config(B, C, 32, 8, 128, torch.bfloat16, 132)
     assert c64.num_splits == c128.num_splits
-    assert c64.block_n == 128 and c128.block_n in (64, 128)
+    short = C <= da.SHORT_SLAB
+    assert (c64.block_n, c64.num_warps) == ((32, 1) if short else (128, 2))
+    assert c128.block_n in (64, 128)
 
 
 # (B, C) -> (block_n, num_warps, longest_first) at D = 128, bf16, 132 SMs.

@@ -1,0 +1,112 @@
+"""A decode step's matrix products without the rest: every layer's QKV, output, gate/up and
+down projections, each reading what the one before wrote, captured in one CUDA graph; ours
+(``kernels.gemm``, programmatic dependent launches) against cuBLAS, side by side in one run.
+
+Per model and row count M: cuBLAS (``torch.mm`` and ``addmm_`` for the residual adds, as the
+engine ran them before) and ours with and without PDL, timed with ``bench.common.time_ms``
+(median of 3, L2 flushed before each replay of the whole chain), against the chain's roofline
+(sum over products of max(bytes / copy bandwidth, FLOPs / matmul peak), both measured here).
+The fused prologues do work cuBLAS skips here (RMSNorm sums, SiLU-and-mul), so the comparison
+is conservative for ours.
+
+    python -m bench.gemm_chain [--out DIR] [--rows 8,16,32,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from bench.common import RESULTS_DIR, copy_bandwidth_gbps, matmul_tflops, time_ms, write_json
+
+MODELS = {"dummy:llama-3.2-1b": dict(hidden=2048, q=2048, kv=512, inter=8192, layers=16),
+          "dummy:llama-3.1-8b": dict(hidden=4096, q=4096, kv=1024, inter=14336, layers=32)}
+EPS = 1e-5
+
+
+def chain_fns(shape: dict, m: int) -> dict:
+    """{name: fn} running every layer's four products, plus the roofline inputs."""
+    from kernels.gemm import GATED, NORM, PLAIN, gemm_config, skinny_gemm
+
+    h, q, inter = shape["hidden"], shape["q"], shape["inter"]
+    qkv_n = q + 2 * shape["kv"]
+    bf16 = torch.bfloat16
+    layers = [dict(qkv=torch.randn(qkv_n, h, dtype=bf16, device="cuda") * h ** -0.5,
+                   o=torch.randn(h, q, dtype=bf16, device="cuda") * q ** -0.5,
+                   gate_up=torch.randn(2 * inter, h, dtype=bf16, device="cuda") * h ** -0.5,
+                   down=torch.randn(h, inter, dtype=bf16, device="cuda") * inter ** -0.5)
+              for _ in range(shape["layers"])]
+    residual = torch.randn(m, h, dtype=bf16, device="cuda")
+    qkv = torch.empty(m, qkv_n, dtype=bf16, device="cuda")
+    gate_up = torch.empty(m, 2 * inter, dtype=bf16, device="cuda")
+
+    def cublas():
+        for w in layers:
+            torch.mm(residual, w["qkv"].t(), out=qkv)
+            residual.addmm_(qkv[:, :q], w["o"].t())
+            torch.mm(residual, w["gate_up"].t(), out=gate_up)
+            residual.addmm_(gate_up[:, :inter], w["down"].t())
+
+    def ours(pdl: bool):
+        configs = {name: gemm_config(m, n, k, bf16, prologue, pdl)
+                   for name, n, k, prologue in (("qkv", qkv_n, h, NORM), ("o", h, q, PLAIN),
+                                                ("gate_up", 2 * inter, h, NORM),
+                                                ("down", h, inter, GATED))}
+
+        def run():
+            for w in layers:
+                skinny_gemm(residual, w["qkv"], qkv, NORM, eps=EPS, config=configs["qkv"])
+                skinny_gemm(qkv[:, :q], w["o"], residual, PLAIN, add_residual=True,
+                            config=configs["o"])
+                skinny_gemm(residual, w["gate_up"], gate_up, NORM, eps=EPS,
+                            config=configs["gate_up"])
+                skinny_gemm(gate_up, w["down"], residual, GATED, add_residual=True,
+                            config=configs["down"])
+        return run, {k: dataclasses.asdict(v) for k, v in configs.items()}
+
+    ours_pdl, configs = ours(True)
+    products = [(qkv_n, h), (h, q), (2 * inter, h), (h, inter)]
+    return {"cublas": cublas, "ours_no_pdl": ours(False)[0], "ours": ours_pdl}, products, configs
+
+
+def run(rows: list[int]) -> dict:
+    copy_gbps = copy_bandwidth_gbps()
+    peak = matmul_tflops()
+    results = []
+    for model, shape in MODELS.items():
+        for m in rows:
+            fns, products, configs = chain_fns(shape, m)
+            roof_us = shape["layers"] * sum(
+                max(n * k * 2 / (copy_gbps * 1e3), 2 * m * n * k / (peak * 1e6))
+                for n, k in products)
+            row = {"model": model, "M": m, "roofline_us": roof_us, "configs": configs}
+            for name, fn in fns.items():
+                fn()
+                row[f"{name}_us"] = time_ms(fn) * 1e3
+            row["ours_vs_cublas"] = row["cublas_us"] / row["ours_us"]
+            row["ours_roof_pct"] = 100 * roof_us / row["ours_us"]
+            row["cublas_roof_pct"] = 100 * roof_us / row["cublas_us"]
+            print(f"{model:22s} M={m:3d} roof {roof_us:8.1f} us  cuBLAS {row['cublas_us']:8.1f}"
+                  f"  ours {row['ours_us']:8.1f} (no PDL {row['ours_no_pdl_us']:8.1f})"
+                  f"  {row['ours_vs_cublas']:.2f}x  roof% {row['cublas_roof_pct']:.1f} -> "
+                  f"{row['ours_roof_pct']:.1f}", flush=True)
+            results.append(row)
+            del fns
+            torch.cuda.empty_cache()
+    return {"copy_gbps": copy_gbps, "matmul_tflops": peak, "rows": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--rows", default="8,16,32,64", help="row counts M, comma-separated")
+    args = parser.parse_args()
+    result = run([int(m) for m in args.rows.split(",")])
+    write_json(args.out / "gemm_chain.json", result)
+
+
+if __name__ == "__main__":
+    main()

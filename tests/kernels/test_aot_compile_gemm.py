@@ -1,0 +1,82 @@
+"""Every skinny-GEMM configuration the engine can launch compiles for the H100 (sm_90) with the
+programmatic-dependent-launch prologue, without register spills and within the shared memory
+of a block; prints registers and shared memory (pytest -s).
+
+Configurations come from ``gemm_config`` / ``gemm_launch_meta`` for each served model's four
+projections at every row count the kernel takes, compiled with the alignment facts the launcher
+specialises on (16-byte aligned pointers, sizes and strides divisible by 16), so the software
+pipeline compiled here is the one that runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import torch
+
+from kernels import gemm
+from kernels.aot import CompileJob, compile_many
+
+# (name, hidden, intermediate, H_q, H_kv, D, qkv bias)
+MODELS = [("tiny", 256, 512, 4, 2, 64, False), ("qwen2.5-0.5b", 896, 4864, 14, 2, 64, True),
+          ("llama-3.2-1b", 2048, 8192, 32, 8, 64, False),
+          ("llama-3.1-8b", 4096, 14336, 32, 8, 128, False)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ROWS = [2, 8, 16, 17, 32, 64]
+INT_ARGS = ["M", "N", "K", "stride_xm", "stride_om"]
+
+
+def distinct_launches() -> list[dict]:
+    launches = {}
+    for _, hidden, inter, H_q, H_kv, D, bias in MODELS:
+        projections = [((H_q + 2 * H_kv) * D, hidden, gemm.NORM, bias, False),  # QKV
+                       (hidden, H_q * D, gemm.PLAIN, False, True),  # output, + residual
+                       (2 * inter, hidden, gemm.NORM, False, False),  # gate/up
+                       (hidden, inter, gemm.GATED, False, True)]  # down, + residual
+        for dtype_name, dtype in DTYPES.items():
+            for m in ROWS:
+                for n, k, prologue, has_bias, add in projections:
+                    config = gemm.gemm_config(m, n, k, dtype, prologue, pdl=True)
+                    # A norm weight is folded into the projection unless the model is loaded
+                    # with fold_norms=False.
+                    for norm_weight in (False, True) if prologue == gemm.NORM else (False,):
+                        meta = gemm.gemm_launch_meta(config, n, k, prologue, has_bias, add,
+                                                     norm_weight)
+                        launch = {"dtype": dtype_name, "meta": meta}
+                        launches[json.dumps(launch, sort_keys=True)] = launch
+    return list(launches.values())
+
+
+def compile_jobs(launches: list[dict]) -> list[CompileJob]:
+    jobs = []
+    for launch in launches:
+        t = "*" + launch["dtype"]
+        meta = dict(launch["meta"])
+        num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+        signature = {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "norm_w_ptr": t, "out_ptr": t,
+                     **{name: "i32" for name in INT_ARGS}, "eps": "fp32",
+                     **{name: "constexpr" for name in meta}}
+        aligned = ["x_ptr", "w_ptr", "bias_ptr", "norm_w_ptr", "out_ptr", "N", "K",
+                   "stride_xm", "stride_om"]
+        jobs.append(CompileJob.of(gemm._skinny_gemm_kernel, signature, meta, num_warps,
+                                  num_stages, aligned))
+    return jobs
+
+
+def test_every_gemm_configuration_compiles_without_spills():
+    launches = distinct_launches()
+    assert 0 < len(launches) < 120, f"{len(launches)} distinct configurations: too many to compile"
+    reports = [{**launch, **asdict(report)}
+               for launch, report in zip(launches, compile_many(compile_jobs(launches)))]
+    print(f"\n{'dtype':<6}{'constexprs':<100}{'warps':>6}{'stages':>7}{'regs':>6}"
+          f"{'smem KB':>9}{'spill B':>8}")
+    for r in sorted(reports, key=lambda r: (r["dtype"], sorted(r["meta"].items()))):
+        meta = dict(r["meta"])
+        warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+        consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in meta.items())
+        print(f"{r['dtype']:<6}{consts:<100}{warps:>6}{stages:>7}{r['registers']:>6}"
+              f"{r['shared_bytes'] / 1024:>9.1f}{r['spill_stores'] + r['spill_loads']:>8}")
+    spilling = [r for r in reports if r["spill_stores"] or r["spill_loads"]]
+    assert not spilling, f"register spills: {spilling}"
+    assert all(r["shared_bytes"] <= 227 * 1024 for r in reports)
