@@ -3,27 +3,34 @@ layer's neighbouring ops fused and a programmatic dependent launch.
 
     out[M, N] = epilogue(A[M, K] @ W[N, K]^T),  A = prologue(x)
 
-Prologues: PLAIN (A = x); NORM (RMSNorm: the row's sum of squares is accumulated from the x
-tiles the product streams anyway, and 1 / rms(x) scales the fp32 accumulator before the bias,
-a per-row scalar that commutes with the product; an unfolded norm weight multiplies x on load);
-GATED (A = silu(gate) * up, read from the gate/up projection's [M, 2K] output). Epilogues: bias,
-residual add in place (out aliases residual; each element is read and written by one program).
+Prologues: PLAIN (A = x) and NORM (RMSNorm without a weight, i.e. one folded into W: the row's
+sum of squares is accumulated from the x tiles the product streams anyway, and 1 / rms(x)
+scales the fp32 accumulator, a per-row scalar that commutes with the product). Epilogues: bias;
+residual add in place (out aliases residual; each element is read and written by one program);
+SWIGLU: W is the fused gate/up projection [2I, K] and the program takes matching gate and up
+rows, so it writes silu(gate) * up [M, I] straight from its two fp32 accumulators — the MLP's
+activation costs neither a kernel nor a round trip of the [M, 2I] product through memory.
 
 At these sizes a projection is a stream over its weight matrix (64 rows: 64 FLOPs per weight
 byte, a tenth of the H100's ridge point), so the kernel is cut to keep every SM streaming
 weights: one program per BLOCK_N output features, the whole K loop in the program (no split-K
-pass), every M row in one tile. What cuBLAS cannot do at these sizes is overlap one product's
+pass), every row in one M tile. What cuBLAS does not do at these sizes is overlap one product's
 start with the previous kernel's end: each of a layer's small products loses a few
 microseconds to launch and pipeline fill. Here, on Hopper, every launch is a programmatic
 dependent launch: a program first allows the next kernel to launch, prefetches the first
 weight columns of its tile into L2 (weights never depend on the previous kernel), and only
 then waits for the previous grid's writes (``gdc_wait``) before it reads activations.
-Measured in a 16-layer chain of the 1B shape's four products at 64 rows (H100, bench/RESULTS.md):
-cuBLAS 969 us, this kernel without PDL 963 us, with PDL and a 256-column prefetch 882 us.
 
-Numerics: 16-bit operands, fp32 accumulation (``input_precision="ieee"``: fp32 operands are
-exact IEEE products, no tf32); A is rounded to the weight dtype before the product as the
-unfused ops round their outputs; the output (and residual sum) is rounded once.
+The operand feeding the tensor cores must come straight from the pipelined loads: an
+activation computed in registers (SiLU-and-mul as a prologue of the down projection) had to be
+written back to shared memory every iteration and ran 3x slower than cuBLAS (H100,
+bench/RESULTS.md), hence the SwiGLU epilogue instead. The NORM prologue's sum of squares costs
+a few percent on narrow tiles, so a decode step defers its QKV norm to the RoPE kernel when it
+can (``kernels.linear``).
+
+Numerics: fp32 accumulation (``input_precision="ieee"``: fp32 operands are exact IEEE
+products, no tf32); the normalised activation is not rounded before the product (the scale
+comes after it); outputs (and residual sums) are rounded once.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ PREFETCH_COLUMNS = 256  # weight columns per program prefetched into L2 before t
 MIN_PROGRAMS = 96
 SHARED_BYTES = 200 * 1024  # the pipeline's budget (the H100 has 227 KB per block)
 
-PLAIN, NORM, GATED = 0, 1, 2
+PLAIN, NORM = 0, 1
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -59,8 +66,7 @@ class GemmConfig:
     pdl: bool = False
 
 
-def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAIN,
-                pdl: bool = False) -> GemmConfig:
+def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, pdl: bool = False) -> GemmConfig:
     """The launch shape for [M, K] x [N, K]^T in ``dtype``; a pure function.
 
     16-bit: every row in one M tile (16 or 64); BLOCK_N the largest of 128/64/32/16 that
@@ -79,19 +85,22 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
     if dtype == torch.float32:
         return GemmConfig(block_m, 32, 32, 4, 1, pdl)
     block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) >= MIN_PROGRAMS), 16)
-    gated = prologue == GATED
-    block_k = min(128 if block_n == 128 or gated else 256, max(16, triton.next_power_of_2(k)))
-    stage_bytes = ((2 if gated else 1) * block_m + block_n) * block_k * 2
+    # 256-column tiles for 64-row tiles; 128 for 16-row ones (with 256, ptxas spills the L2
+    # prefetch's addresses there) and for 128 features.
+    wide_k = block_m == 64 and block_n < 128
+    block_k = min(256 if wide_k else 128, max(16, triton.next_power_of_2(k)))
+    stage_bytes = (block_m + block_n) * block_k * 2
     num_stages = max(1, min(4, SHARED_BYTES // stage_bytes))
     return GemmConfig(block_m, block_n, block_k, 4, num_stages, pdl)
 
 
 def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias: bool,
-                     add_residual: bool, has_norm_weight: bool = False) -> dict:
+                     add_residual: bool, swiglu: bool = False) -> dict:
     """Constexprs and launch options of one launch (what the AOT test compiles)."""
-    return dict(PROLOGUE=prologue, HAS_NORM_WEIGHT=has_norm_weight, HAS_BIAS=has_bias,
-                ADD_RESIDUAL=add_residual, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                BLOCK_K=config.block_k, EVEN_N=n % config.block_n == 0,
+    return dict(PROLOGUE=prologue, HAS_BIAS=has_bias,
+                ADD_RESIDUAL=add_residual, SWIGLU=swiglu, BLOCK_M=config.block_m,
+                BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                EVEN_N=n % config.block_n == 0,
                 EVEN_K=k % config.block_k == 0, PDL=config.pdl,
                 # 16-bit weights only (lines of 64 elements); fp32 runs are parity runs.
                 PREFETCH_K=PREFETCH_COLUMNS if config.pdl and config.block_k >= 64 else 0,
@@ -99,29 +108,33 @@ def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prologue: int = PLAIN,
-                bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                eps: float = 0.0, add_residual: bool = False,
+                bias: torch.Tensor | None = None, eps: float = 0.0,
+                add_residual: bool = False, swiglu: bool = False,
                 config: GemmConfig | None = None) -> torch.Tensor:
-    """out = [out +] (prologue(x) @ weight.T) [* 1 / rms(x)] [+ bias]; returns out.
+    """out = [out +] prologue(x) @ weight.T [+ bias], or silu(gate) * up of that product with
+    ``swiglu``; returns out.
 
-    x: [M, K] ([M, 2K] for GATED: gate then up), last dim contiguous, M <= GEMM_MAX_ROWS;
-    weight: [N, K] contiguous; bias, norm_weight: [N] / [K] contiguous or None; out: [M, N]
-    with a contiguous last dim (it is the residual when ``add_residual``); all x's dtype
-    (fp16 / bf16 / fp32). The caller (``kernels.linear``) validates shapes.
+    x: [M, K], last dim contiguous, M <= GEMM_MAX_ROWS; weight: [N, K] contiguous (with
+    ``swiglu``: the gate rows then the up rows, N = 2I); bias: [N] contiguous or None;
+    NORM: A = RMSNorm(x) with ``eps`` and no weight; out: [M, N] ([M, I] with ``swiglu``)
+    with a contiguous last dim, the residual when ``add_residual``; all x's dtype (fp16 / bf16
+    / fp32). The caller (``kernels.linear``) validates shapes.
     """
-    M, N = x.shape[0], weight.shape[0]
-    K = weight.shape[1]
+    M, (N, K) = x.shape[0], weight.shape
+    if swiglu and (bias is not None or add_residual or N % 2):
+        raise ValueError("skinny_gemm: swiglu takes an even number of weight rows, no bias and "
+                         "no residual")
     if M == 0:
         return out
-    config = config or gemm_config(M, N, K, weight.dtype, prologue, pdl=has_pdl(x.device))
-    grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m))
+    config = config or gemm_config(M, N, K, weight.dtype, pdl=has_pdl(x.device))
+    features = N // 2 if swiglu else N
+    grid = (triton.cdiv(features, config.block_n // 2 if swiglu else config.block_n),
+            triton.cdiv(M, config.block_m))
     # Unused pointer arguments get x (never read: their constexpr switches are off).
     _skinny_gemm_kernel[grid](
-        x, weight, bias if bias is not None else x, norm_weight if norm_weight is not None else x,
-        out, M, N, K, x.stride(0), out.stride(0), eps,
-        launch_pdl=config.pdl,
-        **gemm_launch_meta(config, N, K, prologue, bias is not None, add_residual,
-                           norm_weight is not None))
+        x, weight, bias if bias is not None else x, out, M, features, K, x.stride(0),
+        out.stride(0), eps, launch_pdl=config.pdl,
+        **gemm_launch_meta(config, features, K, prologue, bias is not None, add_residual, swiglu))
     return out
 
 
@@ -135,63 +148,70 @@ def _prefetch_to_l2(ptrs):
 
 @triton.jit
 def _skinny_gemm_kernel(
-        x_ptr, w_ptr, bias_ptr, norm_w_ptr, out_ptr, M, N, K, stride_xm, stride_om, eps,
-        PROLOGUE: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        ADD_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-        PREFETCH_K: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): program (j, i) computes out tile (i, j).
+        x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, eps,
+        PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ADD_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+        EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr):
+    """Grid (cdiv(N, TILE_N), cdiv(M, BLOCK_M)): program (j, i) computes out tile (i, j), with
+    TILE_N = BLOCK_N (BLOCK_N / 2 with SWIGLU).
 
-    x: [M, K] or [M, 2K] (GATED), rows ``stride_xm`` apart; W: [N, K] contiguous; bias: [N];
-    norm_w: [K]; out: [M, N], rows ``stride_om`` apart, read first when ADD_RESIDUAL.
-    PDL: launched as a programmatic dependent launch (Hopper): release the next kernel,
-    prefetch PREFETCH_K weight columns into L2, then wait for the previous grid's writes.
+    x: [M, K], rows ``stride_xm`` apart; W: [N, K] contiguous ([2N, K] with SWIGLU: gate rows
+    then up rows); bias: [N]; out: [M, N], rows ``stride_om`` apart, read first
+    when ADD_RESIDUAL. PDL: launched as a programmatic dependent launch (Hopper): release the
+    next kernel, prefetch PREFETCH_K weight columns into L2, then wait for the previous grid.
     """
+    TILE_N: tl.constexpr = BLOCK_N // 2 if SWIGLU else BLOCK_N
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0) * TILE_N + tl.arange(0, TILE_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_live = offs_m < M
     n_live = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
+    up_rows = w_rows + N.to(tl.int64) * K  # SWIGLU: the up row of each gate row
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         if PREFETCH_K > 0:
             # One address per 128-byte line, clamped into the matrix (a tile may overhang it).
             lines = tl.minimum(tl.arange(0, PREFETCH_K // 64) * 64, K - 1)
-            rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * K
-            _prefetch_to_l2(rows + lines[None, :])
+            rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * K + lines[None, :]
+            _prefetch_to_l2(rows)
+            if SWIGLU:
+                _prefetch_to_l2(rows + N.to(tl.int64) * K)
         tl.extra.cuda.gdc_wait()
 
-    dtype = w_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
     sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         k_live = k < K
+        w_mask = n_live[:, None] & k_live[None, :]  # only used where a tile can overhang
+        a = tl.load(x_rows + k[None, :], mask=m_live[:, None] & k_live[None, :], other=0.0)
+        if PROLOGUE == 1:  # NORM
+            xf = a.to(tl.float32)
+            sum_sq += tl.sum(xf * xf, axis=1)
         if EVEN_N and EVEN_K:
             w = tl.load(w_rows + k[None, :])
         else:
-            w = tl.load(w_rows + k[None, :], mask=n_live[:, None] & k_live[None, :], other=0.0)
-        x_mask = m_live[:, None] & k_live[None, :]
-        if PROLOGUE == 2:  # GATED
-            gate = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            up = tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            a = (gate / (1.0 + tl.exp(-gate)) * up).to(dtype)
-        elif PROLOGUE == 1:  # NORM
-            a = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
-            xf = a.to(tl.float32)
-            sum_sq += tl.sum(xf * xf, axis=1)
-            if HAS_NORM_WEIGHT:
-                a = (xf * tl.load(norm_w_ptr + k, mask=k_live, other=0.0)[None, :]).to(dtype)
-        else:
-            a = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
         acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        if SWIGLU:
+            if EVEN_N and EVEN_K:
+                w_up = tl.load(up_rows + k[None, :])
+            else:
+                w_up = tl.load(up_rows + k[None, :], mask=w_mask, other=0.0)
+            acc_up = tl.dot(a, tl.trans(w_up), acc_up, input_precision="ieee")
 
     if PROLOGUE == 1:
-        acc = acc * tl.math.rsqrt(sum_sq / K + eps)[:, None]
+        inv_rms = tl.math.rsqrt(sum_sq / K + eps)[:, None]
+        acc = acc * inv_rms
+        acc_up = acc_up * inv_rms
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     out_mask = m_live[:, None] & n_live[None, :]
     if ADD_RESIDUAL:

@@ -24,9 +24,10 @@ Three regimes by the number of rows M:
   end of the K loop, so the kernel multiplies by the RMSNorm weight on load and by 1 / rms(x)
   after the loop (a per-row scalar commutes with the product). A row has no tile of 16 for
   the tensor cores to fill; FMAs keep up with the weight stream (2 FLOP per 2 bytes).
-- M <= ``GEMM_MAX_ROWS`` (a decode step of up to 64 rows) runs ``kernels.gemm``: the same
-  fusions on the tensor cores, as programmatic dependent launches that overlap each product's
-  start with the previous kernel's end.
+- M <= ``GEMM_MAX_ROWS`` (a decode step of up to 64 rows) runs ``kernels.gemm`` on the tensor
+  cores, as programmatic dependent launches that overlap each product's start with the previous
+  kernel's end: the MLP is two launches (gate/up with RMSNorm and SiLU-and-mul fused, then down
+  with the residual add); a folded QKV norm is deferred to the RoPE kernel as below.
 - Larger M goes to cuBLAS, which is the better GEMM there, with the residual add as the GEMM's
   own accumulate (``addmm_``, beta = 1), which costs no extra kernel or pass. The RMSNorm
   before it is deferred when its weight is folded: cuBLAS multiplies the raw rows x, and the
@@ -51,13 +52,14 @@ import triton
 import triton.language as tl
 
 from kernels.activation import silu_and_mul
-from kernels.gemm import GATED, GEMM_MAX_ROWS, NORM, PLAIN, skinny_gemm
+from kernels.gemm import GEMM_MAX_ROWS, NORM, PLAIN, skinny_gemm
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import _check as _check_rope
 from kernels.rope_kv_write import rope_kv_write
 
 GEMV_MAX_ROWS = 1  # rows the GEMV kernel takes; more go to kernels.gemm (measured: it wins at 1)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GATED = 2  # the GEMV kernel's third prologue (PLAIN and NORM are kernels.gemm's)
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,10 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
         return result if out is None else out.copy_(result)
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M > GEMV_MAX_ROWS and norm_weight is not None:  # unfolded: normalise first
+        return skinny_gemm(rmsnorm(x, norm_weight, eps), weight, out, PLAIN, bias=bias)
     if M > GEMV_MAX_ROWS:
-        return skinny_gemm(x, weight, out, NORM, bias=bias, norm_weight=norm_weight, eps=eps)
+        return skinny_gemm(x, weight, out, NORM, bias=bias, eps=eps)
     return _gemv(x, weight, out, prologue=NORM, bias=bias, norm_weight=norm_weight, eps=eps)
 
 
@@ -152,7 +156,7 @@ def gated_linear_residual(gate_up: torch.Tensor, weight: torch.Tensor,
     if gate_up.shape[0] > GEMM_MAX_ROWS:
         return residual.addmm_(silu_and_mul(gate_up), weight.t())
     if gate_up.shape[0] > GEMV_MAX_ROWS:
-        return skinny_gemm(gate_up, weight, residual, GATED, add_residual=True)
+        return skinny_gemm(silu_and_mul(gate_up), weight, residual, PLAIN, add_residual=True)
     return _gemv(gate_up, weight, residual, prologue=GATED, residual=residual)
 
 
@@ -186,7 +190,9 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
     if not fused:
         if _defers_norm(x, norm_weight, bias):
             _check(x, weight, weight.shape[1], "qkv_rope_write")
-            qkv = torch.mm(x, weight.t())  # unnormalised: rope_kv_write applies 1 / rms(x)
+            # Unnormalised: rope_kv_write applies 1 / rms(x).
+            qkv = (skinny_gemm(x, weight, x.new_empty(T, weight.shape[0]), PLAIN)
+                   if T <= GEMM_MAX_ROWS else torch.mm(x, weight.t()))
             norm_input = x
         else:
             qkv = norm_linear(x, norm_weight, eps, weight, bias)
@@ -226,6 +232,8 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
     residual's dtype.
 
     One row: two GEMV launches (norm on load; SiLU-and-mul on load, residual add on store).
+    Up to GEMM_MAX_ROWS rows: two ``kernels.gemm`` launches (norm and SiLU-and-mul fused into
+    the gate/up product, the residual add into the down product).
     More rows with a folded norm weight: cuBLAS on the raw rows, our SiLU-and-mul kernel with
     the deferred 1 / rms, cuBLAS accumulating into the residual — three launches.
     """
@@ -236,6 +244,17 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
         raise ValueError(f"mlp_residual: gate_up_weight {tuple(gate_up_weight.shape)} and "
                          f"down_weight {tuple(down_weight.shape)} do not fit a hidden size of "
                          f"{residual.shape[1]} (expected [2 I, H] and [H, I])")
+    M = residual.shape[0]
+    if GEMV_MAX_ROWS < M <= GEMM_MAX_ROWS:
+        _check(residual, down_weight, down_weight.shape[1], "mlp_residual")  # dtype, contiguity
+        if norm_weight is not None:
+            _check_vector("norm_weight", norm_weight, residual.shape[1], residual.device)
+        act = residual.new_empty(M, down_weight.shape[1])
+        if norm_weight is None:
+            skinny_gemm(residual, gate_up_weight, act, NORM, eps=eps, swiglu=True)
+        else:  # unfolded: normalise first
+            skinny_gemm(rmsnorm(residual, norm_weight, eps), gate_up_weight, act, swiglu=True)
+        return skinny_gemm(act, down_weight, residual, PLAIN, add_residual=True)
     if not _defers_norm(residual, norm_weight, None):
         gate_up = norm_linear(residual, norm_weight, eps, gate_up_weight)
         return gated_linear_residual(gate_up, down_weight, residual)
@@ -248,7 +267,7 @@ def _defers_norm(x: torch.Tensor, norm_weight: torch.Tensor | None,
                  bias: torch.Tensor | None) -> bool:
     """Whether a normalised projection of x runs as cuBLAS on the raw rows with the 1 / rms
     applied by the next kernel (see the module docstring)."""
-    return (x.dim() == 2 and x.shape[0] > GEMM_MAX_ROWS and norm_weight is None and bias is None
+    return (x.dim() == 2 and x.shape[0] > GEMV_MAX_ROWS and norm_weight is None and bias is None
             and x.dtype != torch.float16)
 
 

@@ -1,8 +1,8 @@
 """The skinny tensor-core GEMM (kernels.gemm) against plain torch, through the interpreter.
 
-Every prologue (plain, RMSNorm with and without a weight, SiLU-and-mul) and epilogue (bias,
-residual add in place) on row counts of one and several M tiles, N and K that do and do not
-divide the tiles; outputs and the margins of strided buffers are poisoned with NaN first.
+Every prologue (plain, RMSNorm with and without a weight) and epilogue (bias, residual add in
+place, SwiGLU) on row counts of one and several M tiles, N and K that do and do not divide the
+tiles; outputs and the margins of strided buffers are poisoned with NaN first.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels import gemm, linear, reference
-from kernels.gemm import GATED, GEMM_MAX_ROWS, NORM, PLAIN, GemmConfig, gemm_config, skinny_gemm
+from kernels.gemm import GEMM_MAX_ROWS, NORM, PLAIN, GemmConfig, gemm_config, skinny_gemm
 from tests.kernels.numerics import rel_l2
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -41,33 +41,46 @@ def assert_margins_untouched(buffer: torch.Tensor, n: int) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,N,K", SHAPES)
-@pytest.mark.parametrize("with_norm_weight,with_bias", [(False, False), (True, True)])
-def test_norm_prologue_matches_rmsnorm_then_linear(dtype, M, N, K, with_norm_weight, with_bias):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_norm_prologue_matches_rmsnorm_then_linear(dtype, M, N, K, with_bias):
     x = torch.randn(M, K, dtype=dtype) * 3
     w = weights(N, K, dtype)
-    norm_w = torch.randn(K, dtype=dtype) if with_norm_weight else None
     bias = torch.randn(N, dtype=dtype) if with_bias else None
     buffer, out = poisoned(M, N, dtype)
-    skinny_gemm(x, w, out, NORM, bias=bias, norm_weight=norm_w, eps=EPS, config=SMALL)
-    expected = reference.norm_linear(x.float(), None if norm_w is None else norm_w.float(), EPS,
-                                     w.float(), None if bias is None else bias.float())
+    skinny_gemm(x, w, out, NORM, bias=bias, eps=EPS, config=SMALL)
+    expected = reference.norm_linear(x.float(), None, EPS, w.float(),
+                                     None if bias is None else bias.float())
     assert rel_l2(out, expected) < TOLERANCE[dtype]
     assert_margins_untouched(buffer, N)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,N,K", SHAPES)
-@pytest.mark.parametrize("prologue", [PLAIN, GATED])
-def test_residual_epilogue_adds_in_place(dtype, M, N, K, prologue):
-    x = torch.randn(M, 2 * K if prologue == GATED else K, dtype=dtype) * 2
+def test_residual_epilogue_adds_in_place(dtype, M, N, K):
+    x = torch.randn(M, K, dtype=dtype) * 2
     w = weights(N, K, dtype)
     buffer, residual = poisoned(M, N, dtype, fill=torch.randn(M, N, dtype=dtype))
-    activation = reference.silu_and_mul(x.float()) if prologue == GATED else x.float()
-    expected = residual.float() + activation @ w.float().t()
-    result = skinny_gemm(x, w, residual, prologue, add_residual=True, config=SMALL)
+    expected = residual.float() + x.float() @ w.float().t()
+    result = skinny_gemm(x, w, residual, PLAIN, add_residual=True, config=SMALL)
     assert result.data_ptr() == residual.data_ptr()
     assert rel_l2(residual, expected) < TOLERANCE[dtype]
     assert_margins_untouched(buffer, N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,I,K", [(2, 16, 64), (17, 24, 96), (33, 40, 300)])
+@pytest.mark.parametrize("prologue", [PLAIN, NORM])
+def test_swiglu_epilogue_matches_linear_then_silu_and_mul(dtype, M, I, K, prologue):
+    """The gate/up product with its SiLU-and-mul: I = 24 and 40 overhang the 8-row half tiles
+    of SMALL's 16-row tile."""
+    x = torch.randn(M, K, dtype=dtype) * 3
+    w = weights(2 * I, K, dtype)
+    buffer, out = poisoned(M, I, dtype)
+    skinny_gemm(x, w, out, prologue, eps=EPS, swiglu=True, config=SMALL)
+    gate_up = (reference.norm_linear(x.float(), None, EPS, w.float()) if prologue == NORM
+               else x.float() @ w.float().t())
+    assert rel_l2(out, reference.silu_and_mul(gate_up)) < TOLERANCE[dtype]
+    assert_margins_untouched(buffer, I)
 
 
 @pytest.mark.parametrize("M", [2, 17, GEMM_MAX_ROWS])
@@ -93,20 +106,18 @@ def test_linear_ops_route_rows_to_the_kernel(monkeypatch):
     assert calls == [2, GEMM_MAX_ROWS]
 
 
-@pytest.mark.parametrize("n,k,prologue,block_n", [
-    (3072, 2048, NORM, 32), (2048, 2048, PLAIN, 16), (16384, 2048, NORM, 128),
-    (2048, 8192, GATED, 16), (6144, 4096, NORM, 64), (4096, 4096, PLAIN, 32),
-    (28672, 4096, NORM, 128), (4096, 14336, GATED, 32)])
-def test_config_matches_the_measured_tiles(n, k, prologue, block_n):
+@pytest.mark.parametrize("n,k,block_n", [
+    (3072, 2048, 32), (2048, 2048, 16), (16384, 2048, 128), (2048, 8192, 16),
+    (6144, 4096, 64), (4096, 4096, 32), (28672, 4096, 128), (4096, 14336, 32)])
+def test_config_matches_the_measured_tiles(n, k, block_n):
     """Llama-3.2-1B / 3.1-8B projections at 64 rows get the tile width that was fastest on the
     H100, fill most SMs, and keep their pipeline within shared memory."""
-    config = gemm_config(64, n, k, torch.bfloat16, prologue)
+    config = gemm_config(64, n, k, torch.bfloat16)
     assert config.block_n == block_n
     assert -(-n // config.block_n) >= gemm.MIN_PROGRAMS
-    x_tiles = 2 if prologue == GATED else 1
-    smem = (x_tiles * config.block_m + config.block_n) * config.block_k * 2 * config.num_stages
+    smem = (config.block_m + config.block_n) * config.block_k * 2 * config.num_stages
     assert 2 <= config.num_stages <= 4 and smem <= gemm.SHARED_BYTES
-    assert gemm_config(64, n, k, torch.bfloat16, prologue) == config  # a pure function
+    assert gemm_config(64, n, k, torch.bfloat16) == config  # a pure function
 
 
 def test_bad_sizes_are_refused():
@@ -116,20 +127,24 @@ def test_bad_sizes_are_refused():
         gemm_config(0, 64, 64, torch.bfloat16)
     with pytest.raises(ValueError, match="dtype"):
         gemm_config(4, 64, 64, torch.int8)
+    with pytest.raises(ValueError, match="swiglu"):
+        skinny_gemm(torch.randn(2, 16), torch.randn(31, 16), torch.empty(2, 15), swiglu=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [2, 8, 17, 64])
 @pytest.mark.parametrize("N,K", [(3072, 2048), (2048, 8192), (6144, 4096), (1152, 896)])
 def test_gpu_bf16_chain_in_a_graph(M, N, K):
-    """The compiled kernel (programmatic dependent launches, L2 prefetch) on model shapes: three
-    launches, each reading what the one before wrote, captured in a CUDA graph; bf16 against
-    fp32 references of each step."""
+    """The compiled kernel (programmatic dependent launches, L2 prefetch) on model shapes: four
+    launches, each reading what the one before wrote (as a layer's QKV, output, gate/up with
+    SwiGLU, down), captured in a CUDA graph; bf16 against fp32 references of each step."""
     dev, bf16 = "cuda", torch.bfloat16
     x = torch.randn(M, K, dtype=bf16, device=dev) * 3
     w_up = (torch.randn(N, K, device=dev) * K ** -0.5).to(bf16)
     w_back = (torch.randn(K, N, device=dev) * N ** -0.5).to(bf16)
+    w_gate_up = (torch.randn(N, K, device=dev) * K ** -0.5).to(bf16)
     w_down = (torch.randn(K, N // 2, device=dev) * (N // 2) ** -0.5).to(bf16)
+    act = torch.full((M, N // 2), float("nan"), dtype=bf16, device=dev)
     start = torch.randn(M, K, dtype=bf16, device=dev)
     residual = start.clone()
     hidden = torch.full((M, N), float("nan"), dtype=bf16, device=dev)
@@ -138,7 +153,8 @@ def test_gpu_bf16_chain_in_a_graph(M, N, K):
         residual.copy_(start)
         skinny_gemm(x, w_up, hidden, NORM, eps=EPS)
         skinny_gemm(hidden, w_back, residual, PLAIN, add_residual=True)
-        skinny_gemm(hidden, w_down, residual, GATED, add_residual=True)
+        skinny_gemm(residual, w_gate_up, act, NORM, eps=EPS, swiglu=True)
+        skinny_gemm(act, w_down, residual, PLAIN, add_residual=True)
 
     chain()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -146,11 +162,14 @@ def test_gpu_bf16_chain_in_a_graph(M, N, K):
         chain()
     hidden.fill_(float("nan"))
     residual.fill_(float("nan"))
+    act.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
     h = reference.norm_linear(x.float(), None, EPS, w_up.float())
     assert rel_l2(hidden, h) < 1e-2
-    h = hidden.float()  # the next steps read the rounded hidden state
-    expected = (start.float() + h @ w_back.float().t()
-                + reference.silu_and_mul(h) @ w_down.float().t())
+    h = hidden.float()  # each step reads what the previous one wrote, rounded
+    after_o = start.float() + h @ w_back.float().t()
+    gate_up = reference.norm_linear(after_o.to(bf16).float(), None, EPS, w_gate_up.float())
+    assert rel_l2(act, reference.silu_and_mul(gate_up)) < 1e-2
+    expected = after_o + act.float() @ w_down.float().t()
     assert rel_l2(residual, expected) < 1e-2
