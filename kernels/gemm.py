@@ -1,5 +1,5 @@
-"""Skinny tensor-core GEMM for a decode step of a few to ``GEMM_MAX_ROWS`` rows, with the
-layer's neighbouring ops fused and a programmatic dependent launch.
+"""Skinny tensor-core GEMM for a decode step of ``GEMM_MIN_ROWS`` to ``GEMM_MAX_ROWS`` rows, with
+the layer's neighbouring ops fused and a programmatic dependent launch.
 
     out[M, N] = epilogue(A[M, K] @ W[N, K]^T),  A = prologue(x)
 
@@ -43,7 +43,10 @@ import triton.language as tl
 
 from kernels.device import has_pdl
 
-GEMM_MAX_ROWS = 64  # rows this kernel takes; more go to cuBLAS (see gemm_config)
+# Rows the engine gives this kernel (kernels.linear). In a 16- / 32-layer chain of a step's
+# products (bench.gemm_chain, H100) it beat cuBLAS by 4-9% at 32 and 64 rows, and lost by
+# 30-40% at 8 and 16, where its 16-row tiles run on the older mma instructions.
+GEMM_MIN_ROWS, GEMM_MAX_ROWS = 17, 64
 PREFETCH_COLUMNS = 256  # weight columns per program prefetched into L2 before the wait
 # A program per BLOCK_N features: the largest tile that still gives this many programs.
 MIN_PROGRAMS = 96

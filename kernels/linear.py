@@ -24,11 +24,11 @@ Three regimes by the number of rows M:
   end of the K loop, so the kernel multiplies by the RMSNorm weight on load and by 1 / rms(x)
   after the loop (a per-row scalar commutes with the product). A row has no tile of 16 for
   the tensor cores to fill; FMAs keep up with the weight stream (2 FLOP per 2 bytes).
-- M <= ``GEMM_MAX_ROWS`` (a decode step of up to 64 rows) runs ``kernels.gemm`` on the tensor
-  cores, as programmatic dependent launches that overlap each product's start with the previous
+- ``GEMM_MIN_ROWS`` <= M <= ``GEMM_MAX_ROWS`` (a decode step of 17 to 64 rows) runs
+  ``kernels.gemm`` on the tensor cores, as programmatic dependent launches that overlap each product's start with the previous
   kernel's end: the MLP is two launches (gate/up with RMSNorm and SiLU-and-mul fused, then down
   with the residual add); a folded QKV norm is deferred to the RoPE kernel as below.
-- Larger M goes to cuBLAS, which is the better GEMM there, with the residual add as the GEMM's
+- Other M goes to cuBLAS, which is the better GEMM there, with the residual add as the GEMM's
   own accumulate (``addmm_``, beta = 1), which costs no extra kernel or pass. The RMSNorm
   before it is deferred when its weight is folded: cuBLAS multiplies the raw rows x, and the
   kernel that reads the product next — RoPE + K/V write after QKV, SiLU-and-mul after gate/up
@@ -52,12 +52,12 @@ import triton
 import triton.language as tl
 
 from kernels.activation import silu_and_mul
-from kernels.gemm import GEMM_MAX_ROWS, NORM, PLAIN, skinny_gemm
+from kernels.gemm import GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, skinny_gemm
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import _check as _check_rope
 from kernels.rope_kv_write import rope_kv_write
 
-GEMV_MAX_ROWS = 1  # rows the GEMV kernel takes; more go to kernels.gemm (measured: it wins at 1)
+GEMV_MAX_ROWS = 1  # rows the GEMV kernel takes (measured: it wins at 1)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GATED = 2  # the GEMV kernel's third prologue (PLAIN and NORM are kernels.gemm's)
 
@@ -116,14 +116,14 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
     if out is not None and (out.shape != (M, N) or out.dtype != x.dtype or out.stride(-1) != 1):
         raise ValueError(f"norm_linear: out must be [{M}, {N}] {x.dtype} with a contiguous last "
                          f"dim, got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
-    if M > GEMM_MAX_ROWS:
+    if M > GEMV_MAX_ROWS and not _takes_skinny_gemm(M):
         result = F.linear(rmsnorm(x, norm_weight, eps), weight, bias)
         return result if out is None else out.copy_(result)
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M > GEMV_MAX_ROWS and norm_weight is not None:  # unfolded: normalise first
+    if _takes_skinny_gemm(M) and norm_weight is not None:  # unfolded: normalise first
         return skinny_gemm(rmsnorm(x, norm_weight, eps), weight, out, PLAIN, bias=bias)
-    if M > GEMV_MAX_ROWS:
+    if _takes_skinny_gemm(M):
         return skinny_gemm(x, weight, out, NORM, bias=bias, eps=eps)
     return _gemv(x, weight, out, prologue=NORM, bias=bias, norm_weight=norm_weight, eps=eps)
 
@@ -136,10 +136,10 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     """
     _check(x, weight, x.shape[-1] if x.dim() == 2 else -1, "linear_residual")
     _check_residual(residual, x.shape[0], weight)
-    if x.shape[0] > GEMM_MAX_ROWS:
-        return residual.addmm_(x, weight.t())
-    if x.shape[0] > GEMV_MAX_ROWS:
+    if _takes_skinny_gemm(x.shape[0]):
         return skinny_gemm(x, weight, residual, PLAIN, add_residual=True)
+    if x.shape[0] > GEMV_MAX_ROWS:
+        return residual.addmm_(x, weight.t())
     return _gemv(x, weight, residual, prologue=PLAIN, residual=residual)
 
 
@@ -153,10 +153,10 @@ def gated_linear_residual(gate_up: torch.Tensor, weight: torch.Tensor,
     inner = gate_up.shape[-1] // 2 if gate_up.dim() == 2 and gate_up.shape[-1] % 2 == 0 else -1
     _check(gate_up, weight, inner, "gated_linear_residual")
     _check_residual(residual, gate_up.shape[0], weight)
-    if gate_up.shape[0] > GEMM_MAX_ROWS:
-        return residual.addmm_(silu_and_mul(gate_up), weight.t())
-    if gate_up.shape[0] > GEMV_MAX_ROWS:
+    if _takes_skinny_gemm(gate_up.shape[0]):
         return skinny_gemm(silu_and_mul(gate_up), weight, residual, PLAIN, add_residual=True)
+    if gate_up.shape[0] > GEMV_MAX_ROWS:
+        return residual.addmm_(silu_and_mul(gate_up), weight.t())
     return _gemv(gate_up, weight, residual, prologue=GATED, residual=residual)
 
 
@@ -192,7 +192,7 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
             _check(x, weight, weight.shape[1], "qkv_rope_write")
             # Unnormalised: rope_kv_write applies 1 / rms(x).
             qkv = (skinny_gemm(x, weight, x.new_empty(T, weight.shape[0]), PLAIN)
-                   if T <= GEMM_MAX_ROWS else torch.mm(x, weight.t()))
+                   if _takes_skinny_gemm(T) else torch.mm(x, weight.t()))
             norm_input = x
         else:
             qkv = norm_linear(x, norm_weight, eps, weight, bias)
@@ -232,7 +232,7 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
     residual's dtype.
 
     One row: two GEMV launches (norm on load; SiLU-and-mul on load, residual add on store).
-    Up to GEMM_MAX_ROWS rows: two ``kernels.gemm`` launches (norm and SiLU-and-mul fused into
+    GEMM_MIN_ROWS to GEMM_MAX_ROWS rows: two ``kernels.gemm`` launches (norm and SiLU-and-mul fused into
     the gate/up product, the residual add into the down product).
     More rows with a folded norm weight: cuBLAS on the raw rows, our SiLU-and-mul kernel with
     the deferred 1 / rms, cuBLAS accumulating into the residual — three launches.
@@ -245,7 +245,7 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
                          f"down_weight {tuple(down_weight.shape)} do not fit a hidden size of "
                          f"{residual.shape[1]} (expected [2 I, H] and [H, I])")
     M = residual.shape[0]
-    if GEMV_MAX_ROWS < M <= GEMM_MAX_ROWS:
+    if _takes_skinny_gemm(M):
         _check(residual, down_weight, down_weight.shape[1], "mlp_residual")  # dtype, contiguity
         if norm_weight is not None:
             _check_vector("norm_weight", norm_weight, residual.shape[1], residual.device)
@@ -261,6 +261,11 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
     _check(residual, down_weight, down_weight.shape[1], "mlp_residual")  # dtype, contiguity
     gate_up = torch.mm(residual, gate_up_weight.t())  # unnormalised: the 1 / rms comes next
     return residual.addmm_(silu_and_mul(gate_up, norm_input=residual, eps=eps), down_weight.t())
+
+
+def _takes_skinny_gemm(m: int) -> bool:
+    """Whether m rows run ``kernels.gemm`` (else the GEMV kernel or cuBLAS)."""
+    return GEMM_MIN_ROWS <= m <= GEMM_MAX_ROWS
 
 
 def _defers_norm(x: torch.Tensor, norm_weight: torch.Tensor | None,

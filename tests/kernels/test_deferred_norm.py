@@ -96,16 +96,19 @@ def qkv_case(dtype, T, with_bias=False, hidden=96, heads=(4, 2), D=32):
                 weight=(torch.randn(N, hidden) * hidden ** -0.5).to(dtype),
                 bias=(torch.randn(N) * 0.1).to(dtype) if with_bias else None,
                 num_q_heads=H_q, num_kv_heads=H_kv, k_cache=slab.clone(), v_cache=slab.clone(),
-                positions=torch.tensor([5, -1, 11, 2][:T], dtype=torch.int32), cos=cos, sin=sin)
+                positions=torch.tensor(([5, -1, 11, 2] * T)[:T], dtype=torch.int32), cos=cos,
+                sin=sin)
 
 
 @pytest.mark.parametrize("dtype,T,with_bias", [(torch.float32, 1, False), (torch.float32, 4, False),
                                                (torch.float32, 3, True), (torch.float16, 4, False),
-                                               (torch.float16, 1, True)])
+                                               (torch.float16, 1, True), (torch.float32, 19, False),
+                                               (torch.float16, 19, False), (torch.float32, 19, True)])
 def test_qkv_rope_write_with_a_folded_norm(dtype, T, with_bias):
-    """One token: the GEMV kernel normalising without a weight. More tokens: cuBLAS on the raw
-    rows and the deferred scale in rope_kv_write (fp32), or the norm kernel first (a bias,
-    fp16)."""
+    """One token: the GEMV kernel normalising without a weight. More tokens: the raw rows'
+    product (cuBLAS, or kernels.gemm from GEMM_MIN_ROWS rows) and the deferred scale in
+    rope_kv_write (fp32), or the norm first (a bias, fp16: the norm kernel, or kernels.gemm's
+    NORM prologue)."""
     case = qkv_case(dtype, T, with_bias)
     copy = {**case, "k_cache": case["k_cache"].clone(), "v_cache": case["v_cache"].clone()}
     fp32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels import gemm, linear, reference
-from kernels.gemm import GEMM_MAX_ROWS, NORM, PLAIN, GemmConfig, gemm_config, skinny_gemm
+from kernels.gemm import GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, GemmConfig, gemm_config, skinny_gemm
 from tests.kernels.numerics import rel_l2
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -95,15 +95,18 @@ def test_default_config_fp16_model_like_shape(M):
 
 
 def test_linear_ops_route_rows_to_the_kernel(monkeypatch):
-    """One row takes the GEMV kernel, 2..GEMM_MAX_ROWS this one, more go to cuBLAS."""
+    """One row takes the GEMV kernel, GEMM_MIN_ROWS..GEMM_MAX_ROWS this one, others cuBLAS."""
     calls = []
     original = linear.skinny_gemm
     monkeypatch.setattr(linear, "skinny_gemm",
                         lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k))
     w = weights(16, 64, torch.float32)
-    for m in (1, 2, GEMM_MAX_ROWS, GEMM_MAX_ROWS + 1):
-        linear.linear_residual(torch.randn(m, 64), w, torch.zeros(m, 16))
-    assert calls == [2, GEMM_MAX_ROWS]
+    for m in (1, 2, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, GEMM_MAX_ROWS, GEMM_MAX_ROWS + 1):
+        expected = torch.randn(m, 16)
+        x = torch.randn(m, 64)
+        result = linear.linear_residual(x, w, expected.clone())
+        assert rel_l2(result, expected + x @ w.t()) < 1e-5
+    assert calls == [GEMM_MIN_ROWS, GEMM_MAX_ROWS]
 
 
 @pytest.mark.parametrize("n,k,block_n", [
