@@ -53,9 +53,10 @@ def chain_fns(shape: dict, m: int) -> dict:
             residual.addmm_(gate_up[:, :inter], w["down"].t())
 
     def ours(pdl: bool):
-        configs = {name: gemm_config(m, n, k, bf16, pdl)
-                   for name, n, k in (("qkv", qkv_n, h), ("o", h, q), ("gate_up", 2 * inter, h),
-                                      ("down", h, inter))}
+        configs = {name: gemm_config(m, n, k, bf16, prologue, pdl)
+                   for name, n, k, prologue in (("qkv", qkv_n, h, PLAIN), ("o", h, q, PLAIN),
+                                                ("gate_up", 2 * inter, h, NORM),
+                                                ("down", h, inter, PLAIN))}
 
         def run():
             for w in layers:

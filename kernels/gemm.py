@@ -69,7 +69,8 @@ class GemmConfig:
     pdl: bool = False
 
 
-def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, pdl: bool = False) -> GemmConfig:
+def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAIN,
+                pdl: bool = False) -> GemmConfig:
     """The launch shape for [M, K] x [N, K]^T in ``dtype``; a pure function.
 
     16-bit: every row in one M tile (16 or 64); BLOCK_N the largest of 128/64/32/16 that
@@ -89,8 +90,9 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, pdl: bool = False) -
         return GemmConfig(block_m, 32, 32, 4, 1, pdl)
     block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) >= MIN_PROGRAMS), 16)
     # 256-column tiles for 64-row tiles; 128 for 16-row ones (with 256, ptxas spills the L2
-    # prefetch's addresses there) and for 128 features.
-    wide_k = block_m == 64 and block_n < 128
+    # prefetch's addresses there), for 128 features, and under NORM (its fp32 copy of the x
+    # tile lives in registers).
+    wide_k = block_m == 64 and block_n < 128 and prologue == PLAIN
     block_k = min(256 if wide_k else 128, max(16, triton.next_power_of_2(k)))
     stage_bytes = (block_m + block_n) * block_k * 2
     num_stages = max(1, min(4, SHARED_BYTES // stage_bytes))
@@ -129,7 +131,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
                          "no residual")
     if M == 0:
         return out
-    config = config or gemm_config(M, N, K, weight.dtype, pdl=has_pdl(x.device))
+    config = config or gemm_config(M, N, K, weight.dtype, prologue, pdl=has_pdl(x.device))
     features = N // 2 if swiglu else N
     grid = (triton.cdiv(features, config.block_n // 2 if swiglu else config.block_n),
             triton.cdiv(M, config.block_m))
@@ -191,9 +193,14 @@ def _skinny_gemm_kernel(
         k = k0 + offs_k
         k_live = k < K
         w_mask = n_live[:, None] & k_live[None, :]  # only used where a tile can overhang
-        a = tl.load(x_rows + k[None, :], mask=m_live[:, None] & k_live[None, :], other=0.0)
+        x_ptrs = x_rows + k[None, :]
+        x_mask = m_live[:, None] & k_live[None, :]
+        a = tl.load(x_ptrs, mask=x_mask, other=0.0)
         if PROLOGUE == 1:  # NORM
-            xf = a.to(tl.float32)
+            # A load of its own (an L1 hit): the tensor cores' operand tile stays a pure
+            # pipelined load. Reading that tile into registers as well gave wrong products at
+            # 64 x 64 x 256 tiles over three stages on the H100.
+            xf = tl.load(x_ptrs, mask=x_mask, other=0.0, cache_modifier=".ca").to(tl.float32)
             sum_sq += tl.sum(xf * xf, axis=1)
         if EVEN_N and EVEN_K:
             w = tl.load(w_rows + k[None, :])

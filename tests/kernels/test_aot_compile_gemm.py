@@ -41,7 +41,7 @@ def distinct_launches() -> list[dict]:
         for dtype_name, dtype in DTYPES.items():
             for m in ROWS:
                 for n, k, prologue, has_bias, add, swiglu in projections:
-                    config = gemm.gemm_config(m, n, k, dtype, pdl=True)
+                    config = gemm.gemm_config(m, n, k, dtype, prologue, pdl=True)
                     features = n // 2 if swiglu else n
                     meta = gemm.gemm_launch_meta(config, features, k, prologue, has_bias, add,
                                                  swiglu)

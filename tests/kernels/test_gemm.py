@@ -117,6 +117,7 @@ def test_config_matches_the_measured_tiles(n, k, block_n):
     H100, fill most SMs, and keep their pipeline within shared memory."""
     config = gemm_config(64, n, k, torch.bfloat16)
     assert config.block_n == block_n
+    assert gemm_config(64, n, k, torch.bfloat16, NORM).block_k == 128
     assert -(-n // config.block_n) >= gemm.MIN_PROGRAMS
     smem = (config.block_m + config.block_n) * config.block_k * 2 * config.num_stages
     assert 2 <= config.num_stages <= 4 and smem <= gemm.SHARED_BYTES
@@ -136,7 +137,8 @@ def test_bad_sizes_are_refused():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [2, 8, 17, 64])
-@pytest.mark.parametrize("N,K", [(3072, 2048), (2048, 8192), (6144, 4096), (1152, 896)])
+@pytest.mark.parametrize("N,K", [(3072, 2048), (2048, 8192), (6144, 4096), (1152, 896),
+                                 (9728, 896)])
 def test_gpu_bf16_chain_in_a_graph(M, N, K):
     """The compiled kernel (programmatic dependent launches, L2 prefetch) on model shapes: four
     launches, each reading what the one before wrote (as a layer's QKV, output, gate/up with
