@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -23,9 +24,10 @@ def device_properties(device: torch.device):
 
 
 def has_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: CUDA GPUs from Hopper (sm_90) on; not the interpreter."""
+    """Programmatic dependent launch: CUDA GPUs from Hopper (sm_90) on; not the interpreter.
+    ``BINDECODE_PDL=0`` in the environment turns it off everywhere (to measure what it gives)."""
     props = device_properties(device)
-    return props is not None and props.major >= 9
+    return props is not None and props.major >= 9 and os.environ.get("BINDECODE_PDL") != "0"
 
 
 def sm_count(device: torch.device) -> int:
