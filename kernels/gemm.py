@@ -220,7 +220,8 @@ def _skinny_gemm_kernel(
     if PROLOGUE == 1:
         inv_rms = tl.math.rsqrt(sum_sq / K + eps)[:, None]
         acc = acc * inv_rms
-        acc_up = acc_up * inv_rms
+        if SWIGLU:
+            acc_up = acc_up * inv_rms
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)[None, :]
     if SWIGLU:
