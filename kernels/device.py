@@ -8,6 +8,9 @@ import os
 import torch
 
 H100_NUM_SMS = 132
+# BINDECODE_PDL=0 turns programmatic dependent launches off everywhere (to measure what they
+# give); read once, so no launch pays for the lookup.
+_PDL_ENABLED = os.environ.get("BINDECODE_PDL") != "0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,10 +27,10 @@ def device_properties(device: torch.device):
 
 
 def has_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: CUDA GPUs from Hopper (sm_90) on; not the interpreter.
-    ``BINDECODE_PDL=0`` in the environment turns it off everywhere (to measure what it gives)."""
+    """Programmatic dependent launch: CUDA GPUs from Hopper (sm_90) on; not the interpreter,
+    nor with ``BINDECODE_PDL=0`` in the environment."""
     props = device_properties(device)
-    return props is not None and props.major >= 9 and os.environ.get("BINDECODE_PDL") != "0"
+    return _PDL_ENABLED and props is not None and props.major >= 9
 
 
 def sm_count(device: torch.device) -> int:

@@ -79,7 +79,9 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
     16-bit: every row in one M tile (16 or 64); BLOCK_N the largest of 128/64/32/16 that
     leaves >= MIN_PROGRAMS programs (the 1B products at 64 rows: QKV 32, output 16, gate/up
     128, down 16; the 8B ones: 64, 32, 128, 32 — each the fastest alone of a 16-config sweep on
-    the H100); 256-column K tiles (128 with 128 features), as many stages as fit 200 KB.
+    the H100); 256-column K tiles (128 with 128 features, 16 rows or the NORM prologue), as
+    many stages (up to 4) as fit 200 KB. With SwiGLU, N is the gate/up weight's 2I and a
+    program takes BLOCK_N / 2 gate rows and as many up rows.
     fp32 (parity runs only): IEEE products on CUDA cores, small tiles, no pipeline.
     """
     if m < 1 or n < 1 or k < 1:
@@ -104,12 +106,12 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
 
 def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias: bool,
                      add_residual: bool, swiglu: bool = False) -> dict:
-    """Constexprs and launch options of one launch (what the AOT test compiles)."""
-    return dict(PROLOGUE=prologue, HAS_BIAS=has_bias,
-                ADD_RESIDUAL=add_residual, SWIGLU=swiglu, BLOCK_M=config.block_m,
-                BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                EVEN_N=n % config.block_n == 0,
-                EVEN_K=k % config.block_k == 0, PDL=config.pdl,
+    """Constexprs and launch options of one launch (what the AOT test compiles); n: output
+    features (I with ``swiglu``)."""
+    tile_n = config.block_n // 2 if swiglu else config.block_n  # output features a program
+    return dict(PROLOGUE=prologue, HAS_BIAS=has_bias, ADD_RESIDUAL=add_residual, SWIGLU=swiglu,
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                EVEN_N=n % tile_n == 0, EVEN_K=k % config.block_k == 0, PDL=config.pdl,
                 # 16-bit weights only (lines of 64 elements); fp32 runs are parity runs.
                 PREFETCH_K=PREFETCH_COLUMNS if config.pdl and config.block_k >= 64 else 0,
                 num_warps=config.num_warps, num_stages=config.num_stages)

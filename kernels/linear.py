@@ -25,9 +25,10 @@ Three regimes by the number of rows M:
   after the loop (a per-row scalar commutes with the product). A row has no tile of 16 for
   the tensor cores to fill; FMAs keep up with the weight stream (2 FLOP per 2 bytes).
 - ``GEMM_MIN_ROWS`` <= M <= ``GEMM_MAX_ROWS`` (a decode step of 17 to 64 rows) runs
-  ``kernels.gemm`` on the tensor cores, as programmatic dependent launches that overlap each product's start with the previous
-  kernel's end: the MLP is two launches (gate/up with RMSNorm and SiLU-and-mul fused, then down
-  with the residual add); a folded QKV norm is deferred to the RoPE kernel as below.
+  ``kernels.gemm`` on the tensor cores, as programmatic dependent launches that overlap each
+  product's start with the previous kernel's end: the MLP is two launches (gate/up with RMSNorm
+  and SiLU-and-mul fused, then down with the residual add); a folded QKV norm is deferred to the
+  RoPE kernel as below.
 - Other M goes to cuBLAS, which is the better GEMM there, with the residual add as the GEMM's
   own accumulate (``addmm_``, beta = 1), which costs no extra kernel or pass. The RMSNorm
   before it is deferred when its weight is folded: cuBLAS multiplies the raw rows x, and the
@@ -121,9 +122,9 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
         return result if out is None else out.copy_(result)
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if _takes_skinny_gemm(M) and norm_weight is not None:  # unfolded: normalise first
-        return skinny_gemm(rmsnorm(x, norm_weight, eps), weight, out, PLAIN, bias=bias)
     if _takes_skinny_gemm(M):
+        if norm_weight is not None:  # unfolded: normalise first (see kernels.gemm)
+            return skinny_gemm(rmsnorm(x, norm_weight, eps), weight, out, PLAIN, bias=bias)
         return skinny_gemm(x, weight, out, NORM, bias=bias, eps=eps)
     return _gemv(x, weight, out, prologue=NORM, bias=bias, norm_weight=norm_weight, eps=eps)
 
@@ -232,8 +233,8 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
     residual's dtype.
 
     One row: two GEMV launches (norm on load; SiLU-and-mul on load, residual add on store).
-    GEMM_MIN_ROWS to GEMM_MAX_ROWS rows: two ``kernels.gemm`` launches (norm and SiLU-and-mul fused into
-    the gate/up product, the residual add into the down product).
+    GEMM_MIN_ROWS to GEMM_MAX_ROWS rows: two ``kernels.gemm`` launches (norm and SiLU-and-mul
+    fused into the gate/up product, the residual add into the down product).
     More rows with a folded norm weight: cuBLAS on the raw rows, our SiLU-and-mul kernel with
     the deferred 1 / rms, cuBLAS accumulating into the residual — three launches.
     """

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from kernels import gemm, linear, reference
-from kernels.gemm import GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, GemmConfig, gemm_config, skinny_gemm
-from tests.kernels.numerics import rel_l2
+from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, GemmConfig, gemm_config,
+                          skinny_gemm)
+from tests.kernels.numerics import assert_margins_untouched, poisoned_view, rel_l2
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 EPS = 1e-5
@@ -25,20 +26,6 @@ def weights(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(n, k, dtype=dtype) * k ** -0.5
 
 
-def poisoned(m: int, n: int, dtype: torch.dtype, fill: torch.Tensor | None = None):
-    """(buffer, view): a [m, n] view with a wider row stride into a NaN buffer; the view holds
-    ``fill`` if given (a residual), else stays NaN (an output)."""
-    buffer = torch.full((m, n + 5), float("nan"), dtype=dtype)
-    view = buffer[:, 2:2 + n]
-    if fill is not None:
-        view.copy_(fill)
-    return buffer, view
-
-
-def assert_margins_untouched(buffer: torch.Tensor, n: int) -> None:
-    assert torch.isnan(buffer[:, :2]).all() and torch.isnan(buffer[:, 2 + n:]).all()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -46,7 +33,7 @@ def test_norm_prologue_matches_rmsnorm_then_linear(dtype, M, N, K, with_bias):
     x = torch.randn(M, K, dtype=dtype) * 3
     w = weights(N, K, dtype)
     bias = torch.randn(N, dtype=dtype) if with_bias else None
-    buffer, out = poisoned(M, N, dtype)
+    buffer, out = poisoned_view(M, N, dtype)
     skinny_gemm(x, w, out, NORM, bias=bias, eps=EPS, config=SMALL)
     expected = reference.norm_linear(x.float(), None, EPS, w.float(),
                                      None if bias is None else bias.float())
@@ -59,7 +46,7 @@ def test_norm_prologue_matches_rmsnorm_then_linear(dtype, M, N, K, with_bias):
 def test_residual_epilogue_adds_in_place(dtype, M, N, K):
     x = torch.randn(M, K, dtype=dtype) * 2
     w = weights(N, K, dtype)
-    buffer, residual = poisoned(M, N, dtype, fill=torch.randn(M, N, dtype=dtype))
+    buffer, residual = poisoned_view(M, N, dtype, fill=torch.randn(M, N, dtype=dtype))
     expected = residual.float() + x.float() @ w.float().t()
     result = skinny_gemm(x, w, residual, PLAIN, add_residual=True, config=SMALL)
     assert result.data_ptr() == residual.data_ptr()
@@ -75,7 +62,7 @@ def test_swiglu_epilogue_matches_linear_then_silu_and_mul(dtype, M, I, K, prolog
     of SMALL's 16-row tile."""
     x = torch.randn(M, K, dtype=dtype) * 3
     w = weights(2 * I, K, dtype)
-    buffer, out = poisoned(M, I, dtype)
+    buffer, out = poisoned_view(M, I, dtype)
     skinny_gemm(x, w, out, prologue, eps=EPS, swiglu=True, config=SMALL)
     gate_up = (reference.norm_linear(x.float(), None, EPS, w.float()) if prologue == NORM
                else x.float() @ w.float().t())

@@ -13,7 +13,7 @@ import torch
 from kernels import linear, reference
 from kernels.linear import (GEMV_MAX_ROWS, gated_linear_residual, linear_residual, norm_linear,
                             gemv_config)
-from tests.kernels.numerics import rel_l2
+from tests.kernels.numerics import assert_margins_untouched, poisoned_view, rel_l2
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 EPS = 1e-5
@@ -25,18 +25,6 @@ SHAPES = [(1, 64, 256), (GEMV_MAX_ROWS, 40, 96), (1, 17, 300), (1, 24, 1100),
 
 def weights(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(n, k, dtype=dtype) * k ** -0.5
-
-
-def poisoned_residual(m: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [m, n] view with a wider row stride into a NaN buffer, filled with random values."""
-    buffer = torch.full((m, n + 7), float("nan"), dtype=dtype)
-    view = buffer[:, 3:3 + n]
-    view.copy_(torch.randn(m, n, dtype=dtype))
-    return buffer, view
-
-
-def assert_margins_untouched(buffer: torch.Tensor, n: int) -> None:
-    assert torch.isnan(buffer[:, :3]).all() and torch.isnan(buffer[:, 3 + n:]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -60,7 +48,7 @@ def test_norm_linear_matches_reference(dtype, M, N, K, with_bias):
 def test_linear_residual_adds_in_place(dtype, M, N, K):
     x = torch.randn(M, K, dtype=dtype)
     w = weights(N, K, dtype)
-    buffer, residual = poisoned_residual(M, N, dtype)
+    buffer, residual = poisoned_view(M, N, dtype, fill=torch.randn(M, N, dtype=dtype))
     expected = residual.float() + x.float() @ w.float().t()
     result = linear_residual(x, w, residual)
     assert result.data_ptr() == residual.data_ptr()
@@ -73,7 +61,7 @@ def test_linear_residual_adds_in_place(dtype, M, N, K):
 def test_gated_linear_residual_adds_in_place(dtype, M, N, K):
     gate_up = torch.randn(M, 2 * K, dtype=dtype) * 2
     w = weights(N, K, dtype)
-    buffer, residual = poisoned_residual(M, N, dtype)
+    buffer, residual = poisoned_view(M, N, dtype, fill=torch.randn(M, N, dtype=dtype))
     expected = residual.float() + reference.silu_and_mul(gate_up.float()) @ w.float().t()
     gated_linear_residual(gate_up, w, residual)
     assert rel_l2(residual, expected) < TOLERANCE[dtype]
