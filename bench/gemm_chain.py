@@ -10,7 +10,11 @@ Ours runs the engine's kernels: QKV on the raw rows (the norm goes to the RoPE k
 gate/up product with RMSNorm and SiLU-and-mul fused (work cuBLAS skips here, so the comparison
 is conservative for ours), down and output with the residual add.
 
-    python -m bench.gemm_chain [--out DIR] [--rows 8,16,32,64]
+With ``--sweep`` it instead times the chain of ours once per tile choice of one product (the
+others keep ``gemm_config``'s choice): feature tile widths and split-K factors for QKV, output
+and down, in the step's context (dependent launches, L2 traffic of the neighbours).
+
+    python -m bench.gemm_chain [--out DIR] [--rows 8,16,32,64] [--sweep]
 """
 
 from __future__ import annotations
@@ -28,8 +32,15 @@ MODELS = {"dummy:llama-3.2-1b": dict(hidden=2048, q=2048, kv=512, inter=8192, la
 EPS = 1e-5
 
 
-def chain_fns(shape: dict, m: int) -> dict:
-    """{name: fn} running every layer's four products, plus the roofline inputs."""
+# (block_n, split_k) per swept product; split K needs the PLAIN prologue and no SwiGLU.
+SWEEP = [(16, 1), (32, 1), (64, 1), (32, 2), (64, 2), (64, 4), (64, 8), (128, 2), (128, 4),
+         (128, 8)]
+SWEPT = ("qkv", "o", "down")
+
+
+def chain_fns(shape: dict, m: int, overrides: tuple[dict, ...] = ()) -> dict:
+    """{name: fn} running every layer's four products, plus the roofline inputs; with
+    ``overrides`` ({product: (block_n, split_k)} each) only ours, once per override."""
     from kernels.gemm import NORM, PLAIN, gemm_config, skinny_gemm
 
     h, q, inter = shape["hidden"], shape["q"], shape["inter"]
@@ -52,11 +63,14 @@ def chain_fns(shape: dict, m: int) -> dict:
             torch.mm(residual, w["gate_up"].t(), out=gate_up)
             residual.addmm_(gate_up[:, :inter], w["down"].t())
 
-    def ours(pdl: bool):
-        configs = {name: gemm_config(m, n, k, bf16, prologue, pdl)
-                   for name, n, k, prologue in (("qkv", qkv_n, h, PLAIN), ("o", h, q, PLAIN),
-                                                ("gate_up", 2 * inter, h, NORM),
-                                                ("down", h, inter, PLAIN))}
+    def ours(pdl: bool, override: dict | None = None):
+        override = override or {}
+        configs = {}
+        for name, n, k, prologue in (("qkv", qkv_n, h, PLAIN), ("o", h, q, PLAIN),
+                                     ("gate_up", 2 * inter, h, NORM), ("down", h, inter, PLAIN)):
+            block_n, split_k = override.get(name, (None, None))
+            configs[name] = gemm_config(m, n, k, bf16, prologue, pdl, swiglu=name == "gate_up",
+                                        block_n=block_n, split_k=split_k)
 
         def run():
             for w in layers:
@@ -69,9 +83,34 @@ def chain_fns(shape: dict, m: int) -> dict:
                             config=configs["down"])
         return run, {k: dataclasses.asdict(v) for k, v in configs.items()}
 
-    ours_pdl, configs = ours(True)
     products = [(qkv_n, h), (h, q), (2 * inter, h), (h, inter)]
+    if overrides:
+        return [ours(True, o) for o in overrides], products
+    ours_pdl, configs = ours(True)
     return {"cublas": cublas, "ours_no_pdl": ours(False)[0], "ours": ours_pdl}, products, configs
+
+
+def sweep(rows: list[int]) -> dict:
+    """Chain time of ours per (product, block_n, split_k), against the default configs."""
+    results = []
+    for model, shape in MODELS.items():
+        for m in rows:
+            overrides = [{}] + [{name: choice} for name in SWEPT for choice in SWEEP]
+            runs, _ = chain_fns(shape, m, tuple(overrides))
+            base_us = None
+            for override, (fn, configs) in zip(overrides, runs):
+                fn()
+                us = time_ms(fn) * 1e3
+                base_us = base_us or us
+                name = next(iter(override), "default")
+                row = {"model": model, "M": m, "product": name, "us": us,
+                       "vs_default": base_us / us, "config": configs.get(name, configs)}
+                print(f"{model:22s} M={m:3d} {name:8s} {str(override.get(name, '')):10s} "
+                      f"{us:8.1f} us  {row['vs_default']:.3f}x", flush=True)
+                results.append(row)
+            del runs
+            torch.cuda.empty_cache()
+    return {"rows": results}
 
 
 def run(rows: list[int]) -> dict:
@@ -105,9 +144,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--rows", default="8,16,32,64", help="row counts M, comma-separated")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time tile widths and split-K factors of QKV, output and down")
     args = parser.parse_args()
-    result = run([int(m) for m in args.rows.split(",")])
-    write_json(args.out / "gemm_chain.json", result)
+    rows = [int(m) for m in args.rows.split(",")]
+    if args.sweep:
+        write_json(args.out / "gemm_sweep.json", sweep(rows))
+    else:
+        write_json(args.out / "gemm_chain.json", run(rows))
 
 
 if __name__ == "__main__":
