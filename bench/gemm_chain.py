@@ -10,9 +10,10 @@ Ours runs the engine's kernels: QKV on the raw rows (the norm goes to the RoPE k
 gate/up product with RMSNorm and SiLU-and-mul fused (work cuBLAS skips here, so the comparison
 is conservative for ours), down and output with the residual add.
 
-With ``--sweep`` it instead times the chain of ours once per tile choice of one product (the
-others keep ``gemm_config``'s choice): feature tile widths and split-K factors for QKV, output
-and down, in the step's context (dependent launches, L2 traffic of the neighbours).
+With ``--sweep`` it instead times the chain of ours once per variant of every product's launch
+shape: shared memory cut so that two programs fit one SM (the next kernel's programs then start,
+prefetch and wait beside the running ones), and more of each program's weights prefetched into
+L2 before its wait.
 
     python -m bench.gemm_chain [--out DIR] [--rows 8,16,32,64] [--sweep]
 """
@@ -32,15 +33,35 @@ MODELS = {"dummy:llama-3.2-1b": dict(hidden=2048, q=2048, kv=512, inter=8192, la
 EPS = 1e-5
 
 
-# (block_n, split_k) per swept product; split K needs the PLAIN prologue and no SwiGLU.
-SWEEP = [(16, 1), (32, 1), (64, 1), (32, 2), (64, 2), (64, 4), (64, 8), (128, 2), (128, 4),
-         (128, 8)]
-SWEPT = ("qkv", "o", "down")
+# name: (shared-memory budget per program in bytes or None, K tile or None, prefetched weight
+# bytes per product or None); None keeps gemm_config's choice.
+VARIANTS = {"default": (None, None, None), "prefetch 4 MB": (None, None, 4 << 20),
+            "prefetch 16 MB": (None, None, 16 << 20), "110 KB": (110 << 10, None, None),
+            "110 KB, prefetch 4 MB": (110 << 10, None, 4 << 20),
+            "110 KB, prefetch 16 MB": (110 << 10, None, 16 << 20),
+            "110 KB, K tile 128": (110 << 10, 128, None),
+            "110 KB, K tile 128, prefetch 16 MB": (110 << 10, 128, 16 << 20)}
 
 
-def chain_fns(shape: dict, m: int, overrides: tuple[dict, ...] = ()) -> dict:
+def variant(config, n: int, k: int, shared: int | None, block_k: int | None,
+            prefetch_bytes: int | None):
+    """``config`` with the variant's shared-memory budget, K tile and prefetch volume (n: the
+    weight's rows)."""
+    block_k = block_k or config.block_k
+    stages = config.num_stages
+    if shared or block_k != config.block_k:
+        stage_bytes = (config.block_m + config.block_n) * block_k * 2
+        stages = max(1, min(4, (shared or 200 << 10) // stage_bytes))
+    prefetch_k = config.prefetch_k
+    if prefetch_bytes:
+        columns = min(prefetch_bytes // (2 * n), k)
+        prefetch_k = max(prefetch_k, 64 * 2 ** max(0, (columns // 64).bit_length() - 1))
+    return dataclasses.replace(config, block_k=block_k, num_stages=stages, prefetch_k=prefetch_k)
+
+
+def chain_fns(shape: dict, m: int, variants: tuple[tuple, ...] = ()) -> dict:
     """{name: fn} running every layer's four products, plus the roofline inputs; with
-    ``overrides`` ({product: (block_n, split_k)} each) only ours, once per override."""
+    ``variants`` (values of VARIANTS) only ours, once per variant."""
     from kernels.gemm import NORM, PLAIN, gemm_config, skinny_gemm
 
     h, q, inter = shape["hidden"], shape["q"], shape["inter"]
@@ -63,14 +84,11 @@ def chain_fns(shape: dict, m: int, overrides: tuple[dict, ...] = ()) -> dict:
             torch.mm(residual, w["gate_up"].t(), out=gate_up)
             residual.addmm_(gate_up[:, :inter], w["down"].t())
 
-    def ours(pdl: bool, override: dict | None = None):
-        override = override or {}
-        configs = {}
-        for name, n, k, prologue in (("qkv", qkv_n, h, PLAIN), ("o", h, q, PLAIN),
-                                     ("gate_up", 2 * inter, h, NORM), ("down", h, inter, PLAIN)):
-            block_n, split_k = override.get(name, (None, None))
-            configs[name] = gemm_config(m, n, k, bf16, prologue, pdl, swiglu=name == "gate_up",
-                                        block_n=block_n, split_k=split_k)
+    def ours(pdl: bool, changes: tuple = (None, None, None)):
+        configs = {name: variant(gemm_config(m, n, k, bf16, prologue, pdl), n, k, *changes)
+                   for name, n, k, prologue in (("qkv", qkv_n, h, PLAIN), ("o", h, q, PLAIN),
+                                                ("gate_up", 2 * inter, h, NORM),
+                                                ("down", h, inter, PLAIN))}
 
         def run():
             for w in layers:
@@ -84,29 +102,27 @@ def chain_fns(shape: dict, m: int, overrides: tuple[dict, ...] = ()) -> dict:
         return run, {k: dataclasses.asdict(v) for k, v in configs.items()}
 
     products = [(qkv_n, h), (h, q), (2 * inter, h), (h, inter)]
-    if overrides:
-        return [ours(True, o) for o in overrides], products
+    if variants:
+        return [ours(True, v) for v in variants], products
     ours_pdl, configs = ours(True)
     return {"cublas": cublas, "ours_no_pdl": ours(False)[0], "ours": ours_pdl}, products, configs
 
 
 def sweep(rows: list[int]) -> dict:
-    """Chain time of ours per (product, block_n, split_k), against the default configs."""
+    """Chain time of ours per variant of the launch shapes, against gemm_config's."""
     results = []
     for model, shape in MODELS.items():
         for m in rows:
-            overrides = [{}] + [{name: choice} for name in SWEPT for choice in SWEEP]
-            runs, _ = chain_fns(shape, m, tuple(overrides))
+            runs, _ = chain_fns(shape, m, tuple(VARIANTS.values()))
             base_us = None
-            for override, (fn, configs) in zip(overrides, runs):
+            for name, (fn, configs) in zip(VARIANTS, runs):
                 fn()
                 us = time_ms(fn) * 1e3
                 base_us = base_us or us
-                name = next(iter(override), "default")
-                row = {"model": model, "M": m, "product": name, "us": us,
-                       "vs_default": base_us / us, "config": configs.get(name, configs)}
-                print(f"{model:22s} M={m:3d} {name:8s} {str(override.get(name, '')):10s} "
-                      f"{us:8.1f} us  {row['vs_default']:.3f}x", flush=True)
+                row = {"model": model, "M": m, "variant": name, "us": us,
+                       "vs_default": base_us / us, "configs": configs}
+                print(f"{model:22s} M={m:3d} {name:36s} {us:8.1f} us  "
+                      f"{row['vs_default']:.3f}x", flush=True)
                 results.append(row)
             del runs
             torch.cuda.empty_cache()
@@ -145,7 +161,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--rows", default="8,16,32,64", help="row counts M, comma-separated")
     parser.add_argument("--sweep", action="store_true",
-                        help="time tile widths and split-K factors of QKV, output and down")
+                        help="time variants of the launch shapes (shared memory, prefetch)")
     args = parser.parse_args()
     rows = [int(m) for m in args.rows.split(",")]
     if args.sweep:

@@ -53,10 +53,6 @@ GEMM_MIN_ROWS, GEMM_MAX_ROWS = 17, 64
 PREFETCH_COLUMNS = 256  # weight columns per program prefetched into L2 before the wait
 # A program per BLOCK_N features: the largest tile that still gives this many programs.
 MIN_PROGRAMS = 96
-# Split K gives a program this many features (gemm_config): a narrower tile makes every program
-# stream the whole activation from L2 (with 16 features, 4x as many bytes as its weights).
-SPLIT_BLOCK_N = 64
-SPLIT_COUNTERS = 4096  # output tiles a split-K launch may have (one arrival counter each)
 SHARED_BYTES = 200 * 1024  # the pipeline's budget (the H100 has 227 KB per block)
 
 PLAIN, NORM = 0, 1
@@ -67,7 +63,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class GemmConfig:
     """Launch shape of ``_skinny_gemm_kernel``: the tile (rows, features, K columns), warps,
     software-pipeline stages, whether the launch is a programmatic dependent one, and how many
-    programs share one output tile's K loop (a power of two; 1: no split)."""
+    weight columns of its tile a program prefetches into L2 before it waits (a power-of-two
+    multiple of 64, or 0)."""
 
     block_m: int
     block_n: int
@@ -75,12 +72,11 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     pdl: bool = False
-    split_k: int = 1
+    prefetch_k: int = 0
 
 
 def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAIN,
-                pdl: bool = False, swiglu: bool = False, *, block_n: int | None = None,
-                split_k: int | None = None) -> GemmConfig:
+                pdl: bool = False) -> GemmConfig:
     """The launch shape for [M, K] x [N, K]^T in ``dtype``; a pure function.
 
     16-bit: every row in one M tile (16 or 64); BLOCK_N the largest of 128/64/32/16 that
@@ -89,10 +85,6 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
     the H100); 256-column K tiles (128 with 128 features, 16 rows or the NORM prologue), as
     many stages (up to 4) as fit 200 KB. With SwiGLU, N is the gate/up weight's 2I and a
     program takes BLOCK_N / 2 gate rows and as many up rows.
-    Split K (PLAIN prologue, no SwiGLU, 64-row tiles): where that rule would pick fewer than
-    SPLIT_BLOCK_N features, a program takes SPLIT_BLOCK_N and the K loop is cut into the
-    fewest power-of-two pieces that restore MIN_PROGRAMS programs.
-    ``block_n`` / ``split_k`` override the rule (the benchmarks' sweeps).
     fp32 (parity runs only): IEEE products on CUDA cores, small tiles, no pipeline.
     """
     if m < 1 or n < 1 or k < 1:
@@ -103,29 +95,18 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
         raise ValueError(f"gemm_config: dtype must be fp16/bf16/fp32, got {dtype}")
     block_m = 16 if m <= 16 else 64
     if dtype == torch.float32:
-        return GemmConfig(block_m, 32, 32, 4, 1, pdl)
-    splittable = prologue == PLAIN and not swiglu and block_m == 64
-    if block_n is None:
-        block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) >= MIN_PROGRAMS), 16)
-        if splittable and block_n < SPLIT_BLOCK_N and split_k is None:
-            block_n = SPLIT_BLOCK_N
-            split_k = 2
-            while triton.cdiv(n, block_n) * split_k < MIN_PROGRAMS:
-                split_k *= 2
-    split_k = split_k or 1
-    if split_k & (split_k - 1) or (split_k > 1 and not splittable):
-        raise ValueError(f"gemm_config: split_k={split_k} needs a power of two, the PLAIN "
-                         "prologue, no SwiGLU and more than 16 rows")
-    # 256-column K tiles for 64-row tiles; 128 for 16-row ones (with 256, ptxas spills the L2
+        return GemmConfig(block_m, 32, 32, 4, 1, pdl)  # no prefetch: parity runs only
+    block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) >= MIN_PROGRAMS), 16)
+    # 256-column tiles for 64-row tiles; 128 for 16-row ones (with 256, ptxas spills the L2
     # prefetch's addresses there), for 128 features, and under NORM (its fp32 copy of the x
     # tile lives in registers).
     wide_k = block_m == 64 and block_n < 128 and prologue == PLAIN
     block_k = min(256 if wide_k else 128, max(16, triton.next_power_of_2(k)))
-    # No more pieces than K tiles.
-    split_k = max(1, min(split_k, triton.next_power_of_2(triton.cdiv(k, block_k) + 1) // 2))
     stage_bytes = (block_m + block_n) * block_k * 2
     num_stages = max(1, min(4, SHARED_BYTES // stage_bytes))
-    return GemmConfig(block_m, block_n, block_k, 4, num_stages, pdl, split_k)
+    # 16-bit weights only (lines of 64 elements).
+    prefetch_k = PREFETCH_COLUMNS if pdl else 0
+    return GemmConfig(block_m, block_n, block_k, 4, num_stages, pdl, prefetch_k)
 
 
 def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias: bool,
@@ -136,9 +117,8 @@ def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias
     return dict(PROLOGUE=prologue, HAS_BIAS=has_bias, ADD_RESIDUAL=add_residual, SWIGLU=swiglu,
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 EVEN_N=n % tile_n == 0, EVEN_K=k % config.block_k == 0, PDL=config.pdl,
-                SPLIT_K=config.split_k,
-                # 16-bit weights only (lines of 64 elements); fp32 runs are parity runs.
-                PREFETCH_K=PREFETCH_COLUMNS if config.pdl and config.block_k >= 64 else 0,
+                PREFETCH_K=config.prefetch_k if config.pdl else 0,
+                PREFETCH_CHUNK=min(PREFETCH_COLUMNS, max(64, config.prefetch_k)),
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -161,42 +141,16 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
                          "no residual")
     if M == 0:
         return out
-    config = config or gemm_config(M, N, K, weight.dtype, prologue, pdl=has_pdl(x.device),
-                                   swiglu=swiglu)
+    config = config or gemm_config(M, N, K, weight.dtype, prologue, pdl=has_pdl(x.device))
     features = N // 2 if swiglu else N
     grid = (triton.cdiv(features, config.block_n // 2 if swiglu else config.block_n),
-            triton.cdiv(M, config.block_m), config.split_k)
+            triton.cdiv(M, config.block_m))
     # Unused pointer arguments get x (never read: their constexpr switches are off).
-    partials, counters, k_split = x, x, K
-    if config.split_k > 1:
-        if grid[0] * grid[1] > SPLIT_COUNTERS:
-            raise ValueError(f"skinny_gemm: split K takes at most {SPLIT_COUNTERS} output tiles, "
-                             f"got {grid[0] * grid[1]}")
-        partials = torch.empty(config.split_k, M, features, dtype=torch.float32, device=x.device)
-        counters = _split_counters(x.device)
-        k_split = triton.cdiv(triton.cdiv(K, config.split_k), config.block_k) * config.block_k
     _skinny_gemm_kernel[grid](
-        x, weight, bias if bias is not None else x, out, partials, counters, M, features, K,
-        k_split, x.stride(0), out.stride(0), eps, launch_pdl=config.pdl,
+        x, weight, bias if bias is not None else x, out, M, features, K, x.stride(0),
+        out.stride(0), eps, launch_pdl=config.pdl,
         **gemm_launch_meta(config, features, K, prologue, bias is not None, add_residual, swiglu))
     return out
-
-
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device) -> torch.Tensor:
-    """The device's split-K arrival counters: int32 [SPLIT_COUNTERS], zero between launches (the
-    last program of each output tile resets its own), so every launch and CUDA graph shares
-    them; kernels on one stream never run their reductions at once."""
-    counters = _counters.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("skinny_gemm: run a split-K launch once before capturing a CUDA "
-                               "graph; its counters are allocated then")
-        counters = _counters[device] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32,
-                                                   device=device)
-    return counters
 
 
 @triton.jit
@@ -208,62 +162,25 @@ def _prefetch_to_l2(ptrs):
 
 
 @triton.jit
-def _sum_split_k(acc, partials_ptr, counter_ptr, offs_m, offs_n, mask, M, N,
-                 SPLIT_K: tl.constexpr):
-    """Publish this program's partial product of its output tile and, in the tile's last
-    program to arrive, return the sum of all SPLIT_K partials, added in piece order (so the
-    result does not depend on which program came last); returns (sum or the partial, is_last).
-
-    partials: fp32 [SPLIT_K, M, N]; counter: one int32 per output tile, zero on entry and
-    reset by the last program.
-    """
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    ptrs = partials_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(ptrs + tl.program_id(2) * M * N, acc, mask=mask)
-    # Every thread's stores come before the release of the counter increment.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-    is_last = arrived == SPLIT_K - 1
-    if is_last:
-        acc = tl.zeros_like(acc)
-        for piece in tl.static_range(SPLIT_K):
-            # .cg: from L2, where the other SMs' partials are (never a stale L1 line).
-            acc += tl.load(ptrs + piece * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
-    return acc, is_last
-
-
-@triton.jit
 def _skinny_gemm_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr, partials_ptr, counter_ptr, M, N, K, K_SPLIT,
-        stride_xm, stride_om, eps,
+        x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, eps,
         PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
         ADD_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
-        EVEN_K: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr,
-        PREFETCH_K: tl.constexpr):
-    """Grid (cdiv(N, TILE_N), cdiv(M, BLOCK_M), SPLIT_K): program (j, i, s) computes out tile
-    (i, j) over K columns [s * K_SPLIT, (s + 1) * K_SPLIT), with TILE_N = BLOCK_N (BLOCK_N / 2
-    with SWIGLU).
+        EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
+        PREFETCH_CHUNK: tl.constexpr):
+    """Grid (cdiv(N, TILE_N), cdiv(M, BLOCK_M)): program (j, i) computes out tile (i, j), with
+    TILE_N = BLOCK_N (BLOCK_N / 2 with SWIGLU).
 
     x: [M, K], rows ``stride_xm`` apart; W: [N, K] contiguous ([2N, K] with SWIGLU: gate rows
     then up rows); bias: [N]; out: [M, N], rows ``stride_om`` apart, read first
     when ADD_RESIDUAL. PDL: launched as a programmatic dependent launch (Hopper): release the
     next kernel, prefetch PREFETCH_K weight columns into L2, then wait for the previous grid.
-    SPLIT_K > 1 (PLAIN, no SWIGLU; K_SPLIT a multiple of BLOCK_K): the pieces meet in fp32
-    ``partials`` [SPLIT_K, M, N] and the last to finish applies the epilogue
-    (``_sum_split_k``); counter: int32 [tiles], zero on entry and on exit.
     """
     TILE_N: tl.constexpr = BLOCK_N // 2 if SWIGLU else BLOCK_N
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * TILE_N + tl.arange(0, TILE_N)
     offs_k = tl.arange(0, BLOCK_K)
-    if SPLIT_K == 1:
-        k_begin = 0
-        k_end = K
-    else:
-        k_begin = tl.program_id(2) * K_SPLIT
-        k_end = tl.minimum(K, k_begin + K_SPLIT)
     m_live = offs_m < M
     n_live = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
@@ -271,19 +188,20 @@ def _skinny_gemm_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-        if PREFETCH_K > 0:
-            # One address per 128-byte line, clamped into the matrix (a tile may overhang it).
-            lines = tl.minimum(k_begin + tl.arange(0, PREFETCH_K // 64) * 64, K - 1)
-            rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * K + lines[None, :]
-            _prefetch_to_l2(rows)
+        # One address per 128-byte line, clamped into the matrix (a tile may overhang it), in
+        # chunks of PREFETCH_CHUNK columns (a few address registers per thread).
+        rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * K
+        for chunk in range(0, PREFETCH_K, PREFETCH_CHUNK):
+            lines = tl.minimum(chunk + tl.arange(0, PREFETCH_CHUNK // 64) * 64, K - 1)
+            _prefetch_to_l2(rows + lines[None, :])
             if SWIGLU:
-                _prefetch_to_l2(rows + N.to(tl.int64) * K)
+                _prefetch_to_l2(rows + N.to(tl.int64) * K + lines[None, :])
         tl.extra.cuda.gdc_wait()
 
     acc = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
     sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         k_live = k < K
         w_mask = n_live[:, None] & k_live[None, :]  # only used where a tile can overhang
@@ -308,11 +226,6 @@ def _skinny_gemm_kernel(
                 w_up = tl.load(up_rows + k[None, :], mask=w_mask, other=0.0)
             acc_up = tl.dot(a, tl.trans(w_up), acc_up, input_precision="ieee")
 
-    out_mask = m_live[:, None] & n_live[None, :]
-    if SPLIT_K > 1:
-        acc, is_last = _sum_split_k(acc, partials_ptr, counter_ptr, offs_m, offs_n, out_mask, M,
-                                    N, SPLIT_K)
-        out_mask = out_mask & is_last  # the other pieces are done
     if PROLOGUE == 1:
         inv_rms = tl.math.rsqrt(sum_sq / K + eps)[:, None]
         acc = acc * inv_rms
@@ -323,6 +236,7 @@ def _skinny_gemm_kernel(
     if SWIGLU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    out_mask = m_live[:, None] & n_live[None, :]
     if ADD_RESIDUAL:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
