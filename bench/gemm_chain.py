@@ -33,25 +33,28 @@ MODELS = {"dummy:llama-3.2-1b": dict(hidden=2048, q=2048, kv=512, inter=8192, la
 EPS = 1e-5
 
 
-# name: (shared-memory budget per program in bytes or None, K tile or None, prefetched weight
-# bytes per product or None); None keeps gemm_config's choice.
-VARIANTS = {"default": (None, None, None), "prefetch 4 MB": (None, None, 4 << 20),
-            "prefetch 16 MB": (None, None, 16 << 20), "110 KB": (110 << 10, None, None),
-            "110 KB, prefetch 4 MB": (110 << 10, None, 4 << 20),
-            "110 KB, prefetch 16 MB": (110 << 10, None, 16 << 20),
-            "110 KB, K tile 128": (110 << 10, 128, None),
-            "110 KB, K tile 128, prefetch 16 MB": (110 << 10, 128, 16 << 20)}
+# name: (shared-memory budget per program, K tile, most pipeline stages, weight bytes per product
+# prefetched into L2 before the wait); None keeps gemm_config's choice. At 81fbd49 (H100,
+# bench/results/gemm_sweep_smem_81fbd49.json) a 110 KB budget (two programs per SM) made the
+# chain 1.1-1.8x slower and prefetching 16 MB per product 1-5% slower.
+VARIANTS = {"default": (None, None, None, None),
+            "prefetch 4 MB": (None, None, None, 4 << 20),
+            "220 KB, 5 stages": (220 << 10, None, 5, None),
+            "220 KB, 8 stages": (220 << 10, None, 8, None),
+            "220 KB, K tile 128, 8 stages": (220 << 10, 128, 8, None),
+            "K tile 128, 6 stages": (None, 128, 6, None),
+            "K tile 64, 12 stages": (None, 64, 12, None)}
 
 
 def variant(config, n: int, k: int, shared: int | None, block_k: int | None,
-            prefetch_bytes: int | None):
-    """``config`` with the variant's shared-memory budget, K tile and prefetch volume (n: the
-    weight's rows)."""
+            max_stages: int | None, prefetch_bytes: int | None):
+    """``config`` with the variant's shared-memory budget, K tile, stage limit and prefetch
+    volume (n: the weight's rows)."""
     block_k = block_k or config.block_k
     stages = config.num_stages
-    if shared or block_k != config.block_k:
+    if shared or block_k != config.block_k or max_stages:
         stage_bytes = (config.block_m + config.block_n) * block_k * 2
-        stages = max(1, min(4, (shared or 200 << 10) // stage_bytes))
+        stages = max(1, min(max_stages or 4, (shared or 200 << 10) // stage_bytes))
     prefetch_k = config.prefetch_k
     if prefetch_bytes:
         columns = min(prefetch_bytes // (2 * n), k)
@@ -84,7 +87,7 @@ def chain_fns(shape: dict, m: int, variants: tuple[tuple, ...] = ()) -> dict:
             torch.mm(residual, w["gate_up"].t(), out=gate_up)
             residual.addmm_(gate_up[:, :inter], w["down"].t())
 
-    def ours(pdl: bool, changes: tuple = (None, None, None)):
+    def ours(pdl: bool, changes: tuple = (None, None, None, None)):
         configs = {name: variant(gemm_config(m, n, k, bf16, prologue, pdl), n, k, *changes)
                    for name, n, k, prologue in (("qkv", qkv_n, h, PLAIN), ("o", h, q, PLAIN),
                                                 ("gate_up", 2 * inter, h, NORM),
@@ -116,7 +119,11 @@ def sweep(rows: list[int]) -> dict:
             runs, _ = chain_fns(shape, m, tuple(VARIANTS.values()))
             base_us = None
             for name, (fn, configs) in zip(VARIANTS, runs):
-                fn()
+                try:
+                    fn()
+                except Exception as exc:  # e.g. a pipeline beyond the shared memory
+                    print(f"{model} M={m} {name}: {type(exc).__name__}: {exc}"[:300], flush=True)
+                    continue
                 us = time_ms(fn) * 1e3
                 base_us = base_us or us
                 row = {"model": model, "M": m, "variant": name, "us": us,
