@@ -49,11 +49,15 @@ from kernels.device import has_pdl
 # Rows the engine gives this kernel (kernels.linear). In a 16- / 32-layer chain of a step's
 # products (bench.gemm_chain, H100) it beat cuBLAS by 4-9% at 32 and 64 rows, and lost by
 # 30-40% at 8 and 16, where its 16-row tiles run on the older mma instructions.
-GEMM_MIN_ROWS, GEMM_MAX_ROWS = 17, 64
+GEMM_MIN_ROWS, GEMM_MAX_ROWS = 17, 128
 PREFETCH_COLUMNS = 256  # weight columns per program prefetched into L2 before the wait
 # A program per BLOCK_N features: the largest tile that still gives this many programs.
 MIN_PROGRAMS = 96
-SHARED_BYTES = 200 * 1024  # the pipeline's budget (the H100 has 227 KB per block)
+# The pipeline: 128-column K tiles, as many stages as fit this budget (the H100 has 227 KB per
+# block), at most MAX_STAGES. In the 1B chain on the H100 this beat 256-column tiles over four
+# stages by 2.5-3% (bench/results/gemm_sweep_stages_b6e5fff.json); more stages of 64 columns
+# ran 1.4-1.7x slower, and a 110 KB budget (two programs per SM) 1.1-1.8x slower.
+SHARED_BYTES, MAX_STAGES, BLOCK_K = 220 * 1024, 8, 128
 
 PLAIN, NORM = 0, 1
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,11 +83,11 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
                 pdl: bool = False) -> GemmConfig:
     """The launch shape for [M, K] x [N, K]^T in ``dtype``; a pure function.
 
-    16-bit: every row in one M tile (16 or 64); BLOCK_N the largest of 128/64/32/16 that
-    leaves >= MIN_PROGRAMS programs (the 1B products at 64 rows: QKV 32, output 16, gate/up
-    128, down 16; the 8B ones: 64, 32, 128, 32 — each the fastest alone of a 16-config sweep on
-    the H100); 256-column K tiles (128 with 128 features, 16 rows or the NORM prologue), as
-    many stages (up to 4) as fit 200 KB. With SwiGLU, N is the gate/up weight's 2I and a
+    16-bit: every row in one M tile (16, 64, or 128 rows on two warpgroups); BLOCK_N the
+    largest of 128/64/32/16 that leaves >= MIN_PROGRAMS programs (the 1B products: QKV 32,
+    output 16, gate/up 128, down 16; the 8B ones: 64, 32, 128, 32 — each the fastest alone of
+    a 16-config sweep on the H100); BLOCK_K-column K tiles, as many stages as fit
+    SHARED_BYTES (at most MAX_STAGES, 4 under NORM). With SwiGLU, N is the gate/up weight's 2I and a
     program takes BLOCK_N / 2 gate rows and as many up rows.
     fp32 (parity runs only): IEEE products on CUDA cores, small tiles, no pipeline.
     """
@@ -93,20 +97,19 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
         raise ValueError(f"gemm_config: at most {GEMM_MAX_ROWS} rows, got {m}")
     if dtype not in _DTYPES:
         raise ValueError(f"gemm_config: dtype must be fp16/bf16/fp32, got {dtype}")
-    block_m = 16 if m <= 16 else 64
+    block_m = 16 if m <= 16 else 64 if m <= 64 else 128
+    num_warps = 8 if block_m == 128 else 4  # a warpgroup per 64 rows
     if dtype == torch.float32:
-        return GemmConfig(block_m, 32, 32, 4, 1, pdl)  # no prefetch: parity runs only
+        return GemmConfig(block_m, 32, 32, num_warps, 1, pdl)  # no prefetch: parity runs only
     block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) >= MIN_PROGRAMS), 16)
-    # 256-column tiles for 64-row tiles; 128 for 16-row ones (with 256, ptxas spills the L2
-    # prefetch's addresses there), for 128 features, and under NORM (its fp32 copy of the x
-    # tile lives in registers).
-    wide_k = block_m == 64 and block_n < 128 and prologue == PLAIN
-    block_k = min(256 if wide_k else 128, max(16, triton.next_power_of_2(k)))
+    block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
     stage_bytes = (block_m + block_n) * block_k * 2
-    num_stages = max(1, min(4, SHARED_BYTES // stage_bytes))
+    # Under NORM the x tile's fp32 copy lives in registers: more stages spill.
+    max_stages = 4 if prologue == NORM else MAX_STAGES
+    num_stages = max(1, min(max_stages, SHARED_BYTES // stage_bytes))
     # 16-bit weights only (lines of 64 elements).
     prefetch_k = PREFETCH_COLUMNS if pdl else 0
-    return GemmConfig(block_m, block_n, block_k, 4, num_stages, pdl, prefetch_k)
+    return GemmConfig(block_m, block_n, block_k, num_warps, num_stages, pdl, prefetch_k)
 
 
 def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias: bool,

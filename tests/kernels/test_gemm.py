@@ -96,19 +96,23 @@ def test_linear_ops_route_rows_to_the_kernel(monkeypatch):
     assert calls == [GEMM_MIN_ROWS, GEMM_MAX_ROWS]
 
 
+@pytest.mark.parametrize("m", [64, GEMM_MAX_ROWS])
 @pytest.mark.parametrize("n,k,block_n", [
     (3072, 2048, 32), (2048, 2048, 16), (16384, 2048, 128), (2048, 8192, 16),
     (6144, 4096, 64), (4096, 4096, 32), (28672, 4096, 128), (4096, 14336, 32)])
-def test_config_matches_the_measured_tiles(n, k, block_n):
-    """Llama-3.2-1B / 3.1-8B projections at 64 rows get the tile width that was fastest on the
-    H100, fill most SMs, and keep their pipeline within shared memory."""
-    config = gemm_config(64, n, k, torch.bfloat16)
-    assert config.block_n == block_n
-    assert gemm_config(64, n, k, torch.bfloat16, NORM).block_k == 128
+def test_config_matches_the_measured_tiles(m, n, k, block_n):
+    """Llama-3.2-1B / 3.1-8B projections get the tile width that was fastest on the H100, fill
+    most SMs, and keep their pipeline (at least two stages) within shared memory."""
+    config = gemm_config(m, n, k, torch.bfloat16)
+    assert config.block_n == block_n and config.block_k == gemm.BLOCK_K
+    assert config.block_m >= m and config.num_warps * 16 == config.block_m  # a warpgroup per 64
     assert -(-n // config.block_n) >= gemm.MIN_PROGRAMS
-    smem = (config.block_m + config.block_n) * config.block_k * 2 * config.num_stages
-    assert 2 <= config.num_stages <= 4 and smem <= gemm.SHARED_BYTES
-    assert gemm_config(64, n, k, torch.bfloat16) == config  # a pure function
+    for prologue in (PLAIN, NORM):
+        c = gemm_config(m, n, k, torch.bfloat16, prologue)
+        smem = (c.block_m + c.block_n) * c.block_k * 2 * c.num_stages
+        assert 2 <= c.num_stages <= (4 if prologue == NORM else gemm.MAX_STAGES)
+        assert smem <= gemm.SHARED_BYTES
+    assert gemm_config(m, n, k, torch.bfloat16) == config  # a pure function
 
 
 def test_bad_sizes_are_refused():
@@ -123,7 +127,7 @@ def test_bad_sizes_are_refused():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [2, 8, 17, 64])
+@pytest.mark.parametrize("M", [2, 8, 17, 64, 100, GEMM_MAX_ROWS])
 @pytest.mark.parametrize("N,K", [(3072, 2048), (2048, 8192), (6144, 4096), (1152, 896),
                                  (9728, 896)])
 def test_gpu_bf16_chain_in_a_graph(M, N, K):
