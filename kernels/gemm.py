@@ -49,7 +49,7 @@ from kernels.device import has_pdl
 # Rows the engine gives this kernel (kernels.linear). In a 16- / 32-layer chain of a step's
 # products (bench.gemm_chain, H100) it beat cuBLAS by 4-9% at 32 and 64 rows, and lost by
 # 30-40% at 8 and 16, where its 16-row tiles run on the older mma instructions.
-GEMM_MIN_ROWS, GEMM_MAX_ROWS = 17, 128
+GEMM_MIN_ROWS, GEMM_MAX_ROWS = 17, 256
 PREFETCH_COLUMNS = 256  # weight columns per program prefetched into L2 before the wait
 # A program per BLOCK_N features: the largest tile that still gives this many programs.
 MIN_PROGRAMS = 96
@@ -97,11 +97,12 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
         raise ValueError(f"gemm_config: at most {GEMM_MAX_ROWS} rows, got {m}")
     if dtype not in _DTYPES:
         raise ValueError(f"gemm_config: dtype must be fp16/bf16/fp32, got {dtype}")
-    block_m = 16 if m <= 16 else 64 if m <= 64 else 128
-    num_warps = 8 if block_m == 128 else 4  # a warpgroup per 64 rows
+    block_m = 16 if m <= 16 else 64
+    num_warps = 4
     if dtype == torch.float32:
         return GemmConfig(block_m, 32, 32, num_warps, 1, pdl)  # no prefetch: parity runs only
-    block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) >= MIN_PROGRAMS), 16)
+    m_tiles = triton.cdiv(m, block_m)
+    block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) * m_tiles >= MIN_PROGRAMS), 16)
     block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
     stage_bytes = (block_m + block_n) * block_k * 2
     # Under NORM the x tile's fp32 copy lives in registers: more stages spill.
