@@ -47,9 +47,10 @@ import triton.language as tl
 from kernels.device import has_pdl
 
 # Rows the engine gives this kernel (kernels.linear). In a 16- / 32-layer chain of a step's
-# products (bench.gemm_chain, H100) it beat cuBLAS by 4-9% at 32 and 64 rows, and lost by
-# 30-40% at 8 and 16, where its 16-row tiles run on the older mma instructions.
-GEMM_MIN_ROWS, GEMM_MAX_ROWS = 17, 256
+# products (bench.gemm_chain, H100) it beat cuBLAS by 2-9% at 32 and 64 rows, and lost by
+# 30-40% at 8 and 16, where its 16-row tiles run on the older mma instructions. At 128 rows it
+# lost by 17-27% with 128-row tiles on two warpgroups and by 27-34% with two 64-row tiles.
+GEMM_MIN_ROWS, GEMM_MAX_ROWS = 17, 64
 PREFETCH_COLUMNS = 256  # weight columns per program prefetched into L2 before the wait
 # A program per BLOCK_N features: the largest tile that still gives this many programs.
 MIN_PROGRAMS = 96
@@ -83,12 +84,12 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
                 pdl: bool = False) -> GemmConfig:
     """The launch shape for [M, K] x [N, K]^T in ``dtype``; a pure function.
 
-    16-bit: every row in one M tile (16, 64, or 128 rows on two warpgroups); BLOCK_N the
-    largest of 128/64/32/16 that leaves >= MIN_PROGRAMS programs (the 1B products: QKV 32,
-    output 16, gate/up 128, down 16; the 8B ones: 64, 32, 128, 32 — each the fastest alone of
-    a 16-config sweep on the H100); BLOCK_K-column K tiles, as many stages as fit
-    SHARED_BYTES (at most MAX_STAGES, 4 under NORM). With SwiGLU, N is the gate/up weight's 2I and a
-    program takes BLOCK_N / 2 gate rows and as many up rows.
+    16-bit: every row in one M tile (16 or 64); BLOCK_N the largest of 128/64/32/16 that
+    leaves >= MIN_PROGRAMS programs (the 1B products: QKV 32, output 16, gate/up 128, down 16;
+    the 8B ones: 64, 32, 128, 32 — each the fastest alone of a 16-config sweep on the H100);
+    BLOCK_K-column K tiles over as many stages as fit SHARED_BYTES (at most MAX_STAGES, 4
+    under NORM). With SwiGLU, N is the gate/up weight's 2I and a program takes BLOCK_N / 2
+    gate rows and as many up rows.
     fp32 (parity runs only): IEEE products on CUDA cores, small tiles, no pipeline.
     """
     if m < 1 or n < 1 or k < 1:
@@ -98,11 +99,9 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
     if dtype not in _DTYPES:
         raise ValueError(f"gemm_config: dtype must be fp16/bf16/fp32, got {dtype}")
     block_m = 16 if m <= 16 else 64
-    num_warps = 4
     if dtype == torch.float32:
-        return GemmConfig(block_m, 32, 32, num_warps, 1, pdl)  # no prefetch: parity runs only
-    m_tiles = triton.cdiv(m, block_m)
-    block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) * m_tiles >= MIN_PROGRAMS), 16)
+        return GemmConfig(block_m, 32, 32, 4, 1, pdl)  # no prefetch: parity runs only
+    block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) >= MIN_PROGRAMS), 16)
     block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
     stage_bytes = (block_m + block_n) * block_k * 2
     # Under NORM the x tile's fp32 copy lives in registers: more stages spill.
@@ -110,7 +109,7 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
     num_stages = max(1, min(max_stages, SHARED_BYTES // stage_bytes))
     # 16-bit weights only (lines of 64 elements).
     prefetch_k = PREFETCH_COLUMNS if pdl else 0
-    return GemmConfig(block_m, block_n, block_k, num_warps, num_stages, pdl, prefetch_k)
+    return GemmConfig(block_m, block_n, block_k, 4, num_stages, pdl, prefetch_k)
 
 
 def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias: bool,

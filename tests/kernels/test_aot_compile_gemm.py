@@ -23,7 +23,7 @@ MODELS = [("tiny", 256, 512, 4, 2, 64, False), ("qwen2.5-0.5b", 896, 4864, 14, 2
           ("llama-3.2-1b", 2048, 8192, 32, 8, 64, False),
           ("llama-3.1-8b", 4096, 14336, 32, 8, 128, False)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ROWS = [17, 32, 64, 65, 128, 256]  # GEMM_MIN_ROWS .. GEMM_MAX_ROWS: one to four 64-row tiles
+ROWS = [17, 32, 64]  # GEMM_MIN_ROWS .. GEMM_MAX_ROWS: one 64-row tile
 INT_ARGS = ["M", "N", "K", "stride_xm", "stride_om"]
 
 

@@ -96,7 +96,7 @@ def test_linear_ops_route_rows_to_the_kernel(monkeypatch):
     assert calls == [GEMM_MIN_ROWS, GEMM_MAX_ROWS]
 
 
-@pytest.mark.parametrize("m", [64, GEMM_MAX_ROWS])
+@pytest.mark.parametrize("m", [GEMM_MIN_ROWS, GEMM_MAX_ROWS])
 @pytest.mark.parametrize("n,k,block_n", [
     (3072, 2048, 32), (2048, 2048, 16), (16384, 2048, 128), (2048, 8192, 16),
     (6144, 4096, 64), (4096, 4096, 32), (28672, 4096, 128), (4096, 14336, 32)])
@@ -105,7 +105,7 @@ def test_config_matches_the_measured_tiles(m, n, k, block_n):
     most SMs, and keep their pipeline (at least two stages) within shared memory."""
     config = gemm_config(m, n, k, torch.bfloat16)
     assert config.block_n == block_n and config.block_k == gemm.BLOCK_K
-    assert config.block_m >= m and config.num_warps * 16 == config.block_m  # a warpgroup per 64
+    assert config.block_m == 64
     assert -(-n // config.block_n) >= gemm.MIN_PROGRAMS
     for prologue in (PLAIN, NORM):
         c = gemm_config(m, n, k, torch.bfloat16, prologue)
@@ -127,7 +127,7 @@ def test_bad_sizes_are_refused():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [2, 8, 17, 64, 100, GEMM_MAX_ROWS])
+@pytest.mark.parametrize("M", [2, 8, 17, 40, GEMM_MAX_ROWS])
 @pytest.mark.parametrize("N,K", [(3072, 2048), (2048, 8192), (6144, 4096), (1152, 896),
                                  (9728, 896)])
 def test_gpu_bf16_chain_in_a_graph(M, N, K):
