@@ -13,8 +13,9 @@ activation costs neither a kernel nor a round trip of the [M, 2I] product throug
 
 At these sizes a projection is a stream over its weight matrix (64 rows: 64 FLOPs per weight
 byte, a tenth of the H100's ridge point), so the kernel is cut to keep every SM streaming
-weights: one program per BLOCK_N output features, the whole K loop in the program (no split-K
-pass), every row in one M tile. What cuBLAS does not do at these sizes is overlap one product's
+weights: one program per BLOCK_N output features, the whole K loop in the program (split K
+with an in-kernel reduction gained 2% on one product and lost on the others in the step's
+chain), every row in one M tile. What cuBLAS does not do at these sizes is overlap one product's
 start with the previous kernel's end: each of a layer's small products loses a few
 microseconds to launch and pipeline fill. Here, on Hopper, every launch is a programmatic
 dependent launch: a program first allows the next kernel to launch, prefetches the first
@@ -22,7 +23,7 @@ weight columns of its tile into L2 (weights never depend on the previous kernel)
 then waits for the previous grid's writes (``gdc_wait``) before it reads activations.
 
 In a 16-layer chain of the 1B shape's products at 64 rows (``bench.gemm_chain``, H100,
-bench/RESULTS.md): cuBLAS 973 us, this kernel 997 us without dependent launches, 922 us with them.
+bench/RESULTS.md): cuBLAS 972 us, this kernel 962 us without dependent launches, 897 us with them.
 
 The operand feeding the tensor cores must come straight from the pipelined loads: an
 activation computed in registers (SiLU-and-mul as a prologue of the down projection) had to be
