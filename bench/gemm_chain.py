@@ -33,30 +33,36 @@ MODELS = {"dummy:llama-3.2-1b": dict(hidden=2048, q=2048, kv=512, inter=8192, la
 EPS = 1e-5
 
 
-# Variants of the launch shapes: name -> {product or "*" (all): {GemmConfig field: value}}; the
-# stages are refitted to the shared-memory budget when the tile changes. Results on the H100 are
-# in bench/RESULTS.md ("What else was tried on the product chain").
-VARIANTS = {"default": {}, "K tile 256, 4 stages": {"*": {"block_k": 256, "max_stages": 4}}}
-# Over 64 rows: (block_n, split_k) of the PLAIN products.
-for _bn, _split in ((16, 1), (32, 1), (64, 1), (64, 2), (64, 4), (128, 2), (128, 4)):
-    VARIANTS[f"QKV / output / down {_bn} features, split {_split}"] = {
-        name: {"block_n": _bn, "split_k": _split} for name in ("qkv", "o", "down")}
+# name: (shared-memory budget per program, K tile, most pipeline stages, weight bytes per product
+# prefetched into L2 before the wait); None keeps gemm_config's choice. At 81fbd49 (H100,
+# bench/results/gemm_sweep_smem_81fbd49.json) a 110 KB budget (two programs per SM) made the
+# chain 1.1-1.8x slower and prefetching 16 MB per product 1-5% slower.
+VARIANTS = {"default": (None, None, None, None),
+            "prefetch 4 MB": (None, None, None, 4 << 20),
+            "220 KB, 5 stages": (220 << 10, None, 5, None),
+            "220 KB, 8 stages": (220 << 10, None, 8, None),
+            "220 KB, K tile 128, 8 stages": (220 << 10, 128, 8, None),
+            "K tile 128, 6 stages": (None, 128, 6, None),
+            "K tile 64, 12 stages": (None, 64, 12, None)}
 
 
-def variant(config, prologue: int, changes: dict):
-    """``config`` with ``changes`` (GemmConfig fields, plus ``shared``: the pipeline's budget and
-    ``max_stages``), its stages refitted to the budget."""
-    from kernels import gemm
+def variant(config, n: int, k: int, shared: int | None, block_k: int | None,
+            max_stages: int | None, prefetch_bytes: int | None):
+    """``config`` with the variant's shared-memory budget, K tile, stage limit and prefetch
+    volume (n: the weight's rows)."""
+    block_k = block_k or config.block_k
+    stages = config.num_stages
+    if shared or block_k != config.block_k or max_stages:
+        stage_bytes = (config.block_m + config.block_n) * block_k * 2
+        stages = max(1, min(max_stages or 4, (shared or 200 << 10) // stage_bytes))
+    prefetch_k = config.prefetch_k
+    if prefetch_bytes:
+        columns = min(prefetch_bytes // (2 * n), k)
+        prefetch_k = max(prefetch_k, 64 * 2 ** max(0, (columns // 64).bit_length() - 1))
+    return dataclasses.replace(config, block_k=block_k, num_stages=stages, prefetch_k=prefetch_k)
 
-    changes = dict(changes)
-    shared = changes.pop("shared", gemm.SHARED_BYTES)
-    max_stages = changes.pop("max_stages", 4 if prologue == gemm.NORM else gemm.MAX_STAGES)
-    config = dataclasses.replace(config, **changes)
-    stage_bytes = (config.block_m + config.block_n) * config.block_k * 2
-    return dataclasses.replace(config, num_stages=max(1, min(max_stages, shared // stage_bytes)))
 
-
-def chain_fns(shape: dict, m: int, variants: tuple[dict, ...] = ()) -> dict:
+def chain_fns(shape: dict, m: int, variants: tuple[tuple, ...] = ()) -> dict:
     """{name: fn} running every layer's four products, plus the roofline inputs; with
     ``variants`` (values of VARIANTS) only ours, once per variant."""
     from kernels.gemm import NORM, PLAIN, gemm_config, skinny_gemm
@@ -81,14 +87,11 @@ def chain_fns(shape: dict, m: int, variants: tuple[dict, ...] = ()) -> dict:
             torch.mm(residual, w["gate_up"].t(), out=gate_up)
             residual.addmm_(gate_up[:, :inter], w["down"].t())
 
-    def ours(pdl: bool, changes: dict | None = None):
-        changes = changes or {}
-        configs = {}
-        for name, n, k, prologue in (("qkv", qkv_n, h, PLAIN), ("o", h, q, PLAIN),
-                                     ("gate_up", 2 * inter, h, NORM), ("down", h, inter, PLAIN)):
-            config = gemm_config(m, n, k, bf16, prologue, pdl, swiglu=name == "gate_up")
-            change = {**changes.get("*", {}), **changes.get(name, {})}
-            configs[name] = variant(config, prologue, change) if change else config
+    def ours(pdl: bool, changes: tuple = (None, None, None, None)):
+        configs = {name: variant(gemm_config(m, n, k, bf16, prologue, pdl), n, k, *changes)
+                   for name, n, k, prologue in (("qkv", qkv_n, h, PLAIN), ("o", h, q, PLAIN),
+                                                ("gate_up", 2 * inter, h, NORM),
+                                                ("down", h, inter, PLAIN))}
 
         def run():
             for w in layers:

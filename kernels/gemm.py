@@ -50,8 +50,9 @@ from kernels.device import has_pdl
 # Rows the engine gives this kernel (kernels.linear). In a 16- / 32-layer chain of a step's
 # products (bench.gemm_chain, H100) it beat cuBLAS by 2-9% at 32 and 64 rows, and lost by
 # 30-40% at 8 and 16, where its 16-row tiles run on the older mma instructions. At 128 rows it
-# lost by 17-27% with 128-row tiles on two warpgroups and by 27-34% with two 64-row tiles.
-GEMM_MIN_ROWS, GEMM_MAX_ROWS = 17, 256
+# lost by 17-34% with 128-row tiles on two warpgroups (also with 64 features per program and
+# split K) and with two 64-row tiles (bench/RESULTS.md).
+GEMM_MIN_ROWS, GEMM_MAX_ROWS = 17, 64
 PREFETCH_COLUMNS = 256  # weight columns per program prefetched into L2 before the wait
 # A program per BLOCK_N features: the largest tile that still gives this many programs.
 MIN_PROGRAMS = 96
@@ -60,10 +61,6 @@ MIN_PROGRAMS = 96
 # stages by 2.5-3% (bench/results/gemm_sweep_stages_b6e5fff.json); more stages of 64 columns
 # ran 1.4-1.7x slower, and a 110 KB budget (two programs per SM) 1.1-1.8x slower.
 SHARED_BYTES, MAX_STAGES, BLOCK_K = 220 * 1024, 8, 128
-# Over 64 rows a PLAIN product takes this many features per program (wider tensor-core
-# instructions) and splits K to keep MIN_PROGRAMS programs.
-SPLIT_BLOCK_N = 64
-SPLIT_COUNTERS = 4096  # output tiles a split-K launch may have (one arrival counter each)
 
 PLAIN, NORM = 0, 1
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -74,8 +71,7 @@ class GemmConfig:
     """Launch shape of ``_skinny_gemm_kernel``: the tile (rows, features, K columns), warps,
     software-pipeline stages, whether the launch is a programmatic dependent one, and how many
     weight columns of its tile a program prefetches into L2 before it waits (a power-of-two
-    multiple of 64, or 0), and how many programs share one output tile's K loop (a power of
-    two; 1: no split)."""
+    multiple of 64, or 0)."""
 
     block_m: int
     block_n: int
@@ -84,11 +80,10 @@ class GemmConfig:
     num_stages: int
     pdl: bool = False
     prefetch_k: int = 0
-    split_k: int = 1
 
 
 def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAIN,
-                pdl: bool = False, swiglu: bool = False) -> GemmConfig:
+                pdl: bool = False) -> GemmConfig:
     """The launch shape for [M, K] x [N, K]^T in ``dtype``; a pure function.
 
     16-bit: every row in one M tile (16 or 64); BLOCK_N the largest of 128/64/32/16 that
@@ -105,17 +100,10 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
         raise ValueError(f"gemm_config: at most {GEMM_MAX_ROWS} rows, got {m}")
     if dtype not in _DTYPES:
         raise ValueError(f"gemm_config: dtype must be fp16/bf16/fp32, got {dtype}")
-    block_m = 16 if m <= 16 else 64 if m <= 64 else 128
-    num_warps = 8 if block_m == 128 else 4  # a warpgroup per 64 rows
+    block_m = 16 if m <= 16 else 64
     if dtype == torch.float32:
-        return GemmConfig(block_m, 32, 32, num_warps, 1, pdl)  # no prefetch: parity runs only
-    m_tiles = triton.cdiv(m, block_m)
-    block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) * m_tiles >= MIN_PROGRAMS), 16)
-    split_k = 1
-    if block_m == 128 and prologue == PLAIN and not swiglu and block_n < SPLIT_BLOCK_N:
-        block_n, split_k = SPLIT_BLOCK_N, 2
-        while triton.cdiv(n, block_n) * m_tiles * split_k < MIN_PROGRAMS:
-            split_k *= 2
+        return GemmConfig(block_m, 32, 32, 4, 1, pdl)  # no prefetch: parity runs only
+    block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) >= MIN_PROGRAMS), 16)
     block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
     stage_bytes = (block_m + block_n) * block_k * 2
     # Under NORM the x tile's fp32 copy lives in registers: more stages spill.
@@ -123,7 +111,7 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
     num_stages = max(1, min(max_stages, SHARED_BYTES // stage_bytes))
     # 16-bit weights only (lines of 64 elements).
     prefetch_k = PREFETCH_COLUMNS if pdl else 0
-    return GemmConfig(block_m, block_n, block_k, num_warps, num_stages, pdl, prefetch_k, split_k)
+    return GemmConfig(block_m, block_n, block_k, 4, num_stages, pdl, prefetch_k)
 
 
 def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias: bool,
@@ -136,8 +124,7 @@ def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias
                 EVEN_N=n % tile_n == 0, EVEN_K=k % config.block_k == 0, PDL=config.pdl,
                 PREFETCH_K=config.prefetch_k if config.pdl else 0,
                 PREFETCH_CHUNK=min(PREFETCH_COLUMNS, max(64, config.prefetch_k)),
-                SPLIT_K=config.split_k, num_warps=config.num_warps,
-                num_stages=config.num_stages)
+                num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prologue: int = PLAIN,
@@ -159,44 +146,16 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
                          "no residual")
     if M == 0:
         return out
-    config = config or gemm_config(M, N, K, weight.dtype, prologue, pdl=has_pdl(x.device),
-                                   swiglu=swiglu)
+    config = config or gemm_config(M, N, K, weight.dtype, prologue, pdl=has_pdl(x.device))
     features = N // 2 if swiglu else N
     grid = (triton.cdiv(features, config.block_n // 2 if swiglu else config.block_n),
-            triton.cdiv(M, config.block_m), config.split_k)
+            triton.cdiv(M, config.block_m))
     # Unused pointer arguments get x (never read: their constexpr switches are off).
-    partials, counters, k_split = x, x, K
-    if config.split_k > 1:
-        if swiglu or prologue != PLAIN:
-            raise ValueError("skinny_gemm: split K takes the PLAIN prologue and no SwiGLU")
-        if grid[0] * grid[1] > SPLIT_COUNTERS:
-            raise ValueError(f"skinny_gemm: split K takes at most {SPLIT_COUNTERS} output tiles, "
-                             f"got {grid[0] * grid[1]}")
-        partials = torch.empty(config.split_k, M, features, dtype=torch.float32, device=x.device)
-        counters = _split_counters(x.device)
-        k_split = triton.cdiv(triton.cdiv(K, config.split_k), config.block_k) * config.block_k
     _skinny_gemm_kernel[grid](
-        x, weight, bias if bias is not None else x, out, partials, counters, M, features, K,
-        k_split, x.stride(0), out.stride(0), eps, launch_pdl=config.pdl,
+        x, weight, bias if bias is not None else x, out, M, features, K, x.stride(0),
+        out.stride(0), eps, launch_pdl=config.pdl,
         **gemm_launch_meta(config, features, K, prologue, bias is not None, add_residual, swiglu))
     return out
-
-
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device) -> torch.Tensor:
-    """The device's split-K arrival counters: int32 [SPLIT_COUNTERS], zero between launches (the
-    last program of each output tile resets its own), so every launch and CUDA graph shares
-    them; kernels on one stream never run their reductions at once."""
-    counters = _counters.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("skinny_gemm: run a split-K launch once before capturing a CUDA "
-                               "graph; its counters are allocated then")
-        counters = _counters[device] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32,
-                                                   device=device)
-    return counters
 
 
 @triton.jit
@@ -208,62 +167,25 @@ def _prefetch_to_l2(ptrs):
 
 
 @triton.jit
-def _sum_split_k(acc, partials_ptr, counter_ptr, offs_m, offs_n, mask, M, N,
-                 SPLIT_K: tl.constexpr):
-    """Publish this program's partial product of its output tile and, in the tile's last
-    program to arrive, return the sum of all SPLIT_K partials, added in piece order (so the
-    result does not depend on which program came last); returns (sum or the partial, is_last).
-
-    partials: fp32 [SPLIT_K, M, N]; counter: one int32 per output tile, zero on entry and
-    reset by the last program.
-    """
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    ptrs = partials_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(ptrs + tl.program_id(2) * M * N, acc, mask=mask)
-    # Every thread's stores come before the release of the counter increment.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-    is_last = arrived == SPLIT_K - 1
-    if is_last:
-        acc = tl.zeros_like(acc)
-        for piece in tl.static_range(SPLIT_K):
-            # .cg: from L2, where the other SMs' partials are (never a stale L1 line).
-            acc += tl.load(ptrs + piece * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
-    return acc, is_last
-
-
-@triton.jit
 def _skinny_gemm_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr, partials_ptr, counter_ptr, M, N, K, K_SPLIT,
-        stride_xm, stride_om, eps,
+        x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, eps,
         PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
         ADD_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
         EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
-        PREFETCH_CHUNK: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Grid (cdiv(N, TILE_N), cdiv(M, BLOCK_M), SPLIT_K): program (j, i, s) computes out tile
-    (i, j) over K columns [s * K_SPLIT, (s + 1) * K_SPLIT), with TILE_N = BLOCK_N (BLOCK_N / 2
-    with SWIGLU).
+        PREFETCH_CHUNK: tl.constexpr):
+    """Grid (cdiv(N, TILE_N), cdiv(M, BLOCK_M)): program (j, i) computes out tile (i, j), with
+    TILE_N = BLOCK_N (BLOCK_N / 2 with SWIGLU).
 
     x: [M, K], rows ``stride_xm`` apart; W: [N, K] contiguous ([2N, K] with SWIGLU: gate rows
     then up rows); bias: [N]; out: [M, N], rows ``stride_om`` apart, read first
     when ADD_RESIDUAL. PDL: launched as a programmatic dependent launch (Hopper): release the
     next kernel, prefetch PREFETCH_K weight columns into L2, then wait for the previous grid.
-    SPLIT_K > 1 (PLAIN, no SWIGLU; K_SPLIT a multiple of BLOCK_K): the pieces meet in fp32
-    ``partials`` [SPLIT_K, M, N] and the last to finish applies the epilogue
-    (``_sum_split_k``); counter: int32 [tiles], zero on entry and on exit.
     """
     TILE_N: tl.constexpr = BLOCK_N // 2 if SWIGLU else BLOCK_N
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * TILE_N + tl.arange(0, TILE_N)
     offs_k = tl.arange(0, BLOCK_K)
-    if SPLIT_K == 1:
-        k_begin = 0
-        k_end = K
-    else:
-        k_begin = tl.program_id(2) * K_SPLIT
-        k_end = tl.minimum(K, k_begin + K_SPLIT)
     m_live = offs_m < M
     n_live = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
@@ -275,7 +197,7 @@ def _skinny_gemm_kernel(
         # chunks of PREFETCH_CHUNK columns (a few address registers per thread).
         rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * K
         for chunk in range(0, PREFETCH_K, PREFETCH_CHUNK):
-            lines = tl.minimum(k_begin + chunk + tl.arange(0, PREFETCH_CHUNK // 64) * 64, K - 1)
+            lines = tl.minimum(chunk + tl.arange(0, PREFETCH_CHUNK // 64) * 64, K - 1)
             _prefetch_to_l2(rows + lines[None, :])
             if SWIGLU:
                 _prefetch_to_l2(rows + N.to(tl.int64) * K + lines[None, :])
@@ -284,7 +206,7 @@ def _skinny_gemm_kernel(
     acc = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
     sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         k_live = k < K
         w_mask = n_live[:, None] & k_live[None, :]  # only used where a tile can overhang
@@ -309,11 +231,6 @@ def _skinny_gemm_kernel(
                 w_up = tl.load(up_rows + k[None, :], mask=w_mask, other=0.0)
             acc_up = tl.dot(a, tl.trans(w_up), acc_up, input_precision="ieee")
 
-    out_mask = m_live[:, None] & n_live[None, :]
-    if SPLIT_K > 1:
-        acc, is_last = _sum_split_k(acc, partials_ptr, counter_ptr, offs_m, offs_n, out_mask, M,
-                                    N, SPLIT_K)
-        out_mask = out_mask & is_last  # the other pieces are done
     if PROLOGUE == 1:
         inv_rms = tl.math.rsqrt(sum_sq / K + eps)[:, None]
         acc = acc * inv_rms
@@ -324,6 +241,7 @@ def _skinny_gemm_kernel(
     if SWIGLU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    out_mask = m_live[:, None] & n_live[None, :]
     if ADD_RESIDUAL:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)

@@ -7,8 +7,6 @@ tiles; outputs and the margins of strided buffers are poisoned with NaN first.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -72,28 +70,6 @@ def test_swiglu_epilogue_matches_linear_then_silu_and_mul(dtype, M, I, K, prolog
     assert_margins_untouched(buffer, I)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("M,N,K,split_k", [(17, 40, 300, 2), (33, 16, 96, 4), (2, 32, 64, 2),
-                                           (130, 48, 160, 8)])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_split_k_sums_the_pieces_once(dtype, M, N, K, split_k, with_bias):
-    """K cut into pieces (the last one short, or with 160 / 32-column tiles over 8 pieces, one
-    piece empty): the residual gets the whole product once, the tile counters end at zero."""
-    config = GemmConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2,
-                        split_k=split_k)
-    x = torch.randn(M, K, dtype=dtype) * 2
-    w = weights(N, K, dtype)
-    bias = torch.randn(N, dtype=dtype) if with_bias else None
-    buffer, residual = poisoned_view(M, N, dtype, fill=torch.randn(M, N, dtype=dtype))
-    expected = residual.float() + x.float() @ w.float().t()
-    if with_bias:
-        expected += bias.float()
-    skinny_gemm(x, w, residual, PLAIN, bias=bias, add_residual=True, config=config)
-    assert rel_l2(residual, expected) < TOLERANCE[dtype]
-    assert_margins_untouched(buffer, N)
-    assert not gemm._split_counters(x.device).any()
-
-
 @pytest.mark.parametrize("M", [2, 17, GEMM_MAX_ROWS])
 def test_default_config_fp16_model_like_shape(M):
     """The configuration the engine picks (big K tiles, pipelined) on a projection-like shape."""
@@ -120,7 +96,7 @@ def test_linear_ops_route_rows_to_the_kernel(monkeypatch):
     assert calls == [GEMM_MIN_ROWS, GEMM_MAX_ROWS]
 
 
-@pytest.mark.parametrize("m", [GEMM_MIN_ROWS, 64])
+@pytest.mark.parametrize("m", [GEMM_MIN_ROWS, GEMM_MAX_ROWS])
 @pytest.mark.parametrize("n,k,block_n", [
     (3072, 2048, 32), (2048, 2048, 16), (16384, 2048, 128), (2048, 8192, 16),
     (6144, 4096, 64), (4096, 4096, 32), (28672, 4096, 128), (4096, 14336, 32)])
@@ -148,14 +124,10 @@ def test_bad_sizes_are_refused():
         gemm_config(4, 64, 64, torch.int8)
     with pytest.raises(ValueError, match="swiglu"):
         skinny_gemm(torch.randn(2, 16), torch.randn(31, 16), torch.empty(2, 15), swiglu=True)
-    split = GemmConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2, split_k=2)
-    with pytest.raises(ValueError, match="split K"):
-        skinny_gemm(torch.randn(2, 64), torch.randn(16, 64), torch.empty(2, 16), NORM,
-                    config=split)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [2, 8, 17, 40, 64, 100, GEMM_MAX_ROWS])
+@pytest.mark.parametrize("M", [2, 8, 17, 40, GEMM_MAX_ROWS])
 @pytest.mark.parametrize("N,K", [(3072, 2048), (2048, 8192), (6144, 4096), (1152, 896),
                                  (9728, 896)])
 def test_gpu_bf16_chain_in_a_graph(M, N, K):
@@ -197,40 +169,3 @@ def test_gpu_bf16_chain_in_a_graph(M, N, K):
     assert rel_l2(act, reference.silu_and_mul(gate_up)) < 1e-2
     expected = after_o + act.float() @ w_down.float().t()
     assert rel_l2(residual, expected) < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K,split_k", [(128, 2048, 8192, 4), (100, 3072, 2048, 2),
-                                           (256, 4096, 14336, 8)])
-def test_gpu_split_k_is_exact_and_repeatable_in_a_graph(M, N, K, split_k):
-    """Split K as the engine runs it (dependent launches, graph replays back to back): every
-    replay gives the same bits whichever piece arrives last, matches an fp32 reference, and
-    leaves the tile counters at zero."""
-    dev, bf16 = "cuda", torch.bfloat16
-    x = torch.randn(M, K, dtype=bf16, device=dev)
-    w = (torch.randn(N, K, device=dev) * K ** -0.5).to(bf16)
-    start = torch.randn(M, N, dtype=bf16, device=dev)
-    residual = start.clone()
-    config = dataclasses.replace(gemm_config(M, N, K, bf16, pdl=gemm.has_pdl(x.device)),
-                                 split_k=split_k)
-
-    def step():
-        residual.copy_(start)
-        skinny_gemm(x, w, residual, PLAIN, add_residual=True, config=config)
-        skinny_gemm(x, w, residual, PLAIN, add_residual=True, config=config)
-
-    step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    results = []
-    for _ in range(20):
-        residual.fill_(float("nan"))
-        graph.replay()
-        results.append(residual.clone())
-    torch.cuda.synchronize()
-    assert all(torch.equal(r, results[0]) for r in results)
-    once = start.float() + x.float() @ w.float().t()
-    expected = once.to(bf16).float() + x.float() @ w.float().t()
-    assert rel_l2(results[0], expected) < 1e-2
-    assert not gemm._split_counters(x.device).any()
