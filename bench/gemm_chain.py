@@ -11,9 +11,8 @@ gate/up product with RMSNorm and SiLU-and-mul fused (work cuBLAS skips here, so 
 is conservative for ours), down and output with the residual add.
 
 With ``--sweep`` it instead times the chain of ours once per variant of every product's launch
-shape: shared memory cut so that two programs fit one SM (the next kernel's programs then start,
-prefetch and wait beside the running ones), and more of each program's weights prefetched into
-L2 before its wait.
+shape (K tile, pipeline depth, shared-memory budget, how much of each program's weights is
+prefetched into L2 before its wait), each against ``gemm_config``'s choice in the same run.
 
     python -m bench.gemm_chain [--out DIR] [--rows 8,16,32,64] [--sweep]
 """
@@ -34,27 +33,29 @@ EPS = 1e-5
 
 
 # name: (shared-memory budget per program, K tile, most pipeline stages, weight bytes per product
-# prefetched into L2 before the wait); None keeps gemm_config's choice. At 81fbd49 (H100,
-# bench/results/gemm_sweep_smem_81fbd49.json) a 110 KB budget (two programs per SM) made the
-# chain 1.1-1.8x slower and prefetching 16 MB per product 1-5% slower.
+# prefetched into L2 before the wait); None keeps gemm_config's choice. Earlier sweeps on the
+# H100 are in bench/RESULTS.md ("What else was tried on the product chain").
 VARIANTS = {"default": (None, None, None, None),
             "prefetch 4 MB": (None, None, None, 4 << 20),
-            "220 KB, 5 stages": (220 << 10, None, 5, None),
-            "220 KB, 8 stages": (220 << 10, None, 8, None),
-            "220 KB, K tile 128, 8 stages": (220 << 10, 128, 8, None),
-            "K tile 128, 6 stages": (None, 128, 6, None),
+            "K tile 256, 4 stages, 200 KB": (200 << 10, 256, 4, None),
+            "K tile 128, 4 stages": (None, 128, 4, None),
+            "110 KB (two programs per SM)": (110 << 10, None, None, None),
             "K tile 64, 12 stages": (None, 64, 12, None)}
 
 
 def variant(config, n: int, k: int, shared: int | None, block_k: int | None,
             max_stages: int | None, prefetch_bytes: int | None):
     """``config`` with the variant's shared-memory budget, K tile, stage limit and prefetch
-    volume (n: the weight's rows)."""
+    volume (n: the weight's rows); the stages refitted to the budget when any of the first
+    three is set."""
+    from kernels import gemm
+
     block_k = block_k or config.block_k
     stages = config.num_stages
     if shared or block_k != config.block_k or max_stages:
         stage_bytes = (config.block_m + config.block_n) * block_k * 2
-        stages = max(1, min(max_stages or 4, (shared or 200 << 10) // stage_bytes))
+        stages = max(1, min(max_stages or gemm.MAX_STAGES,
+                            (shared or gemm.SHARED_BYTES) // stage_bytes))
     prefetch_k = config.prefetch_k
     if prefetch_bytes:
         columns = min(prefetch_bytes // (2 * n), k)
@@ -168,7 +169,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--rows", default="8,16,32,64", help="row counts M, comma-separated")
     parser.add_argument("--sweep", action="store_true",
-                        help="time variants of the launch shapes (shared memory, prefetch)")
+                        help="time variants of the launch shapes (K tile, stages, prefetch)")
     args = parser.parse_args()
     rows = [int(m) for m in args.rows.split(",")]
     if args.sweep:

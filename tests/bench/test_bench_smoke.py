@@ -294,3 +294,24 @@ def test_sequential_replay_draws_the_old_stream():
     expected = [stream.random() for _ in range(6)][3:]
     requests = [Request(rid, 1, 12) for rid in ("a", "b", "a")]
     assert [replay.draw(r) for r in requests] == expected
+
+
+def test_gemm_chain_variants_are_launchable_configs():
+    """Every ``bench.gemm_chain --sweep`` variant of every product is a config the kernel can
+    launch: a K tile that divides the product, a pipeline within the H100's shared memory, a
+    power-of-two prefetch; the default variant is gemm_config's own choice."""
+    from bench.gemm_chain import MODELS, VARIANTS, variant
+    from kernels.gemm import NORM, PLAIN, gemm_config
+
+    for shape in MODELS.values():
+        h, inter = shape["hidden"], shape["inter"]
+        for n, k, prologue in ((shape["q"] + 2 * shape["kv"], h, PLAIN), (h, shape["q"], PLAIN),
+                               (2 * inter, h, NORM), (h, inter, PLAIN)):
+            config = gemm_config(64, n, k, torch.bfloat16, prologue, pdl=True)
+            assert variant(config, n, k, *VARIANTS["default"]) == config
+            for changes in VARIANTS.values():
+                v = variant(config, n, k, *changes)
+                assert k % v.block_k == 0 and v.num_stages >= 1
+                assert (v.block_m + v.block_n) * v.block_k * 2 * v.num_stages <= 227 * 1024
+                assert v.prefetch_k >= config.prefetch_k
+                assert v.prefetch_k & (v.prefetch_k - 1) == 0
