@@ -14,6 +14,11 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
 MARGIN = 2  # NaN columns left of a poisoned view (and MARGIN + 3 right of it)
 
 
+def weights(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A random [n, k] projection weight scaled by 1 / sqrt(k), so products stay O(1)."""
+    return torch.randn(n, k, dtype=dtype) * k ** -0.5
+
+
 def poisoned_view(m: int, n: int, dtype: torch.dtype,
                   fill: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(buffer, view): a [m, n] view with a wider row stride into a NaN buffer. The view holds

@@ -13,17 +13,13 @@ import torch
 from kernels import gemm, linear, reference
 from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, GemmConfig, gemm_config,
                           skinny_gemm)
-from tests.kernels.numerics import assert_margins_untouched, poisoned_view, rel_l2
+from tests.kernels.numerics import assert_margins_untouched, poisoned_view, rel_l2, weights
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 EPS = 1e-5
 # Small tiles so the interpreter covers several M, N and K tiles and their overhangs.
 SMALL = GemmConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2)
 SHAPES = [(2, 32, 64), (17, 40, 96), (33, 16, 300), (GEMM_MAX_ROWS, 48, 64)]
-
-
-def weights(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(n, k, dtype=dtype) * k ** -0.5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -13,7 +13,7 @@ import torch
 from kernels import linear, reference
 from kernels.linear import (GEMV_MAX_ROWS, gated_linear_residual, linear_residual, norm_linear,
                             gemv_config)
-from tests.kernels.numerics import assert_margins_untouched, poisoned_view, rel_l2
+from tests.kernels.numerics import assert_margins_untouched, poisoned_view, rel_l2, weights
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 EPS = 1e-5
@@ -21,10 +21,6 @@ EPS = 1e-5
 # cuBLAS side of the switch.
 SHAPES = [(1, 64, 256), (GEMV_MAX_ROWS, 40, 96), (1, 17, 300), (1, 24, 1100),
           (GEMV_MAX_ROWS + 3, 32, 64)]
-
-
-def weights(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(n, k, dtype=dtype) * k ** -0.5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
