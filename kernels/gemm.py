@@ -115,13 +115,11 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
 
 
 def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias: bool,
-                     add_residual: bool, swiglu: bool = False, rope_half: int = 0) -> dict:
+                     add_residual: bool, swiglu: bool = False) -> dict:
     """Constexprs and launch options of one launch (what the AOT test compiles); n: output
-    features (I with ``swiglu``); rope_half: D / 2 with the RoPE epilogue, else 0."""
-    paired = swiglu or rope_half > 0
-    tile_n = config.block_n // 2 if paired else config.block_n  # output features a program
+    features (I with ``swiglu``)."""
+    tile_n = config.block_n // 2 if swiglu else config.block_n  # output features a program
     return dict(PROLOGUE=prologue, HAS_BIAS=has_bias, ADD_RESIDUAL=add_residual, SWIGLU=swiglu,
-                ROPE_HALF=rope_half,
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 EVEN_N=n % tile_n == 0, EVEN_K=k % config.block_k == 0, PDL=config.pdl,
                 PREFETCH_K=config.prefetch_k if config.pdl else 0,
@@ -129,27 +127,9 @@ def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-@dataclass(frozen=True)
-class RopeWrite:
-    """Where the RoPE epilogue puts a QKV product (``skinny_gemm(..., rope=...)``): q rotated
-    into ``out`` [M, H_q, D]; k rotated and v written into the slab row of each token
-    (token t in row t) at ``positions`` (int32 [M], -1 = dead row: nothing written, its q
-    unrotated). k_cache, v_cache: [B, C, H_kv, D] with equal strides and a contiguous last
-    dim; cos, sin: fp32 [max_positions, D / 2] contiguous (rotate-half pairs)."""
-
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    positions: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    num_q_heads: int
-    num_kv_heads: int
-
-
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prologue: int = PLAIN,
                 bias: torch.Tensor | None = None, eps: float = 0.0,
                 add_residual: bool = False, swiglu: bool = False,
-                rope: RopeWrite | None = None,
                 config: GemmConfig | None = None) -> torch.Tensor:
     """out = [out +] prologue(x) @ weight.T [+ bias], or silu(gate) * up of that product with
     ``swiglu``; returns out.
@@ -158,9 +138,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
     ``swiglu``: the gate rows then the up rows, N = 2I); bias: [N] contiguous or None;
     NORM: A = RMSNorm(x) with ``eps`` and no weight; out: [M, N] ([M, I] with ``swiglu``)
     with a contiguous last dim, the residual when ``add_residual``; all x's dtype (fp16 / bf16
-    / fp32). With ``rope`` the product is a QKV projection (N = (H_q + 2 H_kv) D) finished by
-    RoPE and the slab write (``RopeWrite``); out is q. The caller (``kernels.linear``)
-    validates shapes.
+    / fp32). The caller (``kernels.linear``) validates shapes.
     """
     M, (N, K) = x.shape[0], weight.shape
     if swiglu and (bias is not None or add_residual or N % 2):
@@ -170,32 +148,14 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
         return out
     config = config or gemm_config(M, N, K, weight.dtype, prologue, pdl=has_pdl(x.device))
     features = N // 2 if swiglu else N
-    half = rope.k_cache.shape[-1] // 2 if rope is not None else 0
-    if rope is not None and not rope_fits(config, rope.k_cache.shape[-1]):
-        raise ValueError(f"skinny_gemm: the RoPE epilogue needs half a head ({half}) to be a "
-                         f"multiple of the program's {config.block_n // 2} features")
-    # SwiGLU and RoPE programs take BLOCK_N / 2 pairs of weight rows (gate / up; a head's two
-    # halves).
-    paired = swiglu or rope is not None
-    grid = (triton.cdiv(N // 2, config.block_n // 2) if paired else triton.cdiv(N, config.block_n),
+    grid = (triton.cdiv(features, config.block_n // 2 if swiglu else config.block_n),
             triton.cdiv(M, config.block_m))
     # Unused pointer arguments get x (never read: their constexpr switches are off).
-    r = rope or RopeWrite(x, x, x, x, x, 0, 0)
     _skinny_gemm_kernel[grid](
-        x, weight, bias if bias is not None else x, out, r.positions, r.cos, r.sin, r.k_cache,
-        r.v_cache, M, features, K, x.stride(0), out.stride(0),
-        r.k_cache.stride(0) if rope else 0, r.k_cache.stride(1) if rope else 0,
-        r.k_cache.stride(2) if rope else 0, r.num_q_heads, r.num_kv_heads, eps,
-        launch_pdl=config.pdl,
-        **gemm_launch_meta(config, features, K, prologue, bias is not None, add_residual, swiglu,
-                           half))
+        x, weight, bias if bias is not None else x, out, M, features, K, x.stride(0),
+        out.stride(0), eps, launch_pdl=config.pdl,
+        **gemm_launch_meta(config, features, K, prologue, bias is not None, add_residual, swiglu))
     return out
-
-
-def rope_fits(config: GemmConfig, head_dim: int) -> bool:
-    """Whether ``config``'s programs can finish a QKV product with RoPE: each takes BLOCK_N / 2
-    features of one head's first half and their partners in the second half."""
-    return head_dim % 2 == 0 and (head_dim // 2) % (config.block_n // 2) == 0
 
 
 @triton.jit
@@ -207,90 +167,29 @@ def _prefetch_to_l2(ptrs):
 
 
 @triton.jit
-def _rope_write(lo, hi, offs_m, m_live, head, freq, positions_ptr, cos_ptr, sin_ptr, q_ptr,
-                stride_qm, k_cache_ptr, v_cache_ptr, stride_kc_row, stride_kc_slot,
-                stride_kc_head, num_q_heads, num_kv_heads, HALF: tl.constexpr):
-    """Finish a program's tile of a QKV product: lo, hi fp32 [BLOCK_M, TILE_N] are features
-    ``freq`` of head ``head``'s first and second halves for tokens ``offs_m``.
-
-    q and k heads are rotated (rotate-half RoPE at positions[t]); q goes to q [M, H_q, 2 HALF]
-    (rows ``stride_qm`` apart), k and v to slab row t at positions[t] of the caches (k rounded
-    to q's dtype first, as an unfused step would). A dead token (position -1) writes no k or
-    v, and its q stays unrotated.
-    """
-    pos = tl.load(positions_ptr + offs_m, mask=m_live, other=-1)
-    live = (pos >= 0)[:, None]
-    mask = m_live[:, None]
-    if head < num_q_heads + num_kv_heads:
-        table = tl.maximum(pos, 0).to(tl.int64)[:, None] * HALF + freq[None, :]
-        cos = tl.load(cos_ptr + table, mask=mask, other=1.0)
-        sin = tl.load(sin_ptr + table, mask=mask, other=0.0)
-        rot_lo = lo * cos - hi * sin
-        rot_hi = hi * cos + lo * sin
-        lo = tl.where(live, rot_lo, lo)
-        hi = tl.where(live, rot_hi, hi)
-    q_dtype = q_ptr.dtype.element_ty
-    if head < num_q_heads:
-        ptrs = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm + head * (2 * HALF) + freq[None, :]
-        tl.store(ptrs, lo.to(q_dtype), mask=mask)
-        tl.store(ptrs + HALF, hi.to(q_dtype), mask=mask)
-    else:
-        is_k = head < num_q_heads + num_kv_heads
-        kv_head = tl.where(is_k, head - num_q_heads, head - num_q_heads - num_kv_heads)
-        slots = (offs_m.to(tl.int64) * stride_kc_row
-                 + tl.maximum(pos, 0).to(tl.int64) * stride_kc_slot + kv_head * stride_kc_head)
-        offsets = slots[:, None] + freq[None, :]
-        cache_dtype = k_cache_ptr.dtype.element_ty
-        lo_cached = lo.to(q_dtype).to(cache_dtype)
-        hi_cached = hi.to(q_dtype).to(cache_dtype)
-        if is_k:
-            tl.store(k_cache_ptr + offsets, lo_cached, mask=mask & live)
-            tl.store(k_cache_ptr + offsets + HALF, hi_cached, mask=mask & live)
-        else:
-            tl.store(v_cache_ptr + offsets, lo_cached, mask=mask & live)
-            tl.store(v_cache_ptr + offsets + HALF, hi_cached, mask=mask & live)
-
-
-@triton.jit
 def _skinny_gemm_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr, positions_ptr, cos_ptr, sin_ptr, k_cache_ptr,
-        v_cache_ptr, M, N, K, stride_xm, stride_om, stride_kc_row, stride_kc_slot,
-        stride_kc_head, num_q_heads, num_kv_heads, eps,
+        x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, eps,
         PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        ADD_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, ROPE_HALF: tl.constexpr,
-        BLOCK_M: tl.constexpr,
+        ADD_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
         EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
         PREFETCH_CHUNK: tl.constexpr):
     """Grid (cdiv(N, TILE_N), cdiv(M, BLOCK_M)): program (j, i) computes out tile (i, j), with
-    TILE_N = BLOCK_N (BLOCK_N / 2 with SWIGLU or ROPE_HALF, N / 2 programs along N then).
+    TILE_N = BLOCK_N (BLOCK_N / 2 with SWIGLU).
 
     x: [M, K], rows ``stride_xm`` apart; W: [N, K] contiguous ([2N, K] with SWIGLU: gate rows
     then up rows); bias: [N]; out: [M, N], rows ``stride_om`` apart, read first
     when ADD_RESIDUAL. PDL: launched as a programmatic dependent launch (Hopper): release the
     next kernel, prefetch PREFETCH_K weight columns into L2, then wait for the previous grid.
-    ROPE_HALF > 0: W is a QKV projection of heads of 2 * ROPE_HALF features; program j takes
-    TILE_N features of one head's first half and their partners in the second, and
-    ``_rope_write`` finishes them (positions int32 [M]; cos, sin fp32 [P, ROPE_HALF]; out: q
-    [M, H_q, D]; caches [B, C, H_kv, D] with the given strides).
     """
-    PAIRED: tl.constexpr = SWIGLU or ROPE_HALF > 0  # two accumulators
-    TILE_N: tl.constexpr = BLOCK_N // 2 if PAIRED else BLOCK_N
+    TILE_N: tl.constexpr = BLOCK_N // 2 if SWIGLU else BLOCK_N
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if ROPE_HALF > 0:
-        first = tl.program_id(0) * TILE_N
-        head = first // ROPE_HALF
-        freq = first % ROPE_HALF + tl.arange(0, TILE_N)
-        offs_n = head * (2 * ROPE_HALF) + freq  # first-half features; partners ROPE_HALF on
-        pair_step = ROPE_HALF
-    else:
-        offs_n = tl.program_id(0) * TILE_N + tl.arange(0, TILE_N)
-        pair_step = N  # SWIGLU: the up row of each gate row
+    offs_n = tl.program_id(0) * TILE_N + tl.arange(0, TILE_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_live = offs_m < M
     n_live = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
-    pair_rows = w_rows + pair_step * K.to(tl.int64)
+    up_rows = w_rows + N.to(tl.int64) * K  # SWIGLU: the up row of each gate row
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -300,8 +199,8 @@ def _skinny_gemm_kernel(
         for chunk in range(0, PREFETCH_K, PREFETCH_CHUNK):
             lines = tl.minimum(chunk + tl.arange(0, PREFETCH_CHUNK // 64) * 64, K - 1)
             _prefetch_to_l2(rows + lines[None, :])
-            if PAIRED:
-                _prefetch_to_l2(rows + pair_step * K.to(tl.int64) + lines[None, :])
+            if SWIGLU:
+                _prefetch_to_l2(rows + N.to(tl.int64) * K + lines[None, :])
         tl.extra.cuda.gdc_wait()
 
     acc = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
@@ -325,32 +224,24 @@ def _skinny_gemm_kernel(
         else:
             w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
         acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-        if PAIRED:
+        if SWIGLU:
             if EVEN_N and EVEN_K:
-                w_up = tl.load(pair_rows + k[None, :])
+                w_up = tl.load(up_rows + k[None, :])
             else:
-                w_up = tl.load(pair_rows + k[None, :], mask=w_mask, other=0.0)
+                w_up = tl.load(up_rows + k[None, :], mask=w_mask, other=0.0)
             acc_up = tl.dot(a, tl.trans(w_up), acc_up, input_precision="ieee")
 
     if PROLOGUE == 1:
         inv_rms = tl.math.rsqrt(sum_sq / K + eps)[:, None]
         acc = acc * inv_rms
-        if PAIRED:
+        if SWIGLU:
             acc_up = acc_up * inv_rms
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)[None, :]
-        if ROPE_HALF > 0:
-            acc_up += tl.load(bias_ptr + offs_n + ROPE_HALF, mask=n_live,
-                              other=0.0).to(tl.float32)[None, :]
-    if ROPE_HALF > 0:
-        _rope_write(acc, acc_up, offs_m, m_live, head, freq, positions_ptr, cos_ptr, sin_ptr,
-                    out_ptr, stride_om, k_cache_ptr, v_cache_ptr, stride_kc_row,
-                    stride_kc_slot, stride_kc_head, num_q_heads, num_kv_heads, ROPE_HALF)
-    else:
-        if SWIGLU:
-            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        out_mask = m_live[:, None] & n_live[None, :]
-        if ADD_RESIDUAL:
-            acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    out_mask = m_live[:, None] & n_live[None, :]
+    if ADD_RESIDUAL:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)

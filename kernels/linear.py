@@ -27,8 +27,8 @@ Three regimes by the number of rows M:
 - ``GEMM_MIN_ROWS`` <= M <= ``GEMM_MAX_ROWS`` (a decode step of 17 to 64 rows) runs
   ``kernels.gemm`` on the tensor cores, as programmatic dependent launches that overlap each
   product's start with the previous kernel's end: the MLP is two launches (gate/up with RMSNorm
-  and SiLU-and-mul fused, then down with the residual add); QKV with a folded norm is one
-  launch too: the NORM prologue, RoPE and the K/V slab write as its epilogue (no RoPE kernel).
+  and SiLU-and-mul fused, then down with the residual add); a folded QKV norm is deferred to the
+  RoPE kernel as below.
 - Other M goes to cuBLAS, which is the better GEMM there, with the residual add as the GEMM's
   own accumulate (``addmm_``, beta = 1), which costs no extra kernel or pass. The RMSNorm
   before it is deferred when its weight is folded: cuBLAS multiplies the raw rows x, and the
@@ -45,7 +45,6 @@ kernel's products are IEEE fp32 FMAs in every dtype (no tf32).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +53,7 @@ import triton
 import triton.language as tl
 
 from kernels.activation import silu_and_mul
-from kernels.device import has_pdl
-from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, RopeWrite, gemm_config,
-                          rope_fits, skinny_gemm)
+from kernels.gemm import GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, skinny_gemm
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import _check as _check_rope
 from kernels.rope_kv_write import rope_kv_write
@@ -64,11 +61,6 @@ from kernels.rope_kv_write import rope_kv_write
 GEMV_MAX_ROWS = 1  # rows the GEMV kernel takes (measured: it wins at 1)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GATED = 2  # the GEMV kernel's third prologue (PLAIN and NORM are kernels.gemm's)
-
-
-# BINDECODE_QKV_ROPE_EPILOGUE=0 keeps RoPE and the slab write in their own kernel at 17-64 rows
-# (to measure what the epilogue gives); read once.
-_QKV_ROPE_EPILOGUE = os.environ.get("BINDECODE_QKV_ROPE_EPILOGUE") != "0"
 
 
 @dataclass(frozen=True)
@@ -182,10 +174,9 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
     D // 2]. Returns q [T, H_q, D] in x's dtype.
 
     One token (B = 1 decode) runs as one kernel: the projection's GEMV with RoPE and the slab
-    write as its epilogue (``_qkv_rope_kernel``). So do GEMM_MIN_ROWS..GEMM_MAX_ROWS tokens
-    with a folded norm weight: ``kernels.gemm`` with the NORM prologue and the RoPE epilogue.
-    Other token counts run the projection, then ``rope_kv_write`` — which also applies the
-    1 / rms when the norm is deferred (see the module docstring).
+    write as its epilogue (``_qkv_rope_kernel``). More tokens run the projection, then
+    ``rope_kv_write`` — which also applies the 1 / rms when the norm is deferred (see the
+    module docstring).
     """
     head_dim = k_cache.shape[-1]
     sizes = [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
@@ -197,13 +188,6 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
     config = gemv_config(weight.shape[0], weight.shape[1], weight.dtype)
     fused = (T == 1 and head_dim % 2 == 0 and (head_dim // 2) % (config.block_n // 2) == 0
              and k_cache.stride() == v_cache.stride())
-    if (_QKV_ROPE_EPILOGUE and _takes_skinny_gemm(T) and norm_weight is None
-            and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1):
-        gemm = gemm_config(T, weight.shape[0], weight.shape[1], weight.dtype, NORM,
-                           pdl=has_pdl(x.device))
-        if rope_fits(gemm, head_dim):
-            return _qkv_rope_gemm(x, eps, weight, bias, num_q_heads, num_kv_heads, k_cache,
-                                  v_cache, positions, cos, sin, gemm)
     if not fused:
         if _defers_norm(x, norm_weight, bias):
             _check(x, weight, weight.shape[1], "qkv_rope_write")
@@ -237,20 +221,6 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
         EVEN_K=weight.shape[1] % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return q
-
-
-def _qkv_rope_gemm(x, eps, weight, bias, num_q_heads, num_kv_heads, k_cache, v_cache,
-                   positions, cos, sin, config) -> torch.Tensor:
-    """``qkv_rope_write`` of 17-64 tokens as one ``kernels.gemm`` launch (see there)."""
-    T, head_dim = x.shape[0], k_cache.shape[-1]
-    _check(x, weight, weight.shape[1], "qkv_rope_write")
-    if bias is not None:
-        _check_vector("bias", bias, weight.shape[0], x.device)
-    q = torch.empty(T, num_q_heads, head_dim, dtype=x.dtype, device=x.device)
-    kv = q.new_empty(T, num_kv_heads, head_dim)
-    _check_rope(q, kv, kv, k_cache, v_cache, positions, cos, sin, None)
-    rope = RopeWrite(k_cache, v_cache, positions, cos, sin, num_q_heads, num_kv_heads)
-    return skinny_gemm(x, weight, q, NORM, bias=bias, eps=eps, rope=rope, config=config)
 
 
 def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,

@@ -13,7 +13,6 @@ import torch
 from kernels import gemm, linear, reference
 from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, GemmConfig, gemm_config,
                           skinny_gemm)
-from kernels.rope_table import rope_cos_sin
 from tests.kernels.numerics import assert_margins_untouched, poisoned_view, rel_l2, weights
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -65,43 +64,6 @@ def test_swiglu_epilogue_matches_linear_then_silu_and_mul(dtype, M, I, K, prolog
                else x.float() @ w.float().t())
     assert rel_l2(out, reference.silu_and_mul(gate_up)) < TOLERANCE[dtype]
     assert_margins_untouched(buffer, I)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,heads,D,with_bias", [(GEMM_MIN_ROWS, (4, 2), 64, False),
-                                                 (40, (7, 1), 32, True),
-                                                 (GEMM_MAX_ROWS, (4, 4), 64, True)])
-def test_rope_epilogue_is_qkv_rope_write_in_one_launch(monkeypatch, dtype, T, heads, D,
-                                                       with_bias):
-    """QKV of 17-64 tokens with a folded norm: one kernels.gemm launch (no rope_kv_write)
-    gives the reference's rotated q and slab; dead tokens write nothing, the rest of the slab
-    is untouched; GQA group 7 and one KV head included."""
-    monkeypatch.setattr(linear, "rope_kv_write", None)  # the unfused path would call it
-    H_q, H_kv = heads
-    hidden, C = 96, 80
-    N = (H_q + 2 * H_kv) * D
-    cos, sin = rope_cos_sin(D, C, 10000.0, None)
-    x = torch.randn(T, hidden, dtype=dtype) * torch.logspace(-1, 1, T)[:, None].to(dtype)
-    weight = weights(N, hidden, dtype)
-    bias = (torch.randn(N) * 0.1).to(dtype) if with_bias else None
-    slab = torch.randn(T + 2, C, H_kv, D).to(dtype)
-    positions = torch.randint(0, C, (T,), dtype=torch.int32)
-    positions[1::5] = -1
-    args = dict(x=x, norm_weight=None, eps=EPS, weight=weight, bias=bias, num_q_heads=H_q,
-                num_kv_heads=H_kv, positions=positions, cos=cos, sin=sin)
-    k_cache, v_cache = slab.clone(), slab.clone()
-    q = linear.qkv_rope_write(**args, k_cache=k_cache, v_cache=v_cache)
-    fp32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-            for k, v in args.items()}
-    k_ref, v_ref = slab.float().clone(), slab.float().clone()
-    q_ref = reference.qkv_rope_write(**fp32, k_cache=k_ref, v_cache=v_ref)
-    live = positions >= 0
-    assert rel_l2(q[live], q_ref[live]) < TOLERANCE[dtype]
-    written = torch.zeros(T + 2, C, dtype=torch.bool)
-    written[torch.arange(T)[live], positions[live].long()] = True
-    for actual, wanted in ((k_cache, k_ref), (v_cache, v_ref)):
-        assert rel_l2(actual[written], wanted[written]) < TOLERANCE[dtype]
-        assert torch.equal(actual[~written], slab[~written])
 
 
 @pytest.mark.parametrize("M", [2, 17, GEMM_MAX_ROWS])
@@ -203,36 +165,3 @@ def test_gpu_bf16_chain_in_a_graph(M, N, K):
     assert rel_l2(act, reference.silu_and_mul(gate_up)) < 1e-2
     expected = after_o + act.float() @ w_down.float().t()
     assert rel_l2(residual, expected) < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T,heads,D,hidden", [(64, (32, 8), 64, 2048), (17, (32, 8), 128, 4096),
-                                              (40, (14, 2), 64, 896)])
-def test_gpu_rope_epilogue_matches_the_reference(T, heads, D, hidden):
-    """The compiled QKV + RoPE + slab-write launch (dependent launch, L2 prefetch) on the 1B,
-    8B and Qwen2.5-0.5B shapes in bf16 against the fp32 reference; dead tokens write nothing."""
-    dev, bf16 = "cuda", torch.bfloat16
-    H_q, H_kv = heads
-    N, C = (H_q + 2 * H_kv) * D, 1024
-    cos, sin = rope_cos_sin(D, C, 500000.0, None, device=dev)
-    x = (torch.randn(T, hidden, device=dev) * 3).to(bf16)
-    weight = (torch.randn(N, hidden, device=dev) * hidden ** -0.5).to(bf16)
-    slab = torch.randn(T, C, H_kv, D, device=dev).to(bf16)
-    positions = torch.randint(0, C, (T,), dtype=torch.int32, device=dev)
-    positions[::7] = -1
-    args = dict(x=x, norm_weight=None, eps=EPS, weight=weight, bias=None, num_q_heads=H_q,
-                num_kv_heads=H_kv, positions=positions, cos=cos, sin=sin)
-    k_cache, v_cache = slab.clone(), slab.clone()
-    q = linear.qkv_rope_write(**args, k_cache=k_cache, v_cache=v_cache)
-    fp32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-            for k, v in args.items()}
-    k_ref, v_ref = slab.float().clone(), slab.float().clone()
-    q_ref = reference.qkv_rope_write(**fp32, k_cache=k_ref, v_cache=v_ref)
-    torch.cuda.synchronize()
-    live = positions >= 0
-    assert rel_l2(q[live], q_ref[live]) < 1e-2
-    written = torch.zeros(T, C, dtype=torch.bool, device=dev)
-    written[torch.arange(T, device=dev)[live], positions[live].long()] = True
-    for actual, wanted in ((k_cache, k_ref), (v_cache, v_ref)):
-        assert rel_l2(actual[written], wanted[written]) < 1e-2
-        assert torch.equal(actual[~written], slab[~written])
