@@ -37,6 +37,7 @@ def candidates(default) -> dict:
 
 def run() -> dict:
     from kernels.decode_attention import decode_attention, decode_config
+    from kernels.device import sm_count
 
     copy_gbps = copy_bandwidth_gbps()
     rows = []
@@ -51,8 +52,7 @@ def run() -> dict:
                 else torch.full((batch,), LIVE)).to(torch.int32).cuda()
         out = torch.empty_like(q)
         live_bytes = int(lens.sum()) * H_KV * HEAD_DIM * 2 * 2
-        default = decode_config(batch, CAPACITY, H_Q, H_KV, HEAD_DIM, bf16,
-                                torch.cuda.get_device_properties(0).multi_processor_count)
+        default = decode_config(batch, CAPACITY, H_Q, H_KV, HEAD_DIM, bf16, sm_count(q.device))
         row = {"B": batch, "skewed": skewed, "capacity": CAPACITY, "live_mb": live_bytes / 1e6,
                "configs": {}}
         for name, config in candidates(default).items():

@@ -8,11 +8,11 @@ specialises on (16-byte aligned pointers, strides divisible by 16).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import torch
 
-from kernels.aot import CompileJob, compile_many
+from kernels.aot import CompileJob
+from tests.kernels.aot_checks import compile_and_check
 
 # (H_q, H_kv, D): the CPU test model, Qwen2.5-0.5B, Llama-3.2-1B, Llama-3.1-8B.
 HEAD_SHAPES = [(4, 2, 64), (14, 2, 64), (32, 8, 64), (32, 8, 128)]
@@ -81,20 +81,5 @@ def compile_jobs(launches: list[dict]) -> list[CompileJob]:
 def test_every_decode_configuration_compiles_without_spills():
     launches = distinct_launches()
     assert 0 < len(launches) < 60, f"{len(launches)} distinct configurations: too many to compile"
-    reports = [{**launch, **asdict(report)}
-               for launch, report in zip(launches, compile_many(compile_jobs(launches)))]
-
-    print(f"\n{'kernel':<10}{'dtype':<6}{'constexprs':<66}{'warps':>6}{'stages':>7}"
-          f"{'regs':>6}{'smem KB':>9}{'spill B':>8}")
-    for r in sorted(reports, key=lambda r: (r["kernel"], r["dtype"], sorted(r["meta"].items()))):
-        meta = dict(r["meta"])
-        warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-        consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in meta.items())
-        print(f"{r['kernel']:<10}{r['dtype']:<6}{consts:<66}{warps:>6}{stages:>7}"
-              f"{r['registers']:>6}{r['shared_bytes'] / 1024:>9.1f}"
-              f"{r['spill_stores'] + r['spill_loads']:>8}")
-    spilling = [r for r in reports if r["spill_stores"] or r["spill_loads"]]
-    assert not spilling, f"register spills: {spilling}"
-    # sm_90 gives a block at most 227 KB of shared memory.
-    assert all(r["shared_bytes"] <= 227 * 1024 for r in reports)
+    compile_and_check(launches, compile_jobs(launches), labels=("kernel", "dtype"))
 

@@ -11,12 +11,12 @@ pipeline compiled here is the one that runs.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import torch
 
 from kernels import gemm
-from kernels.aot import CompileJob, compile_many
+from kernels.aot import CompileJob
+from tests.kernels.aot_checks import compile_and_check
 
 # (name, hidden, intermediate, H_q, H_kv, D, qkv bias)
 MODELS = [("tiny", 256, 512, 4, 2, 64, False), ("qwen2.5-0.5b", 896, 4864, 14, 2, 64, True),
@@ -69,16 +69,4 @@ def compile_jobs(launches: list[dict]) -> list[CompileJob]:
 def test_every_gemm_configuration_compiles_without_spills():
     launches = distinct_launches()
     assert 0 < len(launches) < 160, f"{len(launches)} distinct configurations: too many to compile"
-    reports = [{**launch, **asdict(report)}
-               for launch, report in zip(launches, compile_many(compile_jobs(launches)))]
-    print(f"\n{'dtype':<6}{'constexprs':<100}{'warps':>6}{'stages':>7}{'regs':>6}"
-          f"{'smem KB':>9}{'spill B':>8}")
-    for r in sorted(reports, key=lambda r: (r["dtype"], sorted(r["meta"].items()))):
-        meta = dict(r["meta"])
-        warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-        consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in meta.items())
-        print(f"{r['dtype']:<6}{consts:<100}{warps:>6}{stages:>7}{r['registers']:>6}"
-              f"{r['shared_bytes'] / 1024:>9.1f}{r['spill_stores'] + r['spill_loads']:>8}")
-    spilling = [r for r in reports if r["spill_stores"] or r["spill_loads"]]
-    assert not spilling, f"register spills: {spilling}"
-    assert all(r["shared_bytes"] <= 227 * 1024 for r in reports)
+    compile_and_check(launches, compile_jobs(launches))

@@ -9,13 +9,13 @@ specialises on (16-byte aligned pointers, strides and sizes divisible by 16).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
 
 from kernels import linear
 from kernels.aot import CompileJob, compile_many
+from tests.kernels.aot_checks import compile_and_check
 
 # (name, hidden, intermediate, H_q, H_kv, D, QKV bias): the CPU test model, Qwen2.5-0.5B,
 # Llama-3.2-1B, Llama-3.1-8B.
@@ -68,17 +68,7 @@ def compile_job(launch: dict) -> CompileJob:
 def test_every_projection_configuration_compiles_without_spills():
     launches = distinct_launches()
     assert 0 < len(launches) < 90, f"{len(launches)} distinct configurations: too many to compile"
-    reports = [{**launch, **asdict(report)}
-               for launch, report in zip(launches, compile_many([compile_job(l) for l in launches]))]
-    print(f"\n{'dtype':<6}{'constexprs':<100}{'regs':>6}{'smem KB':>9}{'spill B':>8}")
-    for r in reports:
-        consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}"
-                          for k, v in r["meta"].items())
-        print(f"{r['dtype']:<6}{consts:<100}{r['registers']:>6}{r['shared_bytes'] / 1024:>9.1f}"
-              f"{r['spill_stores'] + r['spill_loads']:>8}")
-    spilling = [r for r in reports if r["spill_stores"] or r["spill_loads"]]
-    assert not spilling, f"register spills: {spilling}"
-    assert all(r["shared_bytes"] <= 227 * 1024 for r in reports)
+    compile_and_check(launches, [compile_job(launch) for launch in launches])
 
 
 def rope_compile_jobs() -> list[CompileJob]:
