@@ -13,7 +13,7 @@ against it.
         [--decode-only]
 
 --sweep also times a handful of alternative (block_n, splits, warps, stages, launch order,
-dependent merge launch) per shape around ``decode_config``'s choice, to retune it from one GPU
+dependent merge launch, evict-first K/V loads) per shape around ``decode_config``'s choice, to retune it from one GPU
 run.
 """
 
@@ -202,7 +202,8 @@ def sweep_candidates(default, batch: int, capacity: int) -> list:
     out += [dataclasses.replace(d, block_n=128, num_warps=4, num_stages=s) for s in (2, 3)]
     out += [dataclasses.replace(d, num_warps=w) for w in (2, 4, 8)]
     out.append(dataclasses.replace(d, block_n=32, num_warps=1, num_stages=3))  # short D = 64
-    out += [dataclasses.replace(d, num_stages=s) for s in (2, 4)]
+    out += [dataclasses.replace(d, num_stages=s, evict_first=False) for s in (1, 2, 4)]
+    out.append(dataclasses.replace(d, num_stages=1, evict_first=True))
     unique = []
     for c in out:
         if c not in unique:
@@ -291,14 +292,15 @@ def format_decode_table(rows: list[dict]) -> str:
 
 def format_sweep_table(rows: list[dict]) -> str:
     lines = [f"{'shape':<18}{'block_n':>8}{'splits':>7}{'warps':>6}{'stages':>7}{'sort':>5}"
-             f"{'pdl':>4}{'us':>10}{'%copy':>7}"]
+             f"{'pdl':>4}{'evict':>6}{'us':>10}{'%copy':>7}"]
     for r in rows:
         c = r["config"]
         timing = (f"{r['us']:>10.1f}{r['pct_copy']:>6.1f}%" if "us" in r
                   else f"  {r['error'][:40]}")
         mark = "  <- default" if r["is_default"] else ""
         lines.append(f"{r['shape']:<18}{c['block_n']:>8}{c['num_splits']:>7}{c['num_warps']:>6}"
-                     f"{c['num_stages']:>7}{c['longest_first']:>5d}{c['merge_pdl']:>4d}{timing}"
+                     f"{c['num_stages']:>7}{c['longest_first']:>5d}{c['merge_pdl']:>4d}"
+                     f"{c['evict_first']:>6d}{timing}"
                      f"{mark}")
     return "\n".join(lines)
 

@@ -45,6 +45,7 @@ MIN_SPLIT_POSITIONS = 128  # a split shorter than this many positions is mostly 
 MAX_SPLITS = 64
 # 64 x 128 bf16 tiles over two warps take 254 registers a thread: four programs fit an SM.
 SMALL_TILE_PROGRAMS_PER_SM = 4
+SHORT_SPLIT_TILES = 2  # splits of at most this many tiles load unpipelined (see decode_config)
 LONG_SLAB = 2048  # positions from which D = 128 slabs take 128 x 128 tiles (see decode_config)
 SHORT_SLAB = 1024  # positions up to which D = 64 slabs take 32-position tiles on one warp
 # Longest-first launch sorts the lengths in every program: batches up to this size (on the
@@ -66,7 +67,10 @@ class DecodeConfig:
     launch options of the attention kernel (num_stages = tiles in flight in its loop);
     longest_first: launch rows in decreasing order of live length (sorted on the device);
     merge_pdl: launch the merge as a programmatic dependent launch (ignored where the GPU has
-    none, i.e. before Hopper, and in the interpreter).
+    none, i.e. before Hopper, and in the interpreter);
+    evict_first: load K and V with an L2 evict-first policy, so streaming them replaces each
+    other rather than what the L2 held before (Triton drops the hint from pipelined copies:
+    it takes num_stages == 1).
     """
 
     block_n: int
@@ -75,6 +79,7 @@ class DecodeConfig:
     num_stages: int
     longest_first: bool = False
     merge_pdl: bool = False
+    evict_first: bool = False
 
 
 def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int,
@@ -136,8 +141,18 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
     elif programs <= SMALL_TILE_PROGRAMS_PER_SM * num_sms:
         longest_first = False  # one wave: every program starts at once, order is moot
     block_n = min(block_n, max(16, triton.next_power_of_2(capacity)))
+    evict_first = False
+    if (dtype != torch.float32 and num_splits > 1 and programs >= PROGRAMS_PER_SM_TARGET * num_sms
+            and capacity <= SHORT_SPLIT_TILES * block_n * num_splits):
+        # Many short splits (each at most two tiles, enough of them to fill the GPU): load
+        # straight to registers, which keeps the evict-first hint that Triton drops from
+        # pipelined copies, so the K/V stream replaces itself in the L2 instead of evicting
+        # (and writing back) what the L2 held. On the H100 sweep this took (1, 8192) from 25.5
+        # to 22.6 µs and was as fast or faster on every such shape; with fewer programs than
+        # the GPU holds (one row of 1024) the pipelined loop stays faster (bench/RESULTS.md).
+        num_stages, evict_first = 1, True
     return DecodeConfig(block_n, num_splits, num_warps, num_stages, longest_first,
-                        merge_pdl=num_splits > 1)
+                        merge_pdl=num_splits > 1, evict_first=evict_first)
 
 
 def attention_launch_meta(config: DecodeConfig, num_q_heads: int, num_kv_heads: int,
@@ -150,6 +165,7 @@ def attention_launch_meta(config: DecodeConfig, num_q_heads: int, num_kv_heads: 
                 SINGLE_SPLIT=config.num_splits == 1,
                 ROWS_PAD=MAX_SORTED_ROWS if config.longest_first else 1,
                 LAUNCH_DEPENDENTS=config.merge_pdl and config.num_splits > 1, PDL=pdl,
+                KV_EVICTION="evict_first" if config.evict_first else "",
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -236,7 +252,7 @@ def _decode_split_kernel(
         capacity, group, num_q_heads, num_splits, qk_scale_log2,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, ROWS_PAD: tl.constexpr,
-        LAUNCH_DEPENDENTS: tl.constexpr, PDL: tl.constexpr):
+        LAUNCH_DEPENDENTS: tl.constexpr, PDL: tl.constexpr, KV_EVICTION: tl.constexpr):
     """One (split, KV head, rank) program; the grid is (S, H_kv, B).
 
     q: [B, H_q, D]; k, v: [B, C, H_kv, D] (shared strides); seq_lens: int32 [B].
@@ -245,6 +261,7 @@ def _decode_split_kernel(
     LAUNCH_DEPENDENTS: allow the merge kernel (a programmatic dependent launch) to be scheduled.
     PDL: launched as a programmatic dependent launch: wait for the previous kernel's writes
     before reading anything; with one split, first let the next kernel launch.
+    KV_EVICTION: the L2 eviction policy of the K and V loads ("" or "evict_first").
     SINGLE_SPLIT: write softmax(qK)V to out [B, H_q, D] (q's dtype).
     Otherwise: write the split's normalised output to partial_out fp32 [B, H_q, S, D] and its
     log2-sum-exp2 (scores in log2 units) to partial_lse fp32 [B, H_q, S]; a split with no
@@ -296,7 +313,8 @@ def _decode_split_kernel(
     for tile_start in range(start, end, BLOCK_N):
         pos_live = (tile_start + offs_n) < end
         kv_mask = pos_live[:, None] & d_live[None, :]
-        k = tl.load(k_tile_ptrs + tile_start * stride_kn, mask=kv_mask, other=0.0)
+        k = tl.load(k_tile_ptrs + tile_start * stride_kn, mask=kv_mask, other=0.0,
+                    eviction_policy=KV_EVICTION)
         # "ieee" only matters for fp32 operands (no tf32); 16-bit products are exact in fp32.
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
         scores = tl.where(pos_live[None, :], scores, float("-inf"))
@@ -305,7 +323,8 @@ def _decode_split_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_tile_ptrs + tile_start * stride_kn, mask=kv_mask, other=0.0)
+        v = tl.load(v_tile_ptrs + tile_start * stride_kn, mask=kv_mask, other=0.0,
+                    eviction_policy=KV_EVICTION)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 

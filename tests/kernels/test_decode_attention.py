@@ -86,6 +86,34 @@ def test_split_path_mixed_and_dead_rows(dtype):
     run_and_check(4, 70, 14, 2, 64, [70, 0, 1, 33], dtype, config=config)
 
 
+def test_unpipelined_evict_first_loads_match_reference():
+    """The short-split layout (one stage, evict-first K/V loads): two tiles per split, a
+    partial last tile, a dead row."""
+    config = da.DecodeConfig(block_n=16, num_splits=4, num_warps=2, num_stages=1,
+                             merge_pdl=True, evict_first=True)
+    run_and_check(3, 128, 8, 2, 64, [128, 0, 77], torch.float16, config=config)
+
+
+@pytest.mark.parametrize("B,C,D,dtype,short", [
+    (1, 8192, 128, torch.bfloat16, True),  # 512 splits of two 64-position tiles
+    (8, 1024, 128, torch.bfloat16, True),
+    (2, 8192, 128, torch.float16, True),  # big tiles, still two per split
+    (1, 8192, 64, torch.bfloat16, True),
+    (1, 1024, 128, torch.bfloat16, False),  # 64 programs: too few to fill the GPU
+    (64, 2048, 128, torch.bfloat16, False),  # no splits
+    (16, 2048, 128, torch.bfloat16, False),  # splits of four tiles
+    (1, 8192, 128, torch.float32, False),  # parity caches keep their layout
+])
+def test_many_short_splits_load_unpipelined_with_evict_first(B, C, D, dtype, short):
+    c = da.decode_config(B, C, 32, 8, D, dtype, 132)
+    assert c.evict_first == short
+    if short:
+        assert c.num_stages == 1 and c.num_splits > 1 and C <= 2 * c.block_n * c.num_splits
+        assert B * 8 * c.num_splits >= da.PROGRAMS_PER_SM_TARGET * 132
+    else:
+        assert c.num_stages > 1 or dtype == torch.float32
+
+
 def test_merge_never_reads_unwritten_partials(monkeypatch):
     """Partials of empty splits stay unwritten; poisoning them proves the merge skips them."""
     def nan_partials(B, H_q, splits, D, device):
