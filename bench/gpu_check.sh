@@ -4,8 +4,8 @@
 #
 #   BINDECODE_COMMIT=$(git rev-parse HEAD) bash bench/gpu_check.sh [STAGE ...]
 #
-# STAGE is any of: tests kernels linear chain layers engine profile e2e serve (default: all but
-# linear, whose sweep only retunes kernels.linear). Wheels for packages the GPU image
+# STAGE is any of: tests kernels l2flush linear chain layers engine profile e2e serve (default:
+# all but linear, whose sweep only retunes kernels.linear). Wheels for packages the GPU image
 # lacks (FastAPI, uvicorn, pydantic) are taken from .whl/ when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ OUT=${OUT:-$PWD/out}
 RES=$OUT/results
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 BINDECODE_COMMIT=${BINDECODE_COMMIT:-unknown}
-stages=${*:-tests kernels chain layers engine profile e2e serve}
+stages=${*:-tests kernels l2flush chain layers engine profile e2e serve}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -35,6 +35,7 @@ for stage in $stages; do
   case $stage in
     tests)   run gpu_tests python3 -m pytest -m gpu -q -x --timeout=300 -p no:cacheprovider ;;
     kernels) run kernels python3 -m bench.kernels --out "$RES" ;;
+    l2flush) run l2_flush python3 -m bench.l2_flush --out "$RES" ;;
     linear)  run kernel_linear python3 -m bench.kernel_linear --sweep ;;
     chain)   run gemm_chain python3 -m bench.gemm_chain --out "$RES" ;;
     layers)  run attention_layers python3 -m bench.attention_layers --out "$RES" ;;

@@ -315,3 +315,20 @@ def test_gemm_chain_variants_are_launchable_configs():
                 assert (v.block_m + v.block_n) * v.block_k * 2 * v.num_stages <= 227 * 1024
                 assert v.prefetch_k >= config.prefetch_k
                 assert v.prefetch_k & (v.prefetch_k - 1) == 0
+
+
+def test_l2_flush_table_and_plot_cover_every_implementation(tmp_path):
+    from bench import l2_flush
+
+    def result(us):
+        return {"dirty": {"us": us, "pct_copy": 50.0}, "clean": {"us": us / 2, "pct_copy": 99.0}}
+
+    rows = [{"shape": "B1 L8192 unif", "live_kv_bytes": 33_554_432,
+             "results": {"ours": result(22.6), "ours, pipelined": result(25.5), "sdpa": result(33.2)}},
+            {"shape": "B64 L2048 skew", "live_kv_bytes": 292_000_000,
+             "results": {"ours": result(112.9), "sdpa": result(199.2)}}]
+    table = l2_flush.format_table(rows).splitlines()
+    assert len(table) == 3 and "ours, pipelined dirty / clean" in table[0]
+    assert "22.6 / 11.3 (50 / 99%)" in table[1] and table[2].count("-") >= 1
+    l2_flush.plot(rows, tmp_path / "l2.png")
+    assert (tmp_path / "l2.png").stat().st_size > 0
