@@ -13,8 +13,8 @@ against it.
         [--decode-only]
 
 --sweep also times a handful of alternative (block_n, splits, warps, stages, launch order,
-dependent merge launch, evict-first K/V loads) per shape around ``decode_config``'s choice, to retune it from one GPU
-run.
+dependent merge launch, evict-first K/V loads) per shape around ``decode_config``'s choice, to
+retune it from one GPU run.
 """
 
 from __future__ import annotations
