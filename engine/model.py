@@ -10,8 +10,8 @@ the norm kernels (``kernels.linear``).
 
 Every op but the embedding and the lm_head goes through ``ops`` (``engine.backend.get_ops``),
 so the same code runs the plain-torch reference ops or our Triton kernels. The layer is written
-as its projections with their neighbours attached (``qkv_rope_write``, ``linear_residual``,
-``mlp_residual``): the residual stream is updated in place by the ops that end each half of the
+as its projections with their neighbours attached (``qkv_decode_attention``,
+``linear_residual``, ``mlp_residual``): the residual stream is updated in place by the ops that end each half of the
 layer, and the norms are taken by the ops that start them; the ops decide what to fuse.
 
 Two entry points, both writing K/V into a ``KVSlab`` ``[B, C, H_kv, D]`` per layer:
@@ -160,11 +160,12 @@ class CausalLM(nn.Module):
                 q, k, v = self._qkv(layer, residual)
                 ops.rope_kv_write(q, k, v, k_cache, v_cache, positions, self.rope_cos,
                                   self.rope_sin)
+                out = ops.decode_attention(q, k_cache, v_cache, seq_lens)
             else:
-                q = ops.qkv_rope_write(residual, layer.input_norm, c.rms_norm_eps, layer.qkv_proj,
-                                       layer.qkv_bias, c.num_heads, c.num_kv_heads, k_cache,
-                                       v_cache, positions, self.rope_cos, self.rope_sin)
-            out = ops.decode_attention(q, k_cache, v_cache, seq_lens)
+                out = ops.qkv_decode_attention(
+                    residual, layer.input_norm, c.rms_norm_eps, layer.qkv_proj, layer.qkv_bias,
+                    c.num_heads, c.num_kv_heads, k_cache, v_cache, positions, self.rope_cos,
+                    self.rope_sin)
             ops.linear_residual(out.reshape(residual.shape[0], c.num_heads * c.head_dim),
                                 layer.o_proj, residual)
 

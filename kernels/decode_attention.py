@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from kernels.device import H100_NUM_SMS, has_pdl, sm_count
+from kernels.rmsnorm import check_norm_input, norm_block, row_inv_rms
 
 LOG2_E = 1.4426950408889634
 
@@ -80,6 +81,27 @@ class DecodeConfig:
     longest_first: bool = False
     merge_pdl: bool = False
     evict_first: bool = False
+
+
+@dataclass(frozen=True)
+class NewToken:
+    """Each row's new token, unrotated, for ``decode_attention`` to finish: rotate q and k
+    (rotate-half RoPE) at the token's slot ``seq_lens[b] - 1``, write k and v there, attend.
+
+    k, v: [B, H_kv, D] in q's dtype, one set of strides, last dim contiguous (views of a fused
+    QKV product are fine); cos, sin: fp32 [max_positions, D // 2], contiguous
+    (``kernels.rope_table``); norm_input: optional [B, H], the unnormalised rows q, k, v were
+    projected from, whose 1 / sqrt(mean(x^2) + eps) scales q, k and v first (a deferred RMSNorm,
+    as in ``kernels.rope_kv_write``). The numerics are ``rope_kv_write``'s: the slab gets the
+    same values, and attention reads q rounded to its dtype after the rotation.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    norm_input: torch.Tensor | None = None
+    eps: float = 0.0
 
 
 def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int,
@@ -156,11 +178,16 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
 
 
 def attention_launch_meta(config: DecodeConfig, num_q_heads: int, num_kv_heads: int,
-                          head_dim: int, pdl: bool = False) -> dict:
+                          head_dim: int, pdl: bool = False, new_token: bool = False,
+                          norm_hidden: int = 0) -> dict:
     """Constexprs and launch options of the attention kernel for ``config`` (what the AOT
     test compiles, so it sees exactly the binaries the engine launches). ``pdl``: the launch
-    is a programmatic dependent one (Hopper; see the module docstring)."""
+    is a programmatic dependent one (Hopper; see the module docstring); ``new_token``: the
+    kernel rotates and writes each row's new token (``NewToken``), with a deferred norm over
+    rows of ``norm_hidden`` elements when that is > 0."""
     return dict(HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
+                NEW_TOKEN=new_token, SCALE_BY_RMS=new_token and norm_hidden > 0,
+                NORM_BLOCK=norm_block(norm_hidden) if new_token and norm_hidden else 16,
                 GROUP_PAD=_group_pad(num_q_heads // num_kv_heads), BLOCK_N=config.block_n,
                 SINGLE_SPLIT=config.num_splits == 1,
                 ROWS_PAD=MAX_SORTED_ROWS if config.longest_first else 1,
@@ -183,7 +210,8 @@ def merge_launch_meta(config: DecodeConfig, head_dim: int) -> dict:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float | None = None, *,
                      out: torch.Tensor | None = None,
-                     config: DecodeConfig | None = None) -> torch.Tensor:
+                     config: DecodeConfig | None = None,
+                     new_token: NewToken | None = None) -> torch.Tensor:
     """Attention of one new token per row over the row's first ``seq_lens[b]`` cached positions.
 
     q: [B, H_q, D] fp16/bf16/fp32, last dim contiguous (may be a strided view).
@@ -194,9 +222,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale: softmax scale, default D ** -0.5.
     out: optional [B, H_q, D] in q's dtype, last dim contiguous; written and returned.
     config: overrides ``decode_config`` (benchmark sweeps, tests).
+    new_token: q is each row's new query unrotated, and the kernel first rotates it and the
+    new key and writes k and v into slot seq_lens[b] - 1 (see ``NewToken``): RoPE and the slab
+    write without a kernel of their own. The caller keeps q, k, v and seq_lens consistent.
     Returns [B, H_q, D] in q's dtype.
     """
     B, H_q, D, C, H_kv = _check_inputs(q, k_cache, v_cache, seq_lens)
+    if new_token is not None:
+        _check_new_token(new_token, q, H_kv)
     if out is None:
         out = torch.empty(B, H_q, D, dtype=q.dtype, device=q.device)
     elif (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1
@@ -225,11 +258,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     # Grid (split, KV head, rank): programs start in launch order, so a row's splits and heads
     # start together and rank 0 (the longest row, with longest_first) starts first.
+    nt = new_token
+    norm_input = nt.norm_input if nt is not None else None
     _decode_split_kernel[(splits, H_kv, B)](
         q, k_cache, v_cache, seq_lens, out, partial_out, partial_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), C, H_q // H_kv, H_q, splits, scale * LOG2_E,
-        launch_pdl=pdl, **attention_launch_meta(config, H_q, H_kv, D, pdl))
+        # Without a new token these pointers are never read (q stands in for them).
+        nt.k if nt else q, nt.v if nt else q, nt.cos if nt else q, nt.sin if nt else q,
+        norm_input if norm_input is not None else q,
+        nt.k.stride(0) if nt else 0, nt.k.stride(1) if nt else 0,
+        norm_input.stride(0) if norm_input is not None else 0,
+        norm_input.shape[1] if norm_input is not None else 0, nt.eps if nt else 0.0,
+        launch_pdl=pdl, **attention_launch_meta(
+            config, H_q, H_kv, D, pdl, new_token=nt is not None,
+            norm_hidden=norm_input.shape[1] if norm_input is not None else 0))
     if splits > 1:
         _merge_splits_kernel[(B, H_q)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1), splits,
@@ -250,7 +293,10 @@ def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, seq_lens_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
         stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_ob, stride_oh,
         capacity, group, num_q_heads, num_splits, qk_scale_log2,
-        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
+        k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, norm_ptr, stride_new_b, stride_new_h,
+        stride_norm, norm_hidden, eps,
+        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NEW_TOKEN: tl.constexpr,
+        SCALE_BY_RMS: tl.constexpr, NORM_BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, ROWS_PAD: tl.constexpr,
         LAUNCH_DEPENDENTS: tl.constexpr, PDL: tl.constexpr, KV_EVICTION: tl.constexpr):
     """One (split, KV head, rank) program; the grid is (S, H_kv, B).
@@ -266,6 +312,11 @@ def _decode_split_kernel(
     Otherwise: write the split's normalised output to partial_out fp32 [B, H_q, S, D] and its
     log2-sum-exp2 (scores in log2 units) to partial_lse fp32 [B, H_q, S]; a split with no
     live positions writes only its lse, -inf, which tells the merge to skip it.
+    NEW_TOKEN: q is the row's new query before RoPE; k_new, v_new: [B, H_kv, D] (strides
+    stride_new_b, stride_new_h) the new key and value; cos, sin: fp32 [max_positions, D / 2].
+    Every program rotates its q at slot seq_len - 1; the program whose split holds that slot
+    rotates k, writes k and v there, and only then streams its tiles. With SCALE_BY_RMS, q, k
+    and v are first scaled by 1 / sqrt(mean(norm[b]^2) + eps), norm: [B, norm_hidden].
     The query group is padded to GROUP_PAD >= 16 rows so both products run on tensor cores.
     """
     if PDL:
@@ -300,10 +351,20 @@ def _decode_split_kernel(
         d_live = offs_d < HEAD_DIM
 
     q_ptrs = q_ptr + row64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=head_live[:, None] & d_live[None, :], other=0.0)
+    q_mask = head_live[:, None] & d_live[None, :]
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    kv_offset = row64 * stride_kb + kv_head * stride_kh
+    if NEW_TOKEN:
+        q = _rope_and_write_new_token(
+            q, q_ptr + row64 * stride_qb + heads[:, None] * stride_qh, q_mask,
+            k_new_ptr + row64 * stride_new_b + kv_head * stride_new_h,
+            v_new_ptr + row64 * stride_new_b + kv_head * stride_new_h,
+            k_ptr + kv_offset, v_ptr + kv_offset, stride_kn, cos_ptr, sin_ptr,
+            norm_ptr + row64 * stride_norm, norm_hidden, eps, seq_len, start, end,
+            offs_d, d_live, HEAD_DIM, SCALE_BY_RMS, NORM_BLOCK)
     q = q.to(k_ptr.dtype.element_ty)
 
-    kv_offset = row64 * stride_kb + kv_head * stride_kh
+
     k_tile_ptrs = k_ptr + kv_offset + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_tile_ptrs = v_ptr + kv_offset + offs_n[:, None] * stride_kn + offs_d[None, :]
 
@@ -345,6 +406,54 @@ def _decode_split_kernel(
         tl.store(partial_out_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], out_tile,
                  mask=store_mask & split_live)
         tl.store(partial_lse_ptr + slot, m_i + tl.math.log2(l_safe), mask=head_live)
+
+
+@triton.jit
+def _rope_and_write_new_token(q, q_row_ptr, q_mask, k_new_ptr, v_new_ptr, k_slab_ptr, v_slab_ptr,
+                              stride_kn, cos_ptr, sin_ptr, norm_row_ptr, norm_hidden, eps,
+                              seq_len, start, end, offs_d, d_live, HEAD_DIM: tl.constexpr,
+                              SCALE_BY_RMS: tl.constexpr, NORM_BLOCK: tl.constexpr):
+    """The new token of one (row, KV head): q [GROUP_PAD, D_PAD] as loaded, rotated at slot
+    seq_len - 1 and returned in its own dtype; k_new, v_new [D] (pointers at the head) written
+    into the slab (pointers at the row and head, slot stride stride_kn) by the program whose
+    split [start, end) holds the slot, which then waits for its own stores before any tile load.
+    Arithmetic and roundings are ``_rope_kv_write_kernel``'s."""
+    HALF = HEAD_DIM // 2
+    pos = seq_len - 1  # -1 on a dead row: its output is zeros whatever q holds
+    scale = 1.0
+    if SCALE_BY_RMS:
+        scale = row_inv_rms(norm_row_ptr, norm_hidden, eps, NORM_BLOCK)
+    # Rotate-half: element d pairs with d +- HALF; the first half takes -sin.
+    first_half = offs_d < HALF
+    partner = tl.where(first_half, offs_d + HALF, offs_d - HALF)
+    table = tl.maximum(pos, 0).to(tl.int64) * HALF + tl.where(first_half, offs_d, offs_d - HALF)
+    cos = tl.load(cos_ptr + table, mask=d_live, other=0.0)
+    sin = tl.load(sin_ptr + table, mask=d_live, other=0.0)
+    sin = tl.where(first_half, -sin, sin)
+
+    q_pair = tl.load(q_row_ptr + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q = q.to(tl.float32)
+    if SCALE_BY_RMS:
+        q, q_pair = q * scale, q_pair * scale
+    q = (q * cos[None, :] + q_pair * sin[None, :]).to(q_row_ptr.dtype.element_ty)
+
+    writes = d_live & (start <= pos) & (pos < end)
+    k = tl.load(k_new_ptr + offs_d, mask=writes, other=0.0).to(tl.float32)
+    k_pair = tl.load(k_new_ptr + partner, mask=writes, other=0.0).to(tl.float32)
+    v = tl.load(v_new_ptr + offs_d, mask=writes, other=0.0).to(tl.float32)
+    if SCALE_BY_RMS:
+        k, k_pair, v = k * scale, k_pair * scale, v * scale
+    new_dtype = k_new_ptr.dtype.element_ty
+    k = (k * cos + k_pair * sin).to(new_dtype)
+    slot = tl.maximum(pos, 0).to(tl.int64) * stride_kn
+    tl.store(k_slab_ptr + slot + offs_d, k.to(k_slab_ptr.dtype.element_ty), mask=writes)
+    tl.store(v_slab_ptr + slot + offs_d, v.to(new_dtype).to(v_slab_ptr.dtype.element_ty),
+             mask=writes)
+    if (start <= pos) & (pos < end):
+        # The stores come from some threads, the tile loads from others; programs that write
+        # nothing go straight on to their tiles.
+        tl.debug_barrier()
+    return q
 
 
 @triton.jit
@@ -437,3 +546,27 @@ def _check_inputs(q, k_cache, v_cache, seq_lens) -> tuple[int, int, int, int, in
         raise ValueError(f"seq_lens must be int32 [B={B}] on {q.device}, got {seq_lens.dtype} "
                          f"{tuple(seq_lens.shape)} on {seq_lens.device}")
     return B, H_q, D, C, H_kv
+
+
+def _check_new_token(nt: NewToken, q: torch.Tensor, num_kv_heads: int) -> None:
+    B, _, D = q.shape
+    shape = (B, num_kv_heads, D)
+    if nt.k.shape != shape or nt.v.shape != shape or nt.k.stride() != nt.v.stride():
+        raise ValueError(f"new_token: k and v must both be [B, H_kv, D] = {shape} with one set "
+                         f"of strides, got {tuple(nt.k.shape)} {nt.k.stride()} and "
+                         f"{tuple(nt.v.shape)} {nt.v.stride()}")
+    if nt.k.dtype != q.dtype or nt.v.dtype != q.dtype or nt.k.stride(-1) != 1:
+        raise ValueError(f"new_token: k and v must be q's dtype ({q.dtype}) with a contiguous "
+                         f"last dim, got {nt.k.dtype}, {nt.v.dtype}, strides {nt.k.stride()}")
+    if D % 2:
+        raise ValueError(f"new_token: rotate-half RoPE needs an even head size, got {D}")
+    for name, table in (("cos", nt.cos), ("sin", nt.sin)):
+        if (table.dtype != torch.float32 or table.dim() != 2 or table.shape[1] != D // 2
+                or not table.is_contiguous() or table.device != q.device):
+            raise ValueError(f"new_token: {name} must be a contiguous fp32 [max_positions, "
+                             f"{D // 2}] table on {q.device}, got {table.dtype} "
+                             f"{tuple(table.shape)} on {table.device}")
+    if nt.k.device != q.device or nt.v.device != q.device:
+        raise ValueError(f"new_token: k and v must be on {q.device}")
+    if nt.norm_input is not None:
+        check_norm_input("new_token", nt.norm_input, B, q.device)

@@ -4,6 +4,8 @@ These ops cover every projection of a layer (``kernels.reference`` has their pla
 
 - ``norm_linear(x, norm_weight, eps, weight, bias)``: RMSNorm(x) @ W.T (+ bias) — QKV, gate/up;
 - ``qkv_rope_write(...)``: the decode step's QKV projection with RoPE and the K/V slab write;
+- ``qkv_decode_attention(...)``: that, then decode attention — with more than one row the RoPE
+  and the write run inside the attention kernel (``kernels.decode_attention.NewToken``);
 - ``linear_residual(x, weight, residual)``: residual += x @ W.T — the output projection;
 - ``gated_linear_residual(gate_up, weight, residual)``: residual += (silu(gate) * up) @ W.T —
   the down projection;
@@ -45,6 +47,7 @@ kernel's products are IEEE fp32 FMAs in every dtype (no tf32).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +56,15 @@ import triton
 import triton.language as tl
 
 from kernels.activation import silu_and_mul
+from kernels.decode_attention import NewToken, decode_attention
 from kernels.gemm import GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, skinny_gemm
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import _check as _check_rope
 from kernels.rope_kv_write import rope_kv_write
+
+# BINDECODE_ROPE_IN_ATTENTION=0 keeps RoPE and the slab write in their own kernel on decode steps
+# of several rows (to measure what moving them into the attention kernel gives); read once.
+ROPE_IN_ATTENTION = os.environ.get("BINDECODE_ROPE_IN_ATTENTION") != "0"
 
 GEMV_MAX_ROWS = 1  # rows the GEMV kernel takes (measured: it wins at 1)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -178,30 +186,14 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
     ``rope_kv_write`` — which also applies the 1 / rms when the norm is deferred (see the
     module docstring).
     """
-    head_dim = k_cache.shape[-1]
-    sizes = [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-    if weight.dim() != 2 or weight.shape[0] != sum(sizes) or k_cache.dim() != 4:
-        raise ValueError(f"qkv_rope_write: weight {tuple(weight.shape)} does not hold "
-                         f"{num_q_heads} + 2 x {num_kv_heads} heads of the cache's size "
-                         f"{head_dim} (k_cache {tuple(k_cache.shape)})")
-    T = x.shape[0] if x.dim() == 2 else -1
-    config = gemv_config(weight.shape[0], weight.shape[1], weight.dtype)
-    fused = (T == 1 and head_dim % 2 == 0 and (head_dim // 2) % (config.block_n // 2) == 0
-             and k_cache.stride() == v_cache.stride())
-    if not fused:
-        if _defers_norm(x, norm_weight, bias):
-            _check(x, weight, weight.shape[1], "qkv_rope_write")
-            # Unnormalised: rope_kv_write applies 1 / rms(x).
-            qkv = (skinny_gemm(x, weight, x.new_empty(T, weight.shape[0]), PLAIN)
-                   if _takes_skinny_gemm(T) else torch.mm(x, weight.t()))
-            norm_input = x
-        else:
-            qkv = norm_linear(x, norm_weight, eps, weight, bias)
-            norm_input = None
-        q, k, v = (t.view(T, -1, head_dim) for t in qkv.split(sizes, dim=-1))
+    if not _qkv_gemv_fuses_rope(x, weight, num_q_heads, num_kv_heads, k_cache, v_cache):
+        q, k, v, norm_input = _project_qkv(x, norm_weight, eps, weight, bias, num_q_heads,
+                                           num_kv_heads, k_cache.shape[-1])
         rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin, norm_input=norm_input,
                       eps=eps)
         return q
+    head_dim = k_cache.shape[-1]
+    config = gemv_config(weight.shape[0], weight.shape[1], weight.dtype)
     _check(x, weight, weight.shape[1], "qkv_rope_write")
     if norm_weight is not None:
         _check_vector("norm_weight", norm_weight, weight.shape[1], x.device)
@@ -221,6 +213,63 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
         EVEN_K=weight.shape[1] % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return q
+
+
+def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                         weight: torch.Tensor, bias: torch.Tensor | None, num_q_heads: int,
+                         num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         positions: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> torch.Tensor:
+    """A decode step's attention from its residual rows: ``qkv_rope_write``, then
+    ``decode_attention`` over each row's slots 0 .. positions[b]. Returns [T, H_q, D].
+
+    Arguments as ``qkv_rope_write``'s (token t in slab row t, T = the slab's B). One row keeps
+    the GEMV kernel with RoPE and the slab write in its epilogue. More rows project q, k, v and
+    hand RoPE and the write to the attention kernel (``NewToken``), which saves their launch and
+    one wait between dependent kernels per layer.
+    """
+    seq_lens = positions + 1  # 0 on a dead row
+    if (not ROPE_IN_ATTENTION
+            or _qkv_gemv_fuses_rope(x, weight, num_q_heads, num_kv_heads, k_cache, v_cache)):
+        q = qkv_rope_write(x, norm_weight, eps, weight, bias, num_q_heads, num_kv_heads,
+                           k_cache, v_cache, positions, cos, sin)
+        return decode_attention(q, k_cache, v_cache, seq_lens)
+    q, k, v, norm_input = _project_qkv(x, norm_weight, eps, weight, bias, num_q_heads,
+                                       num_kv_heads, k_cache.shape[-1])
+    _check_rope(q, k, v, k_cache, v_cache, positions, cos, sin, None)
+    return decode_attention(q, k_cache, v_cache, seq_lens,
+                            new_token=NewToken(k, v, cos, sin, norm_input, eps))
+
+
+def _qkv_gemv_fuses_rope(x, weight, num_q_heads, num_kv_heads, k_cache, v_cache) -> bool:
+    """Whether ``qkv_rope_write`` runs as one GEMV kernel with RoPE and the slab write in its
+    epilogue (one row); raises if weight does not hold the heads of the cache's size."""
+    head_dim = k_cache.shape[-1]
+    if (weight.dim() != 2 or k_cache.dim() != 4
+            or weight.shape[0] != (num_q_heads + 2 * num_kv_heads) * head_dim):
+        raise ValueError(f"qkv_rope_write: weight {tuple(weight.shape)} does not hold "
+                         f"{num_q_heads} + 2 x {num_kv_heads} heads of the cache's size "
+                         f"{head_dim} (k_cache {tuple(k_cache.shape)})")
+    block_n = gemv_config(weight.shape[0], weight.shape[1], weight.dtype).block_n
+    return (x.dim() == 2 and x.shape[0] == 1 and head_dim % 2 == 0
+            and (head_dim // 2) % (block_n // 2) == 0 and k_cache.stride() == v_cache.stride())
+
+
+def _project_qkv(x, norm_weight, eps, weight, bias, num_q_heads, num_kv_heads, head_dim):
+    """q [T, H_q, D], k, v [T, H_kv, D] (views of one product) and the rows whose 1 / rms the
+    next kernel still owes them (None when the norm ran before the product)."""
+    T = x.shape[0] if x.dim() == 2 else -1
+    if _defers_norm(x, norm_weight, bias):
+        _check(x, weight, weight.shape[1], "qkv_rope_write")
+        qkv = (skinny_gemm(x, weight, x.new_empty(T, weight.shape[0]), PLAIN)
+               if _takes_skinny_gemm(T) else torch.mm(x, weight.t()))
+        norm_input = x
+    else:
+        qkv = norm_linear(x, norm_weight, eps, weight, bias)
+        norm_input = None
+    sizes = [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    q, k, v = (t.view(T, -1, head_dim) for t in qkv.split(sizes, dim=-1))
+    return q, k, v, norm_input
 
 
 def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,

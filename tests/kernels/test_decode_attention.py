@@ -86,6 +86,72 @@ def test_split_path_mixed_and_dead_rows(dtype):
     run_and_check(4, 70, 14, 2, 64, [70, 0, 1, 33], dtype, config=config)
 
 
+NEW_TOKEN_CASES = {
+    # (B, C, H_q, H_kv, D, seq_lens, config): the new token at slot seq_lens - 1
+    "gqa2-dead-and-first-slot": (4, 37, 4, 2, 64, [1, 37, 0, 20], None),
+    "gqa7-splits": (3, 45, 14, 2, 64, [45, 17, 30],
+                    da.DecodeConfig(block_n=16, num_splits=3, num_warps=4, num_stages=2)),
+    "d80-short-splits": (2, 64, 8, 2, 80, [64, 33],
+                         da.DecodeConfig(block_n=16, num_splits=4, num_warps=2, num_stages=1,
+                                         merge_pdl=True, evict_first=True)),
+    "mqa-d128-sorted": (3, 40, 8, 1, 128, [12, 40, 39],
+                        da.DecodeConfig(block_n=16, num_splits=1, num_warps=4, num_stages=2,
+                                        longest_first=True)),
+}
+
+
+@pytest.mark.parametrize("deferred_norm", [False, True], ids=["normed", "deferred-norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(NEW_TOKEN_CASES), ids=list(NEW_TOKEN_CASES))
+def test_new_token_matches_rope_write_then_attention(case, dtype, deferred_norm):
+    """RoPE and the slab write inside the kernel (NewToken) against the reference's
+    rope_kv_write then decode_attention: the same output, the same slab — the new token's slot
+    of each live row written, every other slot (poisoned with NaN past the length) untouched."""
+    from kernels.rope_table import rope_cos_sin
+
+    B, C, H_q, H_kv, D, seq_lens, config = NEW_TOKEN_CASES[case]
+    q, k_slab, v_slab, k_poisoned, v_poisoned, lens = make_inputs(B, C, H_q, H_kv, D, seq_lens,
+                                                                  dtype)
+    g = torch.Generator().manual_seed(1)
+    k_new, v_new = (torch.randn(B, H_kv, D, generator=g).to(dtype).to(DEVICE) for _ in "kv")
+    x = (torch.randn(B, 96, generator=g) * 3).to(dtype).to(DEVICE) if deferred_norm else None
+    cos, sin = (t.to(DEVICE) for t in rope_cos_sin(D, C + 3, 10000.0))
+
+    expected_k, expected_v, q_rotated = k_poisoned.clone(), v_poisoned.clone(), q.clone()
+    reference.rope_kv_write(q_rotated, k_new.clone(), v_new.clone(), expected_k, expected_v,
+                            lens - 1, cos, sin, norm_input=x, eps=1e-5)
+    expected = reference.decode_attention(q_rotated, expected_k.nan_to_num(),
+                                          expected_v.nan_to_num(), lens)
+
+    out = torch.full((B, H_q, D), float("nan"), dtype=dtype, device=DEVICE)
+    new_token = da.NewToken(k_new, v_new, cos, sin, x, 1e-5)
+    da.decode_attention(q, k_poisoned, v_poisoned, lens, out=out, config=config,
+                        new_token=new_token)
+    live = lens > 0
+    assert not out.isnan().any()
+    assert rel_l2(out[live], expected[live]) < TOLERANCE[dtype]
+    assert (out[~live] == 0).all()
+    for got, want in ((k_poisoned, expected_k), (v_poisoned, expected_v)):
+        same = (got == want) | (got.isnan() & want.isnan())
+        written = torch.zeros_like(same)
+        written[live.nonzero()[:, 0], (lens - 1)[live].long()] = True
+        assert same[~written].all(), "a slot other than the new token's changed"
+        assert torch.allclose(got[written].float(), want[written].float(), rtol=1e-6, atol=1e-6)
+
+
+def test_new_token_rejects_mismatched_inputs():
+    q, k, v, _, _, lens = make_inputs(2, 16, 4, 2, 64, [16, 3], torch.float32)
+    cos = sin = torch.zeros(20, 32, device=DEVICE)
+    k_new = torch.zeros(2, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="k and v must both be"):
+        da.decode_attention(q, k, v, lens, new_token=da.NewToken(k_new, k_new[:, :1], cos, sin))
+    with pytest.raises(ValueError, match="cos must be a contiguous fp32"):
+        da.decode_attention(q, k, v, lens, new_token=da.NewToken(k_new, k_new, cos[:, :16], sin))
+    with pytest.raises(ValueError, match="norm_input"):
+        da.decode_attention(q, k, v, lens,
+                            new_token=da.NewToken(k_new, k_new, cos, sin, torch.zeros(3, 8)))
+
+
 def test_unpipelined_evict_first_loads_match_reference():
     """The short-split layout (one stage, evict-first K/V loads): two tiles per split, a
     partial last tile, a dead row."""
@@ -367,3 +433,42 @@ def test_cuda_graph_replays_with_new_lengths():
         live = lens > 0
         assert rel_l2(out[live], expected[live]) < 1e-2
         assert (out[~live] == 0).all()
+
+
+# (B, C, D, hidden): the 1B and 8B heads at the engine's slab shapes (one wave of small tiles,
+# short splits at B = 8 / D = 128, big tiles at B = 256), with the norm deferred to the kernel.
+NEW_TOKEN_GPU = [(64, 1024, 64, 2048), (8, 1024, 128, 4096), (256, 1024, 128, 4096),
+                 (16, 2048, 128, 0)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,C,D,hidden", NEW_TOKEN_GPU,
+                         ids=[f"B{b}-C{c}-D{d}-H{h}" for b, c, d, h in NEW_TOKEN_GPU])
+def test_bf16_new_token_matches_rope_kernel_then_attention(B, C, D, hidden):
+    """Compiled, bf16: RoPE and the slab write inside the attention kernel against our
+    rope_kv_write kernel followed by the attention kernel — the same slab, bit for bit outside
+    the new slots, and the same output."""
+    from kernels.rope_kv_write import rope_kv_write
+    from kernels.rope_table import rope_cos_sin
+
+    g = torch.Generator().manual_seed(B)
+    lens = torch.randint(C // 8, C // 2 + 1, (B,), generator=g).to(torch.int32).cuda()
+    lens[0] = 0  # a dead row
+    bf16 = torch.bfloat16
+    q, k_new, v_new = (torch.randn(B, h, D, dtype=bf16, device="cuda") for h in (32, 8, 8))
+    k = torch.randn(B, C, 8, D, dtype=bf16, device="cuda")
+    v = torch.randn(B, C, 8, D, dtype=bf16, device="cuda")
+    x = torch.randn(B, hidden, dtype=bf16, device="cuda") * 3 if hidden else None
+    cos, sin = (t.cuda() for t in rope_cos_sin(D, C, 500000.0))
+    k_ref, v_ref, q_ref = k.clone(), v.clone(), q.clone()
+    rope_kv_write(q_ref, k_new, v_new, k_ref, v_ref, lens - 1, cos, sin, norm_input=x, eps=1e-5)
+    expected = da.decode_attention(q_ref, k_ref, v_ref, lens)
+    out = torch.full_like(q, float("nan"))
+    da.decode_attention(q, k, v, lens, out=out,
+                        new_token=da.NewToken(k_new, v_new, cos, sin, x, 1e-5))
+    assert not out.isnan().any()
+    assert rel_l2(out, expected) < 2e-3
+    for got, want in ((k, k_ref), (v, v_ref)):
+        assert rel_l2(got, want) < 1e-3
+        slots = torch.arange(C, device="cuda")[None, :] != (lens - 1)[:, None]
+        assert torch.equal(got[slots], want[slots])

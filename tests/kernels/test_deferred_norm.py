@@ -205,3 +205,27 @@ def test_bad_norm_input_is_refused():
     with pytest.raises(ValueError, match="rope_kv_write: norm_input"):
         rope_kv_write(q, k, v, slab, slab.clone(), torch.zeros(2, dtype=torch.int32), cos, sin,
                       norm_input=torch.randn(2, 8).t())
+
+
+@pytest.mark.parametrize("dtype,T,with_bias", [(torch.float32, 1, False), (torch.float32, 4, False),
+                                               (torch.float32, 3, True), (torch.float16, 4, False),
+                                               (torch.float32, 19, False)])
+def test_qkv_decode_attention_matches_the_composition(dtype, T, with_bias):
+    """The decode step's attention input and attention in one op: one row through the GEMV
+    kernel's epilogue, several with RoPE and the slab write inside the attention kernel (the
+    1 / rms deferred to it in fp32 without a bias); against the reference's qkv_rope_write then
+    decode_attention in fp32, output and slab (dead rows: zeros, nothing written)."""
+    case = qkv_case(dtype, T, with_bias)
+    case["k_cache"], case["v_cache"] = case["k_cache"][:T], case["v_cache"][:T]  # B = T rows
+    before_k = case["k_cache"].clone()
+    fp32 = {k: v.float().clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in case.items()}
+    out = linear.qkv_decode_attention(**case)
+    expected = reference.qkv_decode_attention(**fp32)
+    live = case["positions"] >= 0
+    assert out.shape == (T, 4, 32) and not out.isnan().any()
+    assert rel_l2(out[live], expected[live]) < TOLERANCE[dtype]
+    assert (out[~live] == 0).all()
+    for name in ("k_cache", "v_cache"):
+        assert rel_l2(case[name], fp32[name]) < TOLERANCE[dtype]
+    assert torch.equal(case["k_cache"][~live], before_k[~live])
