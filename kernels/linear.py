@@ -4,8 +4,8 @@ These ops cover every projection of a layer (``kernels.reference`` has their pla
 
 - ``norm_linear(x, norm_weight, eps, weight, bias)``: RMSNorm(x) @ W.T (+ bias) — QKV, gate/up;
 - ``qkv_rope_write(...)``: the decode step's QKV projection with RoPE and the K/V slab write;
-- ``qkv_decode_attention(...)``: that, then decode attention — with more than one row the RoPE
-  and the write run inside the attention kernel (``kernels.decode_attention.NewToken``);
+- ``qkv_decode_attention(...)``: that, then decode attention — from 2 to 16 rows the RoPE and
+  the write run inside the attention kernel (``kernels.decode_attention.NewToken``);
 - ``linear_residual(x, weight, residual)``: residual += x @ W.T — the output projection;
 - ``gated_linear_residual(gate_up, weight, residual)``: residual += (silu(gate) * up) @ W.T —
   the down projection;
@@ -62,8 +62,8 @@ from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import _check as _check_rope
 from kernels.rope_kv_write import rope_kv_write
 
-# BINDECODE_ROPE_IN_ATTENTION=0 keeps RoPE and the slab write in their own kernel on decode steps
-# of several rows (to measure what moving them into the attention kernel gives); read once.
+# BINDECODE_ROPE_IN_ATTENTION=0 keeps RoPE and the slab write in their own kernel on every decode
+# step (to measure what moving them into the attention kernel gives); read once.
 ROPE_IN_ATTENTION = os.environ.get("BINDECODE_ROPE_IN_ATTENTION") != "0"
 
 GEMV_MAX_ROWS = 1  # rows the GEMV kernel takes (measured: it wins at 1)
@@ -224,12 +224,17 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
     ``decode_attention`` over each row's slots 0 .. positions[b]. Returns [T, H_q, D].
 
     Arguments as ``qkv_rope_write``'s (token t in slab row t, T = the slab's B). One row keeps
-    the GEMV kernel with RoPE and the slab write in its epilogue. More rows project q, k, v and
-    hand RoPE and the write to the attention kernel (``NewToken``), which saves their launch and
-    one wait between dependent kernels per layer.
+    the GEMV kernel with RoPE and the slab write in its epilogue. Below ``GEMM_MIN_ROWS`` rows,
+    where cuBLAS runs the projection, RoPE and the write move into the attention kernel
+    (``NewToken``), which saves that kernel's launch: on the H100, B = 8 decode steps 0.9% (1B)
+    and 2.3% (8B) shorter. From ``GEMM_MIN_ROWS`` rows it is not a clear gain — the rotation, the
+    write and the deferred 1 / rms (a load of the row) delay every attention program's first
+    tile — and those keep ``qkv_rope_write``: measured side by side, B = 64 steps as fast either
+    way, B = 128 / 256 between 1.2% faster (1B, B = 128) and 0.9% slower (8B, B = 256)
+    (bench/RESULTS.md).
     """
     seq_lens = positions + 1  # 0 on a dead row
-    if (not ROPE_IN_ATTENTION
+    if (not ROPE_IN_ATTENTION or x.dim() != 2 or x.shape[0] >= GEMM_MIN_ROWS
             or _qkv_gemv_fuses_rope(x, weight, num_q_heads, num_kv_heads, k_cache, v_cache)):
         q = qkv_rope_write(x, norm_weight, eps, weight, bias, num_q_heads, num_kv_heads,
                            k_cache, v_cache, positions, cos, sin)

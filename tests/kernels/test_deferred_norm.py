@@ -229,3 +229,21 @@ def test_qkv_decode_attention_matches_the_composition(dtype, T, with_bias):
     for name in ("k_cache", "v_cache"):
         assert rel_l2(case[name], fp32[name]) < TOLERANCE[dtype]
     assert torch.equal(case["k_cache"][~live], before_k[~live])
+
+
+def test_qkv_decode_attention_moves_rope_into_attention_below_the_gemm_rows(monkeypatch):
+    """2 to 16 rows: no RoPE kernel, the attention kernel gets the new token. One row (the GEMV
+    epilogue) and GEMM_MIN_ROWS rows and up: the RoPE kernel, plain attention."""
+    rope_calls, new_tokens = [], []
+    original_rope, original_attention = linear.rope_kv_write, linear.decode_attention
+    monkeypatch.setattr(linear, "rope_kv_write",
+                        lambda *a, **k: rope_calls.append(1) or original_rope(*a, **k))
+    monkeypatch.setattr(linear, "decode_attention", lambda *a, new_token=None, **k: (
+        new_tokens.append(new_token is not None) or original_attention(*a, new_token=new_token,
+                                                                       **k)))
+    for T, folded in ((4, True), (linear.GEMM_MIN_ROWS, False), (1, False)):
+        rope_calls.clear(), new_tokens.clear()
+        case = qkv_case(torch.float32, T)
+        case["k_cache"], case["v_cache"] = case["k_cache"][:T], case["v_cache"][:T]
+        linear.qkv_decode_attention(**case)
+        assert new_tokens == [folded] and rope_calls == ([] if folded or T == 1 else [1])
