@@ -14,10 +14,16 @@ programs than the GPU holds at once, rows are launched longest first (each progr
 batch's lengths on the device): the last programs to start are then the shortest, and the grid
 does not end on a few long rows streaming alone while the rest of the GPU idles. On Hopper
 both kernels are programmatic dependent launches: the attention grid launches while the kernel
-before it (RoPE + K/V write in a decode step) finishes and waits on the device for its writes;
+before it (RoPE + K/V write, or the QKV projection, in a decode step) finishes and waits on the device for its writes;
 with one split it releases the next kernel (the output projection) at once, so that kernel's
 weight prefetch overlaps the attention; with splits, the merge's programs are scheduled while
 the attention grid drains and wait for its results, which hides the second launch.
+
+Many short splits (at most two tiles each) load K and V straight to registers with an L2
+evict-first hint instead of through a software pipeline (see ``decode_config``). Given the new
+token unrotated (``NewToken``), the kernel also does RoPE and the slab write: every program
+rotates its q, and the program whose split holds the new slot writes the rotated k and v there
+before it streams, which saves the RoPE kernel's launch on small decode steps.
 
 Numerics: tiles are loaded in the cache dtype; the two matrix products take 16-bit operands
 and accumulate in fp32 (the products of 16-bit numbers are exact in fp32), softmax statistics
