@@ -11,8 +11,9 @@ the norm kernels (``kernels.linear``).
 Every op but the embedding and the lm_head goes through ``ops`` (``engine.backend.get_ops``),
 so the same code runs the plain-torch reference ops or our Triton kernels. The layer is written
 as its projections with their neighbours attached (``qkv_decode_attention``,
-``linear_residual``, ``mlp_residual``): the residual stream is updated in place by the ops that end each half of the
-layer, and the norms are taken by the ops that start them; the ops decide what to fuse.
+``linear_residual``, ``mlp_residual``): the residual stream is updated in place by the ops that
+end each half of the layer, and the norms are taken by the ops that start them; the ops decide
+what to fuse.
 
 Two entry points, both writing K/V into a ``KVSlab`` ``[B, C, H_kv, D]`` per layer:
 ``prefill`` runs packed prompts; ``decode`` runs one new token per slab row and is CUDA-graph

@@ -14,10 +14,11 @@ programs than the GPU holds at once, rows are launched longest first (each progr
 batch's lengths on the device): the last programs to start are then the shortest, and the grid
 does not end on a few long rows streaming alone while the rest of the GPU idles. On Hopper
 both kernels are programmatic dependent launches: the attention grid launches while the kernel
-before it (RoPE + K/V write, or the QKV projection, in a decode step) finishes and waits on the device for its writes;
-with one split it releases the next kernel (the output projection) at once, so that kernel's
-weight prefetch overlaps the attention; with splits, the merge's programs are scheduled while
-the attention grid drains and wait for its results, which hides the second launch.
+before it (RoPE + K/V write, or the QKV projection, in a decode step) finishes and waits on the
+device for its writes; with one split it releases the next kernel (the output projection) at
+once, so that kernel's weight prefetch overlaps the attention; with splits, the merge's programs
+are scheduled while the attention grid drains and wait for its results, which hides the second
+launch.
 
 Many short splits (at most two tiles each) load K and V straight to registers with an L2
 evict-first hint instead of through a software pipeline (see ``decode_config``). Given the new
