@@ -371,7 +371,6 @@ def _decode_split_kernel(
             offs_d, d_live, HEAD_DIM, SCALE_BY_RMS, NORM_BLOCK)
     q = q.to(k_ptr.dtype.element_ty)
 
-
     k_tile_ptrs = k_ptr + kv_offset + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_tile_ptrs = v_ptr + kv_offset + offs_n[:, None] * stride_kn + offs_d[None, :]
 
