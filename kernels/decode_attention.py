@@ -265,26 +265,32 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     # Grid (split, KV head, rank): programs start in launch order, so a row's splits and heads
     # start together and rank 0 (the longest row, with longest_first) starts first.
-    nt = new_token
-    norm_input = nt.norm_input if nt is not None else None
+    norm = None if new_token is None else new_token.norm_input
     _decode_split_kernel[(splits, H_kv, B)](
         q, k_cache, v_cache, seq_lens, out, partial_out, partial_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), C, H_q // H_kv, H_q, splits, scale * LOG2_E,
-        # Without a new token these pointers are never read (q stands in for them).
-        nt.k if nt else q, nt.v if nt else q, nt.cos if nt else q, nt.sin if nt else q,
-        norm_input if norm_input is not None else q,
-        nt.k.stride(0) if nt else 0, nt.k.stride(1) if nt else 0,
-        norm_input.stride(0) if norm_input is not None else 0,
-        norm_input.shape[1] if norm_input is not None else 0, nt.eps if nt else 0.0,
-        launch_pdl=pdl, **attention_launch_meta(
-            config, H_q, H_kv, D, pdl, new_token=nt is not None,
-            norm_hidden=norm_input.shape[1] if norm_input is not None else 0))
+        *_new_token_args(new_token, q),
+        launch_pdl=pdl, **attention_launch_meta(config, H_q, H_kv, D, pdl,
+                                                new_token=new_token is not None,
+                                                norm_hidden=0 if norm is None else norm.shape[1]))
     if splits > 1:
         _merge_splits_kernel[(B, H_q)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1), splits,
             launch_pdl=config.merge_pdl, **merge_launch_meta(config, D))
     return out
+
+
+def _new_token_args(nt: NewToken | None, q: torch.Tensor) -> tuple:
+    """The attention kernel's new-token arguments: k_new, v_new, cos, sin, norm (pointers),
+    the new k / v strides, the norm rows' stride and length, eps. Without a new token (or
+    without a deferred norm) the kernel never reads them, and q stands in for the pointers."""
+    if nt is None:
+        return q, q, q, q, q, 0, 0, 0, 0, 0.0
+    norm = nt.norm_input
+    return (nt.k, nt.v, nt.cos, nt.sin, q if norm is None else norm, nt.k.stride(0),
+            nt.k.stride(1), 0 if norm is None else norm.stride(0),
+            0 if norm is None else norm.shape[1], nt.eps)
 
 
 def _alloc_partials(B: int, H_q: int, splits: int, D: int,

@@ -186,7 +186,8 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
     ``rope_kv_write`` — which also applies the 1 / rms when the norm is deferred (see the
     module docstring).
     """
-    if not _qkv_gemv_fuses_rope(x, weight, num_q_heads, num_kv_heads, k_cache, v_cache):
+    _check_qkv_weight(weight, num_q_heads, num_kv_heads, k_cache)
+    if not _qkv_gemv_fuses_rope(x, weight, k_cache, v_cache):
         q, k, v, norm_input = _project_qkv(x, norm_weight, eps, weight, bias, num_q_heads,
                                            num_kv_heads, k_cache.shape[-1])
         rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin, norm_input=norm_input,
@@ -234,11 +235,12 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
     (bench/RESULTS.md).
     """
     seq_lens = positions + 1  # 0 on a dead row
-    if (not ROPE_IN_ATTENTION or x.dim() != 2 or x.shape[0] >= GEMM_MIN_ROWS
-            or _qkv_gemv_fuses_rope(x, weight, num_q_heads, num_kv_heads, k_cache, v_cache)):
+    rows = x.shape[0] if x.dim() == 2 else -1
+    if not (ROPE_IN_ATTENTION and GEMV_MAX_ROWS < rows < GEMM_MIN_ROWS):
         q = qkv_rope_write(x, norm_weight, eps, weight, bias, num_q_heads, num_kv_heads,
                            k_cache, v_cache, positions, cos, sin)
         return decode_attention(q, k_cache, v_cache, seq_lens)
+    _check_qkv_weight(weight, num_q_heads, num_kv_heads, k_cache)
     q, k, v, norm_input = _project_qkv(x, norm_weight, eps, weight, bias, num_q_heads,
                                        num_kv_heads, k_cache.shape[-1])
     _check_rope(q, k, v, k_cache, v_cache, positions, cos, sin, None)
@@ -246,15 +248,19 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
                             new_token=NewToken(k, v, cos, sin, norm_input, eps))
 
 
-def _qkv_gemv_fuses_rope(x, weight, num_q_heads, num_kv_heads, k_cache, v_cache) -> bool:
-    """Whether ``qkv_rope_write`` runs as one GEMV kernel with RoPE and the slab write in its
-    epilogue (one row); raises if weight does not hold the heads of the cache's size."""
+def _check_qkv_weight(weight, num_q_heads, num_kv_heads, k_cache) -> None:
     head_dim = k_cache.shape[-1]
     if (weight.dim() != 2 or k_cache.dim() != 4
             or weight.shape[0] != (num_q_heads + 2 * num_kv_heads) * head_dim):
         raise ValueError(f"qkv_rope_write: weight {tuple(weight.shape)} does not hold "
                          f"{num_q_heads} + 2 x {num_kv_heads} heads of the cache's size "
                          f"{head_dim} (k_cache {tuple(k_cache.shape)})")
+
+
+def _qkv_gemv_fuses_rope(x, weight, k_cache, v_cache) -> bool:
+    """Whether ``qkv_rope_write`` runs as one GEMV kernel with RoPE and the slab write in its
+    epilogue (one row)."""
+    head_dim = k_cache.shape[-1]
     block_n = gemv_config(weight.shape[0], weight.shape[1], weight.dtype).block_n
     return (x.dim() == 2 and x.shape[0] == 1 and head_dim % 2 == 0
             and (head_dim // 2) % (block_n // 2) == 0 and k_cache.stride() == v_cache.stride())
