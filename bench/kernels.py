@@ -318,7 +318,7 @@ def format_other_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _grid_arg(text: str) -> list[tuple[int, int]]:
+def parse_grid(text: str) -> list[tuple[int, int]]:
     """"B:L,B:L" -> [(B, L), ...]."""
     try:
         return [(int(b), int(l)) for b, l in (item.split(":") for item in text.split(",") if item)]
@@ -331,7 +331,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where JSON and PNG go")
     parser.add_argument("--sweep", action="store_true", help="also time alternative configs")
     parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
-    parser.add_argument("--grid", type=_grid_arg, default=None,
+    parser.add_argument("--grid", type=parse_grid, default=None,
                         help="decode shapes as B:L,B:L,... (default: the canonical grid)")
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM,
                         help=f"head dim of the decode shapes (default {HEAD_DIM})")

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, copy_bandwidth_gbps, cuda_graph, write_json
-from bench.kernels import (DTYPE, GRID, HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, Shape, _grid_arg,
-                           live_kv_bytes, make_problem, ours_fn, sdpa_fn)
+from bench.kernels import (DTYPE, GRID, HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, Shape, live_kv_bytes,
+                           make_problem, ours_fn, parse_grid, sdpa_fn)
 
 FLUSH_BYTES = 256 << 20  # do_bench's buffer: five times the H100's 50 MB L2
 REPS = 50
@@ -131,7 +131,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where JSON and PNG go")
-    parser.add_argument("--grid", type=_grid_arg, default=None,
+    parser.add_argument("--grid", type=parse_grid, default=None,
                         help="decode shapes as B:L,B:L,... (default: the canonical grid)")
     parser.add_argument("--reps", type=int, default=REPS, help="timed calls per (fn, flush)")
     args = parser.parse_args()

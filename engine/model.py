@@ -165,8 +165,8 @@ class CausalLM(nn.Module):
             else:
                 out = ops.qkv_decode_attention(
                     residual, layer.input_norm, c.rms_norm_eps, layer.qkv_proj, layer.qkv_bias,
-                    c.num_heads, c.num_kv_heads, k_cache, v_cache, positions, self.rope_cos,
-                    self.rope_sin)
+                    c.num_heads, c.num_kv_heads, k_cache, v_cache, positions, seq_lens,
+                    self.rope_cos, self.rope_sin)
             ops.linear_residual(out.reshape(residual.shape[0], c.num_heads * c.head_dim),
                                 layer.o_proj, residual)
 

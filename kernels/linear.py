@@ -219,13 +219,15 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
 def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
                          weight: torch.Tensor, bias: torch.Tensor | None, num_q_heads: int,
                          num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         positions: torch.Tensor, cos: torch.Tensor,
+                         positions: torch.Tensor, seq_lens: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor) -> torch.Tensor:
     """A decode step's attention from its residual rows: ``qkv_rope_write``, then
     ``decode_attention`` over each row's slots 0 .. positions[b]. Returns [T, H_q, D].
 
-    Arguments as ``qkv_rope_write``'s (token t in slab row t, T = the slab's B). One row keeps
-    the GEMV kernel with RoPE and the slab write in its epilogue. Below ``GEMM_MIN_ROWS`` rows,
+    Arguments as ``qkv_rope_write``'s (token t in slab row t, T = the slab's B), plus seq_lens:
+    int32 [T] = positions + 1, which the caller computes once per step for all layers (here it
+    would be one more kernel per layer). One row keeps the GEMV kernel with RoPE and the slab
+    write in its epilogue. Below ``GEMM_MIN_ROWS`` rows,
     where cuBLAS runs the projection, RoPE and the write move into the attention kernel
     (``NewToken``), which saves that kernel's launch: on the H100, B = 8 decode steps 0.9% (1B)
     and 2.3% (8B) shorter. From ``GEMM_MIN_ROWS`` rows it is not a clear gain — the rotation, the
@@ -234,7 +236,6 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
     way, B = 128 / 256 between 1.2% faster (1B, B = 128) and 0.9% slower (8B, B = 256)
     (bench/RESULTS.md).
     """
-    seq_lens = positions + 1  # 0 on a dead row
     rows = x.shape[0] if x.dim() == 2 else -1
     if not (ROPE_IN_ATTENTION and GEMV_MAX_ROWS < rows < GEMM_MIN_ROWS):
         q = qkv_rope_write(x, norm_weight, eps, weight, bias, num_q_heads, num_kv_heads,

@@ -165,13 +165,13 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
 def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
                          weight: torch.Tensor, bias: torch.Tensor | None, num_q_heads: int,
                          num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         positions: torch.Tensor, cos: torch.Tensor,
+                         positions: torch.Tensor, seq_lens: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor) -> torch.Tensor:
-    """``qkv_rope_write``, then ``decode_attention`` over slots 0 .. positions[b] of each row;
-    returns [T, H_q, D]."""
+    """``qkv_rope_write``, then ``decode_attention`` over slots 0 .. positions[b] of each row
+    (seq_lens = positions + 1); returns [T, H_q, D]."""
     q = qkv_rope_write(x, norm_weight, eps, weight, bias, num_q_heads, num_kv_heads, k_cache,
                        v_cache, positions, cos, sin)
-    return decode_attention(q, k_cache, v_cache, positions + 1)
+    return decode_attention(q, k_cache, v_cache, seq_lens)
 
 
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -217,6 +217,7 @@ def test_qkv_decode_attention_matches_the_composition(dtype, T, with_bias):
     decode_attention in fp32, output and slab (dead rows: zeros, nothing written)."""
     case = qkv_case(dtype, T, with_bias)
     case["k_cache"], case["v_cache"] = case["k_cache"][:T], case["v_cache"][:T]  # B = T rows
+    case["seq_lens"] = case["positions"] + 1
     before_k = case["k_cache"].clone()
     fp32 = {k: v.float().clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
             for k, v in case.items()}
@@ -245,5 +246,6 @@ def test_qkv_decode_attention_moves_rope_into_attention_below_the_gemm_rows(monk
         rope_calls.clear(), new_tokens.clear()
         case = qkv_case(torch.float32, T)
         case["k_cache"], case["v_cache"] = case["k_cache"][:T], case["v_cache"][:T]
+        case["seq_lens"] = case["positions"] + 1
         linear.qkv_decode_attention(**case)
         assert new_tokens == [folded] and rope_calls == ([] if folded or T == 1 else [1])
