@@ -78,7 +78,9 @@ class DecodeConfig:
     none, i.e. before Hopper, and in the interpreter);
     evict_first: load K and V with an L2 evict-first policy, so streaming them replaces each
     other rather than what the L2 held before (Triton drops the hint from pipelined copies:
-    it takes num_stages == 1).
+    it takes num_stages == 1);
+    prefetch: load each tile's K and V one tile ahead into registers (with num_stages == 1),
+    the overlap of a two-stage pipeline with the evict-first hint kept.
     """
 
     block_n: int
@@ -88,6 +90,7 @@ class DecodeConfig:
     longest_first: bool = False
     merge_pdl: bool = False
     evict_first: bool = False
+    prefetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,7 @@ def attention_launch_meta(config: DecodeConfig, num_q_heads: int, num_kv_heads: 
                 ROWS_PAD=MAX_SORTED_ROWS if config.longest_first else 1,
                 LAUNCH_DEPENDENTS=config.merge_pdl and config.num_splits > 1, PDL=pdl,
                 KV_EVICTION="evict_first" if config.evict_first else "",
+                PREFETCH=config.prefetch,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -311,7 +315,8 @@ def _decode_split_kernel(
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NEW_TOKEN: tl.constexpr,
         SCALE_BY_RMS: tl.constexpr, NORM_BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, ROWS_PAD: tl.constexpr,
-        LAUNCH_DEPENDENTS: tl.constexpr, PDL: tl.constexpr, KV_EVICTION: tl.constexpr):
+        LAUNCH_DEPENDENTS: tl.constexpr, PDL: tl.constexpr, KV_EVICTION: tl.constexpr,
+        PREFETCH: tl.constexpr):
     """One (split, KV head, rank) program; the grid is (S, H_kv, B).
 
     q: [B, H_q, D]; k, v: [B, C, H_kv, D] (shared strides); seq_lens: int32 [B].
@@ -321,6 +326,8 @@ def _decode_split_kernel(
     PDL: launched as a programmatic dependent launch: wait for the previous kernel's writes
     before reading anything; with one split, first let the next kernel launch.
     KV_EVICTION: the L2 eviction policy of the K and V loads ("" or "evict_first").
+    PREFETCH: load tile i + 1 into registers before tile i's products (launch with
+    num_stages = 1: Triton's own pipeline would stage them through shared memory instead).
     SINGLE_SPLIT: write softmax(qK)V to out [B, H_q, D] (q's dtype).
     Otherwise: write the split's normalised output to partial_out fp32 [B, H_q, S, D] and its
     log2-sum-exp2 (scores in log2 units) to partial_lse fp32 [B, H_q, S]; a split with no
@@ -383,23 +390,30 @@ def _decode_split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
-    for tile_start in range(start, end, BLOCK_N):
-        pos_live = (tile_start + offs_n) < end
-        kv_mask = pos_live[:, None] & d_live[None, :]
-        k = tl.load(k_tile_ptrs + tile_start * stride_kn, mask=kv_mask, other=0.0,
-                    eviction_policy=KV_EVICTION)
-        # "ieee" only matters for fp32 operands (no tf32); 16-bit products are exact in fp32.
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
-        scores = tl.where(pos_live[None, :], scores, float("-inf"))
-        # Every tile holds at least one live position, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_tile_ptrs + tile_start * stride_kn, mask=kv_mask, other=0.0,
-                    eviction_policy=KV_EVICTION)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+    if PREFETCH:
+        # Double-buffered in registers: the next tile's loads are issued before this tile's
+        # products, so they overlap without a pipelined copy (which would drop KV_EVICTION).
+        k = _load_kv_tile(k_tile_ptrs, start, end, stride_kn, offs_n, d_live, KV_EVICTION)
+        v = _load_kv_tile(v_tile_ptrs, start, end, stride_kn, offs_n, d_live, KV_EVICTION)
+        for tile_start in range(start, end, BLOCK_N):
+            next_start = tile_start + BLOCK_N
+            k_next = _load_kv_tile(k_tile_ptrs, next_start, end, stride_kn, offs_n, d_live,
+                                   KV_EVICTION)
+            v_next = _load_kv_tile(v_tile_ptrs, next_start, end, stride_kn, offs_n, d_live,
+                                   KV_EVICTION)
+            p, alpha, m_i, l_i = _softmax_step(q, k, (tile_start + offs_n) < end, m_i, l_i,
+                                               qk_scale_log2)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            k, v = k_next, v_next
+    else:
+        for tile_start in range(start, end, BLOCK_N):
+            k = _load_kv_tile(k_tile_ptrs, tile_start, end, stride_kn, offs_n, d_live,
+                              KV_EVICTION)
+            p, alpha, m_i, l_i = _softmax_step(q, k, (tile_start + offs_n) < end, m_i, l_i,
+                                               qk_scale_log2)
+            v = _load_kv_tile(v_tile_ptrs, tile_start, end, stride_kn, offs_n, d_live,
+                              KV_EVICTION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
 
     if LAUNCH_DEPENDENTS:
         # Once every program is past its loop the merge's programs may take free slots (they
@@ -418,6 +432,32 @@ def _decode_split_kernel(
         tl.store(partial_out_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], out_tile,
                  mask=store_mask & split_live)
         tl.store(partial_lse_ptr + slot, m_i + tl.math.log2(l_safe), mask=head_live)
+
+
+@triton.jit
+def _load_kv_tile(tile_ptrs, tile_start, end, stride_kn, offs_n, d_live,
+                  KV_EVICTION: tl.constexpr):
+    """The K or V tile [BLOCK_N, D_PAD] at ``tile_start`` in the cache dtype; positions at or
+    past ``end`` read as zeros without touching memory."""
+    mask = ((tile_start + offs_n) < end)[:, None] & d_live[None, :]
+    return tl.load(tile_ptrs + tile_start * stride_kn, mask=mask, other=0.0,
+                   eviction_policy=KV_EVICTION)
+
+
+@triton.jit
+def _softmax_step(q, k, pos_live, m_i, l_i, qk_scale_log2):
+    """The online-softmax update for one tile: q [G, D] and k [N, D] in the cache dtype,
+    pos_live [N] (at least one true), running max m_i and sum l_i fp32 [G]. Returns the
+    tile's probabilities p fp32 [G, N], the rescale alpha [G] for the accumulator, and the
+    new m_i and l_i."""
+    # "ieee" only matters for fp32 operands (no tf32); 16-bit products are exact in fp32.
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
+    scores = tl.where(pos_live[None, :], scores, float("-inf"))
+    # Every tile holds at least one live position, so m_new is finite.
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(scores - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit

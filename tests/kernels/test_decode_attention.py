@@ -160,6 +160,16 @@ def test_unpipelined_evict_first_loads_match_reference():
     run_and_check(3, 128, 8, 2, 64, [128, 0, 77], torch.float16, config=config)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_register_prefetch_matches_reference(dtype, splits):
+    """Tiles loaded one ahead into registers: several tiles per split, a partial last tile, a
+    row of one position, a dead row, group 7."""
+    config = da.DecodeConfig(block_n=16, num_splits=splits, num_warps=4, num_stages=1,
+                             merge_pdl=True, evict_first=True, prefetch=True)
+    run_and_check(4, 100, 14, 2, 64, [100, 0, 1, 57], dtype, config=config)
+
+
 @pytest.mark.parametrize("B,C,D,dtype,short", [
     (1, 8192, 128, torch.bfloat16, True),  # 512 splits of two 64-position tiles
     (8, 1024, 128, torch.bfloat16, True),
