@@ -56,6 +56,9 @@ SMALL_TILE_PROGRAMS_PER_SM = 4
 SHORT_SPLIT_TILES = 2  # splits of at most this many tiles load unpipelined (see decode_config)
 LONG_SLAB = 2048  # positions from which D = 128 slabs take 128 x 128 tiles (see decode_config)
 SHORT_SLAB = 1024  # positions up to which D = 64 slabs take 32-position tiles on one warp
+# Head dims per merge program: (1, 8192) merges 64 splits of 32 heads, and 64-dim blocks
+# spread that over 64 programs (H100: 22.3 against 22.6 us whole-head, bench/RESULTS.md).
+MERGE_BLOCK_D = 64
 # Longest-first launch sorts the lengths in every program: batches up to this size (on the
 # H100 sweep a 256-row sort cost more than it saved at B = 256, where the many waves of
 # programs balance already). The sort key packs a clamped length above 10 bits of row index,
@@ -208,13 +211,15 @@ def attention_launch_meta(config: DecodeConfig, num_q_heads: int, num_kv_heads: 
 
 
 def merge_launch_meta(config: DecodeConfig, head_dim: int) -> dict:
-    """Constexprs and launch options of the merge kernel (only launched when num_splits > 1)."""
+    """Constexprs and launch options of the merge kernel (only launched when num_splits > 1);
+    its grid is (B, H_q, D_PAD // BLOCK_D)."""
     # At least 16 split slots (masked): few distinct binaries to compile, at no cost that shows.
     d_pad = triton.next_power_of_2(head_dim)
     splits_pad = max(16, triton.next_power_of_2(config.num_splits))
-    # The whole [splits, D] fp32 block sits in registers: more warps for big ones.
-    num_warps = 4 if splits_pad * d_pad <= 64 * 128 else 8
-    return dict(HEAD_DIM=head_dim, D_PAD=d_pad, SPLITS_PAD=splits_pad,
+    block_d = min(d_pad, MERGE_BLOCK_D)
+    # The whole [splits, BLOCK_D] fp32 block sits in registers: more warps for big ones.
+    num_warps = 4 if splits_pad * block_d <= 64 * 128 else 8
+    return dict(HEAD_DIM=head_dim, SPLITS_PAD=splits_pad, BLOCK_D=block_d,
                 WAIT_FOR_PRIMARY=config.merge_pdl, num_warps=num_warps, num_stages=1)
 
 
@@ -279,9 +284,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                                 new_token=new_token is not None,
                                                 norm_hidden=0 if norm is None else norm.shape[1]))
     if splits > 1:
-        _merge_splits_kernel[(B, H_q)](
+        meta = merge_launch_meta(config, D)
+        _merge_splits_kernel[(B, H_q, triton.cdiv(D, meta["BLOCK_D"]))](
             partial_out, partial_lse, out, out.stride(0), out.stride(1), splits,
-            launch_pdl=config.merge_pdl, **merge_launch_meta(config, D))
+            launch_pdl=config.merge_pdl, **meta)
     return out
 
 
@@ -525,9 +531,10 @@ def _row_of_rank(seq_lens_ptr, rank, batch, capacity, ROWS_PAD: tl.constexpr):
 
 @triton.jit
 def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_ob, stride_oh,
-                         num_splits, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                         SPLITS_PAD: tl.constexpr, WAIT_FOR_PRIMARY: tl.constexpr):
-    """One (row b, query head) program: combine the splits' partial outputs by their weights.
+                         num_splits, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                         BLOCK_D: tl.constexpr, WAIT_FOR_PRIMARY: tl.constexpr):
+    """One (row b, query head, block of BLOCK_D dims) program: combine the splits' partial
+    outputs by their weights.
 
     partial_out: fp32 [B, H_q, S, D] (written for live splits only), partial_lse: fp32
     [B, H_q, S] (log2 units, -inf for a split without live positions), as written by
@@ -539,23 +546,25 @@ def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_ob, s
     head = tl.program_id(1)
     num_q_heads = tl.num_programs(1)
     offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, D_PAD)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     slot = (row.to(tl.int64) * num_q_heads + head) * num_splits + offs_s
     if WAIT_FOR_PRIMARY:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel waits for our writes too
         tl.extra.cuda.gdc_wait()
-    lse = tl.load(partial_lse_ptr + slot, mask=offs_s < num_splits, other=float("-inf"))
+    split_in = offs_s < num_splits
+    d_live = offs_d < HEAD_DIM
+    # Weights and partials load together (one round trip); the partials of empty splits
+    # (never written: they may hold anything, NaN included) are dropped by the where below.
+    lse = tl.load(partial_lse_ptr + slot, mask=split_in, other=float("-inf"))
+    parts = tl.load(partial_out_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=split_in[:, None] & d_live[None, :], other=0.0)
     split_live = lse > float("-inf")
     lse_max = tl.max(lse, axis=0)
     lse_max = tl.where(lse_max > float("-inf"), lse_max, 0.0)
     weight = tl.where(split_live, tl.math.exp2(lse - lse_max), 0.0)
-
-    d_live = offs_d < HEAD_DIM
-    # Unwritten partials of empty splits are never loaded (they may hold anything).
-    parts = tl.load(partial_out_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=split_live[:, None] & d_live[None, :], other=0.0)
     total = tl.sum(weight, axis=0)
-    merged = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    weighted = tl.where(split_live[:, None], parts, 0.0) * weight[:, None]
+    merged = tl.sum(weighted, axis=0) / tl.where(total > 0, total, 1.0)
     out_ptrs = out_ptr + row.to(tl.int64) * stride_ob + head * stride_oh + offs_d
     tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=d_live)
 

@@ -80,6 +80,19 @@ def test_one_row_many_splits_merges(dtype):
     run_and_check(1, 150, 4, 2, 64, [40], dtype, config=config)
 
 
+@pytest.mark.parametrize("D", [80, 256])
+def test_merge_drops_unwritten_partials_of_empty_splits(monkeypatch, D):
+    """The merge loads every split's partial output with its weight and drops the empty
+    splits' (never written) by their -inf weight: partial buffers poisoned with NaN, short
+    rows leaving most of 8 splits empty, a dead row, head dims over several merge blocks."""
+    alloc = da._alloc_partials
+    monkeypatch.setattr(da, "_alloc_partials",
+                        lambda *a: tuple(t.fill_(float("nan")) for t in alloc(*a)))
+    config = da.DecodeConfig(block_n=16, num_splits=8, num_warps=4, num_stages=2)
+    assert da.merge_launch_meta(config, D)["BLOCK_D"] < D
+    run_and_check(3, 150, 4, 2, D, [40, 0, 150], torch.float32, config=config)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_split_path_mixed_and_dead_rows(dtype):
     config = da.DecodeConfig(block_n=16, num_splits=4, num_warps=4, num_stages=2)
