@@ -29,18 +29,17 @@ SHAPES = [(16, False), (32, False), (64, False), (64, True), (128, False), (256,
 def candidates(default) -> dict:
     """decode_config's choice and the tile / pipeline alternatives around it."""
     replace = dataclasses.replace
-    piped = dict(num_stages=3, evict_first=False, prefetch=False)
-    ahead = dict(num_stages=1, evict_first=True, prefetch=True)
+    piped = dict(num_stages=3, evict_first=False)
     return {"default": default,
             "128-pos tiles, 2 warps, 2 stages": replace(default, block_n=128, num_warps=2,
-                                                        num_stages=2, evict_first=False,
-                                                        prefetch=False),
+                                                        num_stages=2, evict_first=False),
+            "128-pos, 4 warps, 2 stages": replace(default, block_n=128, num_warps=4,
+                                                  num_stages=2, evict_first=False),
+            "64-pos, 2 warps, 2 stages": replace(default, block_n=64, num_warps=2, num_stages=2,
+                                                 evict_first=False),
             "64-pos, 2 warps, 3 stages": replace(default, block_n=64, num_warps=2, **piped),
             "32-pos, 1 warp, 3 stages": replace(default, block_n=32, num_warps=1, **piped),
             "32-pos, 2 warps, 3 stages": replace(default, block_n=32, num_warps=2, **piped),
-            "32-pos, 1 warp, one tile ahead": replace(default, block_n=32, num_warps=1, **ahead),
-            "32-pos, 2 warps, one tile ahead": replace(default, block_n=32, num_warps=2, **ahead),
-            "64-pos, 4 warps, one tile ahead": replace(default, block_n=64, num_warps=4, **ahead),
             "two splits": replace(default, num_splits=2, merge_pdl=True)}
 
 

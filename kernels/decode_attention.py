@@ -55,7 +55,8 @@ MAX_SPLITS = 64
 SMALL_TILE_PROGRAMS_PER_SM = 4
 SHORT_SPLIT_TILES = 2  # splits of at most this many tiles load unpipelined (see decode_config)
 LONG_SLAB = 2048  # positions from which D = 128 slabs take 128 x 128 tiles (see decode_config)
-SHORT_SLAB = 1024  # positions up to which D = 64 slabs take 32-position tiles on one warp
+SHORT_SLAB = 1024  # positions up to which slabs may take 32-position tiles (see decode_config)
+SHORT_SLAB_MAX_PROGRAMS_PER_SM = 8  # ... at D = 128: with up to this many programs per SM
 # Head dims per merge program: (1, 8192) merges 64 splits of 32 heads, and 64-dim blocks
 # spread that over 64 programs (H100: 22.3 against 22.6 us whole-head, bench/RESULTS.md).
 MERGE_BLOCK_D = 64
@@ -81,9 +82,7 @@ class DecodeConfig:
     none, i.e. before Hopper, and in the interpreter);
     evict_first: load K and V with an L2 evict-first policy, so streaming them replaces each
     other rather than what the L2 held before (Triton drops the hint from pipelined copies:
-    it takes num_stages == 1);
-    prefetch: load each tile's K and V one tile ahead into registers (with num_stages == 1),
-    the overlap of a two-stage pipeline with the evict-first hint kept.
+    it takes num_stages == 1).
     """
 
     block_n: int
@@ -93,7 +92,6 @@ class DecodeConfig:
     longest_first: bool = False
     merge_pdl: bool = False
     evict_first: bool = False
-    prefetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,7 +160,16 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
     # fp32 caches (parity tests) keep launch order: with the sort their IEEE products spill.
     longest_first = (dtype != torch.float32 and 2 <= batch <= MAX_SORTED_ROWS
                      and capacity < MAX_SORTED_CAPACITY)
-    if (dtype != torch.float32 and d_pad == 128 and batch > 1
+    if (dtype != torch.float32 and d_pad == 128 and capacity <= SHORT_SLAB and num_splits == 1
+            and programs <= SHORT_SLAB_MAX_PROGRAMS_PER_SM * num_sms):
+        # Short rows, one program per (row, KV head), one or two waves: 32 x 128 tiles over two
+        # warps, three in flight. In the decode step (bench.attention_layers: 32 layers of the
+        # 8B heads, 531 live positions of 1024) they took B = 64 from 51.1 to 49.7 µs a layer
+        # (skewed 34.4 -> 32.4) and B = 128 from 100.0 to 96.4; at B = 256 they only tie, and
+        # the canonical (256, 1024) slab keeps the big tiles below.
+        block_n, num_warps, num_stages = 32, 2, 3
+        longest_first = False  # B <= 64 fits one wave; larger batches are not sorted
+    elif (dtype != torch.float32 and d_pad == 128 and batch > 1
             and (capacity >= LONG_SLAB or programs > SMALL_TILE_PROGRAMS_PER_SM * num_sms)):
         # 128 x 128 tiles over four warps: two programs per SM, so the slab runs in two or more
         # waves and longest-first order balances skewed rows across them. With 64 x 128 tiles
@@ -206,7 +213,6 @@ def attention_launch_meta(config: DecodeConfig, num_q_heads: int, num_kv_heads: 
                 ROWS_PAD=MAX_SORTED_ROWS if config.longest_first else 1,
                 LAUNCH_DEPENDENTS=config.merge_pdl and config.num_splits > 1, PDL=pdl,
                 KV_EVICTION="evict_first" if config.evict_first else "",
-                PREFETCH=config.prefetch,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -321,8 +327,7 @@ def _decode_split_kernel(
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NEW_TOKEN: tl.constexpr,
         SCALE_BY_RMS: tl.constexpr, NORM_BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, ROWS_PAD: tl.constexpr,
-        LAUNCH_DEPENDENTS: tl.constexpr, PDL: tl.constexpr, KV_EVICTION: tl.constexpr,
-        PREFETCH: tl.constexpr):
+        LAUNCH_DEPENDENTS: tl.constexpr, PDL: tl.constexpr, KV_EVICTION: tl.constexpr):
     """One (split, KV head, rank) program; the grid is (S, H_kv, B).
 
     q: [B, H_q, D]; k, v: [B, C, H_kv, D] (shared strides); seq_lens: int32 [B].
@@ -332,8 +337,6 @@ def _decode_split_kernel(
     PDL: launched as a programmatic dependent launch: wait for the previous kernel's writes
     before reading anything; with one split, first let the next kernel launch.
     KV_EVICTION: the L2 eviction policy of the K and V loads ("" or "evict_first").
-    PREFETCH: load tile i + 1 into registers before tile i's products (launch with
-    num_stages = 1: Triton's own pipeline would stage them through shared memory instead).
     SINGLE_SPLIT: write softmax(qK)V to out [B, H_q, D] (q's dtype).
     Otherwise: write the split's normalised output to partial_out fp32 [B, H_q, S, D] and its
     log2-sum-exp2 (scores in log2 units) to partial_lse fp32 [B, H_q, S]; a split with no
@@ -396,30 +399,23 @@ def _decode_split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
-    if PREFETCH:
-        # Double-buffered in registers: the next tile's loads are issued before this tile's
-        # products, so they overlap without a pipelined copy (which would drop KV_EVICTION).
-        k = _load_kv_tile(k_tile_ptrs, start, end, stride_kn, offs_n, d_live, KV_EVICTION)
-        v = _load_kv_tile(v_tile_ptrs, start, end, stride_kn, offs_n, d_live, KV_EVICTION)
-        for tile_start in range(start, end, BLOCK_N):
-            next_start = tile_start + BLOCK_N
-            k_next = _load_kv_tile(k_tile_ptrs, next_start, end, stride_kn, offs_n, d_live,
-                                   KV_EVICTION)
-            v_next = _load_kv_tile(v_tile_ptrs, next_start, end, stride_kn, offs_n, d_live,
-                                   KV_EVICTION)
-            p, alpha, m_i, l_i = _softmax_step(q, k, (tile_start + offs_n) < end, m_i, l_i,
-                                               qk_scale_log2)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            k, v = k_next, v_next
-    else:
-        for tile_start in range(start, end, BLOCK_N):
-            k = _load_kv_tile(k_tile_ptrs, tile_start, end, stride_kn, offs_n, d_live,
-                              KV_EVICTION)
-            p, alpha, m_i, l_i = _softmax_step(q, k, (tile_start + offs_n) < end, m_i, l_i,
-                                               qk_scale_log2)
-            v = _load_kv_tile(v_tile_ptrs, tile_start, end, stride_kn, offs_n, d_live,
-                              KV_EVICTION)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    for tile_start in range(start, end, BLOCK_N):
+        pos_live = (tile_start + offs_n) < end
+        kv_mask = pos_live[:, None] & d_live[None, :]
+        k = tl.load(k_tile_ptrs + tile_start * stride_kn, mask=kv_mask, other=0.0,
+                    eviction_policy=KV_EVICTION)
+        # "ieee" only matters for fp32 operands (no tf32); 16-bit products are exact in fp32.
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
+        scores = tl.where(pos_live[None, :], scores, float("-inf"))
+        # Every tile holds at least one live position, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_tile_ptrs + tile_start * stride_kn, mask=kv_mask, other=0.0,
+                    eviction_policy=KV_EVICTION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
 
     if LAUNCH_DEPENDENTS:
         # Once every program is past its loop the merge's programs may take free slots (they
@@ -438,32 +434,6 @@ def _decode_split_kernel(
         tl.store(partial_out_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], out_tile,
                  mask=store_mask & split_live)
         tl.store(partial_lse_ptr + slot, m_i + tl.math.log2(l_safe), mask=head_live)
-
-
-@triton.jit
-def _load_kv_tile(tile_ptrs, tile_start, end, stride_kn, offs_n, d_live,
-                  KV_EVICTION: tl.constexpr):
-    """The K or V tile [BLOCK_N, D_PAD] at ``tile_start`` in the cache dtype; positions at or
-    past ``end`` read as zeros without touching memory."""
-    mask = ((tile_start + offs_n) < end)[:, None] & d_live[None, :]
-    return tl.load(tile_ptrs + tile_start * stride_kn, mask=mask, other=0.0,
-                   eviction_policy=KV_EVICTION)
-
-
-@triton.jit
-def _softmax_step(q, k, pos_live, m_i, l_i, qk_scale_log2):
-    """The online-softmax update for one tile: q [G, D] and k [N, D] in the cache dtype,
-    pos_live [N] (at least one true), running max m_i and sum l_i fp32 [G]. Returns the
-    tile's probabilities p fp32 [G, N], the rescale alpha [G] for the accumulator, and the
-    new m_i and l_i."""
-    # "ieee" only matters for fp32 operands (no tf32); 16-bit products are exact in fp32.
-    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
-    scores = tl.where(pos_live[None, :], scores, float("-inf"))
-    # Every tile holds at least one live position, so m_new is finite.
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(scores - m_new[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
