@@ -56,9 +56,9 @@ SMALL_TILE_PROGRAMS_PER_SM = 4
 SHORT_SPLIT_TILES = 2  # splits of at most this many tiles load unpipelined (see decode_config)
 LONG_SLAB = 2048  # positions from which D = 128 slabs take 128 x 128 tiles (see decode_config)
 SHORT_SLAB = 1024  # positions up to which slabs may take 32-position tiles (see decode_config)
-SHORT_SLAB_MAX_PROGRAMS_PER_SM = 8  # ... at D = 128: with up to this many programs per SM
+SHORT_SLAB_MAX_PROGRAMS_PER_SM = 8  # D = 128 short slabs take them up to this many per SM
 # Head dims per merge program: (1, 8192) merges 64 splits of 32 heads, and 64-dim blocks
-# spread that over 64 programs (H100: 22.3 against 22.6 us whole-head, bench/RESULTS.md).
+# spread that over 64 programs (H100: 22.3 against 22.6 µs whole-head, bench/RESULTS.md).
 MERGE_BLOCK_D = 64
 # Longest-first launch sorts the lengths in every program: batches up to this size (on the
 # H100 sweep a 256-row sort cost more than it saved at B = 256, where the many waves of
@@ -218,7 +218,7 @@ def attention_launch_meta(config: DecodeConfig, num_q_heads: int, num_kv_heads: 
 
 def merge_launch_meta(config: DecodeConfig, head_dim: int) -> dict:
     """Constexprs and launch options of the merge kernel (only launched when num_splits > 1);
-    its grid is (B, H_q, D_PAD // BLOCK_D)."""
+    its grid is (B, H_q, cdiv(D, BLOCK_D))."""
     # At least 16 split slots (masked): few distinct binaries to compile, at no cost that shows.
     d_pad = triton.next_power_of_2(head_dim)
     splits_pad = max(16, triton.next_power_of_2(config.num_splits))
