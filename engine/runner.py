@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.blas import decode_blas
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVArena, KVSlab
 from engine.sampling import filter_kwargs, sample
@@ -254,7 +255,8 @@ class BatchRunner:
 
     def _step(self, buf: _StepBuffers, slab: KVSlab, kind: tuple) -> None:
         """One decode step, all on the device: feed, sample, advance live positions."""
-        logits = self.model.decode(buf.tokens, buf.positions, slab)
+        with decode_blas(buf.tokens.device):
+            logits = self.model.decode(buf.tokens, buf.positions, slab)
         # The sampled token goes to the next slot, which is also its RNG position.
         rng_positions = buf.positions.long() + 1 if kind[0] == SAMPLE else None
         tokens, logprobs = self._pick(logits, kind, buf.temperature, buf.top_k, buf.top_p,
