@@ -53,9 +53,6 @@ from kernels.device import has_pdl
 # lost by 17-34% with 128-row tiles on two warpgroups (also with 64 features per program and
 # split K) and with two 64-row tiles (bench/RESULTS.md).
 GEMM_MIN_ROWS, GEMM_MAX_ROWS = 17, 64
-# Up to this many rows the gate/up product with its SwiGLU epilogue still beats cuBLAS plus the
-# SiLU-and-mul kernel, on 128-row tiles over two warpgroups (kernels.linear.mlp_residual).
-SWIGLU_MAX_ROWS = 128
 PREFETCH_COLUMNS = 256  # weight columns per program prefetched into L2 before the wait
 # A program per BLOCK_N features: the largest tile that still gives this many programs.
 MIN_PROGRAMS = 96
@@ -89,7 +86,7 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
                 pdl: bool = False) -> GemmConfig:
     """The launch shape for [M, K] x [N, K]^T in ``dtype``; a pure function.
 
-    16-bit: every row in one M tile (16, 64, or 128 over eight warps); BLOCK_N the largest of 128/64/32/16 that
+    16-bit: every row in one M tile (16 or 64); BLOCK_N the largest of 128/64/32/16 that
     leaves >= MIN_PROGRAMS programs (the 1B products: QKV 32, output 16, gate/up 128, down 16;
     the 8B ones: 64, 32, 128, 32 — each the fastest alone of a 16-config sweep on the H100);
     BLOCK_K-column K tiles over as many stages as fit SHARED_BYTES (at most MAX_STAGES, 4
@@ -99,11 +96,11 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
     """
     if m < 1 or n < 1 or k < 1:
         raise ValueError(f"gemm_config: sizes must be positive, got M={m} N={n} K={k}")
-    if m > SWIGLU_MAX_ROWS:
-        raise ValueError(f"gemm_config: at most {SWIGLU_MAX_ROWS} rows, got {m}")
+    if m > GEMM_MAX_ROWS:
+        raise ValueError(f"gemm_config: at most {GEMM_MAX_ROWS} rows, got {m}")
     if dtype not in _DTYPES:
         raise ValueError(f"gemm_config: dtype must be fp16/bf16/fp32, got {dtype}")
-    block_m = 16 if m <= 16 else 64 if m <= 64 else 128
+    block_m = 16 if m <= 16 else 64
     if dtype == torch.float32:
         return GemmConfig(block_m, 32, 32, 4, 1, pdl)  # no prefetch: parity runs only
     block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) >= MIN_PROGRAMS), 16)
@@ -114,8 +111,7 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
     num_stages = max(1, min(max_stages, SHARED_BYTES // stage_bytes))
     # 16-bit weights only (lines of 64 elements).
     prefetch_k = PREFETCH_COLUMNS if pdl else 0
-    return GemmConfig(block_m, block_n, block_k, 8 if block_m == 128 else 4, num_stages, pdl,
-                      prefetch_k)
+    return GemmConfig(block_m, block_n, block_k, 4, num_stages, pdl, prefetch_k)
 
 
 def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias: bool,
@@ -138,7 +134,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
     """out = [out +] prologue(x) @ weight.T [+ bias], or silu(gate) * up of that product with
     ``swiglu``; returns out.
 
-    x: [M, K], last dim contiguous, M <= SWIGLU_MAX_ROWS; weight: [N, K] contiguous (with
+    x: [M, K], last dim contiguous, M <= GEMM_MAX_ROWS; weight: [N, K] contiguous (with
     ``swiglu``: the gate rows then the up rows, N = 2I); bias: [N] contiguous or None;
     NORM: A = RMSNorm(x) with ``eps`` and no weight; out: [M, N] ([M, I] with ``swiglu``)
     with a contiguous last dim, the residual when ``add_residual``; all x's dtype (fp16 / bf16

@@ -57,7 +57,7 @@ import triton.language as tl
 
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import NewToken, decode_attention
-from kernels.gemm import GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, SWIGLU_MAX_ROWS, skinny_gemm
+from kernels.gemm import GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, skinny_gemm
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import _check as _check_rope
 from kernels.rope_kv_write import rope_kv_write
@@ -65,10 +65,6 @@ from kernels.rope_kv_write import rope_kv_write
 # BINDECODE_ROPE_IN_ATTENTION=0 keeps RoPE and the slab write in their own kernel on every decode
 # step (to measure what moving them into the attention kernel gives); read once.
 ROPE_IN_ATTENTION = os.environ.get("BINDECODE_ROPE_IN_ATTENTION") != "0"
-
-# BINDECODE_WIDE_SWIGLU=0 sends the gate/up product of GEMM_MAX_ROWS + 1 to SWIGLU_MAX_ROWS
-# rows back to cuBLAS plus the SiLU-and-mul kernel (for side-by-side runs); read once.
-WIDE_SWIGLU = os.environ.get("BINDECODE_WIDE_SWIGLU") != "0"
 
 GEMV_MAX_ROWS = 1  # rows the GEMV kernel takes (measured: it wins at 1)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -300,9 +296,8 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
     One row: two GEMV launches (norm on load; SiLU-and-mul on load, residual add on store).
     GEMM_MIN_ROWS to GEMM_MAX_ROWS rows: two ``kernels.gemm`` launches (norm and SiLU-and-mul
     fused into the gate/up product, the residual add into the down product).
-    Up to SWIGLU_MAX_ROWS rows with a folded norm weight: the gate/up launch as above (128-row
-    tiles), then cuBLAS accumulating into the residual. More rows: cuBLAS on the raw rows, our
-    SiLU-and-mul kernel with the deferred 1 / rms, cuBLAS accumulating — three launches.
+    More rows with a folded norm weight: cuBLAS on the raw rows, our SiLU-and-mul kernel with
+    the deferred 1 / rms, cuBLAS accumulating into the residual — three launches.
     """
     _check(residual, gate_up_weight, residual.shape[-1] if residual.dim() == 2 else -1,
            "mlp_residual")
@@ -326,13 +321,8 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
         gate_up = norm_linear(residual, norm_weight, eps, gate_up_weight)
         return gated_linear_residual(gate_up, down_weight, residual)
     _check(residual, down_weight, down_weight.shape[1], "mlp_residual")  # dtype, contiguity
-    if WIDE_SWIGLU and M <= SWIGLU_MAX_ROWS and residual.dtype != torch.float32:
-        act = residual.new_empty(M, down_weight.shape[1])
-        skinny_gemm(residual, gate_up_weight, act, NORM, eps=eps, swiglu=True)
-    else:
-        gate_up = torch.mm(residual, gate_up_weight.t())  # unnormalised: the 1 / rms comes next
-        act = silu_and_mul(gate_up, norm_input=residual, eps=eps)
-    return residual.addmm_(act, down_weight.t())
+    gate_up = torch.mm(residual, gate_up_weight.t())  # unnormalised: the 1 / rms comes next
+    return residual.addmm_(silu_and_mul(gate_up, norm_input=residual, eps=eps), down_weight.t())
 
 
 def _takes_skinny_gemm(m: int) -> bool:

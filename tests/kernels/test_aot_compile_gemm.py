@@ -47,12 +47,6 @@ def distinct_launches() -> list[dict]:
                                                  swiglu)
                     launch = {"dtype": dtype_name, "meta": meta}
                     launches[json.dumps(launch, sort_keys=True)] = launch
-        # 65-128 rows in bf16 (a folded norm): the gate/up launch alone, on 128-row tiles.
-        config = gemm.gemm_config(gemm.SWIGLU_MAX_ROWS, 2 * inter, hidden, torch.bfloat16,
-                                  gemm.NORM, pdl=True)
-        meta = gemm.gemm_launch_meta(config, inter, hidden, gemm.NORM, False, False, True)
-        launch = {"dtype": "bf16", "meta": meta}
-        launches[json.dumps(launch, sort_keys=True)] = launch
     return list(launches.values())
 
 

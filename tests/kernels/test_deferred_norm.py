@@ -167,7 +167,7 @@ def test_mlp_residual_refuses_mismatched_weights():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 64, 128, 256])
+@pytest.mark.parametrize("M", [1, 64, 256])
 @pytest.mark.parametrize("hidden,inter,D", [(2048, 8192, 64), (4096, 14336, 128)])
 def test_gpu_bf16_decode_layer_ops_with_folded_norms(M, hidden, inter, D):
     """The compiled kernels on the Llama-3.2-1B / 3.1-8B shapes in bf16 at the engine's batch

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kernels import gemm, linear, reference
-from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, SWIGLU_MAX_ROWS, GemmConfig,
-                          gemm_config, skinny_gemm)
+from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, GemmConfig, gemm_config,
+                          skinny_gemm)
 from tests.kernels.numerics import assert_margins_untouched, poisoned_view, rel_l2, weights
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -111,49 +111,9 @@ def test_config_matches_the_measured_tiles(m, n, k, block_n):
     assert gemm_config(m, n, k, torch.bfloat16) == config  # a pure function
 
 
-def test_wide_rows_take_128_row_tiles_over_two_warpgroups():
-    c = gemm_config(SWIGLU_MAX_ROWS, 16384, 2048, torch.bfloat16, NORM, pdl=True)
-    assert (c.block_m, c.num_warps, c.block_n) == (128, 8, 128)
-    assert 2 <= c.num_stages <= 4 and (128 + 128) * c.block_k * 2 * c.num_stages <= gemm.SHARED_BYTES
-    assert gemm_config(GEMM_MAX_ROWS, 16384, 2048, torch.bfloat16).block_m == 64
-
-
-def test_mlp_residual_routes_65_to_128_rows_gate_up_to_the_kernel(monkeypatch):
-    """bf16 with a folded norm: 65-128 rows run gate/up with the NORM prologue and SwiGLU here,
-    then cuBLAS for down; more rows (and fp32) keep cuBLAS plus the SiLU-and-mul kernel."""
-    calls = []
-
-    def record(x, weight, out, prologue=PLAIN, **kw):
-        calls.append((x.shape[0], prologue, kw.get("swiglu", False)))
-        return out.zero_()
-
-    monkeypatch.setattr(linear, "skinny_gemm", record)
-    for m, dtype in ((GEMM_MAX_ROWS + 1, torch.bfloat16), (SWIGLU_MAX_ROWS, torch.bfloat16),
-                     (SWIGLU_MAX_ROWS + 1, torch.bfloat16), (SWIGLU_MAX_ROWS, torch.float32)):
-        residual = torch.randn(m, 32).to(dtype)
-        linear.mlp_residual(residual, None, EPS, weights(48, 32, dtype), weights(32, 24, dtype))
-    assert calls == [(GEMM_MAX_ROWS + 1, NORM, True), (SWIGLU_MAX_ROWS, NORM, True)]
-
-
-@pytest.mark.parametrize("prologue", [PLAIN, NORM])
-def test_swiglu_on_128_row_tiles_matches_reference(prologue):
-    """The wide gate/up launch's tile (128 rows, eight warps) through the interpreter: 80 rows,
-    one partial M tile, I and K that do not divide the tile."""
-    M, I, K = 80, 40, 100
-    x = torch.randn(M, K, dtype=torch.float16) * 3
-    w = weights(2 * I, K, torch.float16)
-    buffer, out = poisoned_view(M, I, torch.float16)
-    skinny_gemm(x, w, out, prologue, eps=EPS, swiglu=True,
-                config=GemmConfig(block_m=128, block_n=32, block_k=32, num_warps=8, num_stages=2))
-    gate_up = (reference.norm_linear(x.float(), None, EPS, w.float()) if prologue == NORM
-               else x.float() @ w.float().t())
-    assert rel_l2(out, reference.silu_and_mul(gate_up)) < TOLERANCE[torch.float16]
-    assert_margins_untouched(buffer, I)
-
-
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="at most"):
-        gemm_config(SWIGLU_MAX_ROWS + 1, 64, 64, torch.bfloat16)
+        gemm_config(GEMM_MAX_ROWS + 1, 64, 64, torch.bfloat16)
     with pytest.raises(ValueError, match="positive"):
         gemm_config(0, 64, 64, torch.bfloat16)
     with pytest.raises(ValueError, match="dtype"):
