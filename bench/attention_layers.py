@@ -31,8 +31,8 @@ def candidates(default) -> dict:
     replace = dataclasses.replace
     piped = dict(num_stages=3, evict_first=False)
     return {"default": default,
-            "128-pos tiles, 2 warps, 2 stages": replace(default, block_n=128, num_warps=2,
-                                                        num_stages=2, evict_first=False),
+            "128-pos, 2 warps, 2 stages": replace(default, block_n=128, num_warps=2,
+                                                  num_stages=2, evict_first=False),
             "128-pos, 4 warps, 2 stages": replace(default, block_n=128, num_warps=4,
                                                   num_stages=2, evict_first=False),
             "64-pos, 2 warps, 2 stages": replace(default, block_n=64, num_warps=2, num_stages=2,
