@@ -186,7 +186,7 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
     ``rope_kv_write`` — which also applies the 1 / rms when the norm is deferred (see the
     module docstring).
     """
-    _check_qkv_weight(weight, num_q_heads, num_kv_heads, k_cache)
+    _check_qkv_weight("qkv_rope_write", weight, num_q_heads, num_kv_heads, k_cache)
     if not _qkv_gemv_fuses_rope(x, weight, k_cache, v_cache):
         q, k, v, norm_input = _project_qkv(x, norm_weight, eps, weight, bias, num_q_heads,
                                            num_kv_heads, k_cache.shape[-1])
@@ -227,9 +227,8 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
     Arguments as ``qkv_rope_write``'s (token t in slab row t, T = the slab's B), plus seq_lens:
     int32 [T] = positions + 1, which the caller computes once per step for all layers (here it
     would be one more kernel per layer). One row keeps the GEMV kernel with RoPE and the slab
-    write in its epilogue. Below ``GEMM_MIN_ROWS`` rows,
-    where cuBLAS runs the projection, RoPE and the write move into the attention kernel
-    (``NewToken``), which saves that kernel's launch: on the H100, B = 8 decode steps 0.9% (1B)
+    write in its epilogue. Below ``GEMM_MIN_ROWS`` rows, where cuBLAS runs the projection, RoPE
+    and the write move into the attention kernel (``NewToken``), which saves that kernel's launch: on the H100, B = 8 decode steps 0.9% (1B)
     and 2.3% (8B) shorter. From ``GEMM_MIN_ROWS`` rows it is not a clear gain — the rotation, the
     write and the deferred 1 / rms (a load of the row) delay every attention program's first
     tile — and those keep ``qkv_rope_write``: measured side by side, B = 64 steps as fast either
@@ -241,7 +240,7 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
         q = qkv_rope_write(x, norm_weight, eps, weight, bias, num_q_heads, num_kv_heads,
                            k_cache, v_cache, positions, cos, sin)
         return decode_attention(q, k_cache, v_cache, seq_lens)
-    _check_qkv_weight(weight, num_q_heads, num_kv_heads, k_cache)
+    _check_qkv_weight("qkv_decode_attention", weight, num_q_heads, num_kv_heads, k_cache)
     q, k, v, norm_input = _project_qkv(x, norm_weight, eps, weight, bias, num_q_heads,
                                        num_kv_heads, k_cache.shape[-1])
     _check_rope(q, k, v, k_cache, v_cache, positions, cos, sin, None)
@@ -249,11 +248,11 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
                             new_token=NewToken(k, v, cos, sin, norm_input, eps))
 
 
-def _check_qkv_weight(weight, num_q_heads, num_kv_heads, k_cache) -> None:
+def _check_qkv_weight(op: str, weight, num_q_heads, num_kv_heads, k_cache) -> None:
     head_dim = k_cache.shape[-1]
     if (weight.dim() != 2 or k_cache.dim() != 4
             or weight.shape[0] != (num_q_heads + 2 * num_kv_heads) * head_dim):
-        raise ValueError(f"qkv_rope_write: weight {tuple(weight.shape)} does not hold "
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} does not hold "
                          f"{num_q_heads} + 2 x {num_kv_heads} heads of the cache's size "
                          f"{head_dim} (k_cache {tuple(k_cache.shape)})")
 
