@@ -357,9 +357,13 @@ def run(config: EngineBenchConfig, progress: bool = True) -> dict:
         if match:
             row["ours_over_hf_generate"] = match[0]["generate_tok_s"] / row["generate_tok_s"]
             row["ours_over_hf_decode"] = match[0]["decode_tok_s"] / row["decode_tok_s"]
+    from engine.blas import DECODE_BLAS
+    from kernels.cublaslt import choices_made
+
     return {"config": asdict(config),
             "ceilings": asdict(ceilings) if ceilings is not None else None,
-            "ours": ours, "transformers": baseline}
+            "ours": ours, "transformers": baseline,
+            "decode_blas": DECODE_BLAS, "product_choices": choices_made()}
 
 
 def format_table(payload: dict) -> str:

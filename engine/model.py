@@ -32,6 +32,7 @@ from engine import dummy, weights
 from engine.backend import get_ops
 from engine.kv_cache import KVSlab
 from engine.model_config import ModelConfig, ModelLoadError, load_model_config
+from kernels import cublaslt
 from kernels.rope_table import rope_cos_sin
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -178,7 +179,7 @@ class CausalLM(nn.Module):
         """fp32 logits [T, V] of normalised x [T, hidden]."""
         if x.is_cuda and x.dtype != torch.float32:
             # cuBLAS writes fp32 from its fp32 accumulator: no 16-bit logits, no conversion pass.
-            return torch.mm(x, self.lm_head.t(), out_dtype=torch.float32)
+            return cublaslt.mm(x, self.lm_head, out_dtype=torch.float32)
         return F.linear(x, self.lm_head).float()
 
     def _layers(self, input_ids: torch.Tensor, attention) -> torch.Tensor:

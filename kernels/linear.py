@@ -31,8 +31,9 @@ Three regimes by the number of rows M:
   product's start with the previous kernel's end: the MLP is two launches (gate/up with RMSNorm
   and SiLU-and-mul fused, then down with the residual add); a folded QKV norm is deferred to the
   RoPE kernel as below.
-- Other M goes to cuBLAS, which is the better GEMM there, with the residual add as the GEMM's
-  own accumulate (``addmm_``, beta = 1), which costs no extra kernel or pass. The RMSNorm
+- Other M goes to cuBLAS (``kernels.cublaslt.mm``: in a decode step, the fastest of cuBLASLt's
+  algorithms for the shape), which is the better GEMM there, with the residual add as the
+  GEMM's own accumulate (beta = 1), which costs no extra kernel or pass. The RMSNorm
   before it is deferred when its weight is folded: cuBLAS multiplies the raw rows x, and the
   kernel that reads the product next — RoPE + K/V write after QKV, SiLU-and-mul after gate/up
   — scales each row by 1 / rms(x) (a per-row scalar commutes with the product). That removes
@@ -55,6 +56,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import cublaslt
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import NewToken, decode_attention
 from kernels.gemm import GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, skinny_gemm
@@ -148,7 +150,7 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     if _takes_skinny_gemm(x.shape[0]):
         return skinny_gemm(x, weight, residual, PLAIN, add_residual=True)
     if x.shape[0] > GEMV_MAX_ROWS:
-        return residual.addmm_(x, weight.t())
+        return cublaslt.mm(x, weight, residual, accumulate=True)
     return _gemv(x, weight, residual, prologue=PLAIN, residual=residual)
 
 
@@ -165,7 +167,7 @@ def gated_linear_residual(gate_up: torch.Tensor, weight: torch.Tensor,
     if _takes_skinny_gemm(gate_up.shape[0]):
         return skinny_gemm(silu_and_mul(gate_up), weight, residual, PLAIN, add_residual=True)
     if gate_up.shape[0] > GEMV_MAX_ROWS:
-        return residual.addmm_(silu_and_mul(gate_up), weight.t())
+        return cublaslt.mm(silu_and_mul(gate_up), weight, residual, accumulate=True)
     return _gemv(gate_up, weight, residual, prologue=GATED, residual=residual)
 
 
@@ -273,7 +275,7 @@ def _project_qkv(x, norm_weight, eps, weight, bias, num_q_heads, num_kv_heads, h
     if _defers_norm(x, norm_weight, bias):
         _check(x, weight, weight.shape[1], "qkv_rope_write")
         qkv = (skinny_gemm(x, weight, x.new_empty(T, weight.shape[0]), PLAIN)
-               if _takes_skinny_gemm(T) else torch.mm(x, weight.t()))
+               if _takes_skinny_gemm(T) else cublaslt.mm(x, weight))
         norm_input = x
     else:
         qkv = norm_linear(x, norm_weight, eps, weight, bias)
@@ -320,8 +322,9 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
         gate_up = norm_linear(residual, norm_weight, eps, gate_up_weight)
         return gated_linear_residual(gate_up, down_weight, residual)
     _check(residual, down_weight, down_weight.shape[1], "mlp_residual")  # dtype, contiguity
-    gate_up = torch.mm(residual, gate_up_weight.t())  # unnormalised: the 1 / rms comes next
-    return residual.addmm_(silu_and_mul(gate_up, norm_input=residual, eps=eps), down_weight.t())
+    gate_up = cublaslt.mm(residual, gate_up_weight)  # unnormalised: the 1 / rms comes next
+    return cublaslt.mm(silu_and_mul(gate_up, norm_input=residual, eps=eps), down_weight, residual,
+                       accumulate=True)
 
 
 def _takes_skinny_gemm(m: int) -> bool:

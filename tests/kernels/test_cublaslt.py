@@ -1,0 +1,122 @@
+"""``kernels.cublaslt``: PyTorch's product off the tuned path; on the GPU every cuBLASLt candidate
+and the tuned choice against an fp32 reference, in and out of CUDA graphs."""
+
+import math
+
+import pytest
+import torch
+
+from kernels import cublaslt
+
+
+def reference(x, weight, base=None):
+    product = x.double() @ weight.double().t()
+    return product if base is None else base.double() + product
+
+
+def rel_err(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_mm_off_the_gpu_is_torch(tuned):
+    x, weight, base = torch.randn(5, 24), torch.randn(7, 24), torch.randn(5, 7)
+    with cublaslt.tuned_products(tuned):
+        out = cublaslt.mm(x, weight)
+        acc = base.clone()
+        returned = cublaslt.mm(x, weight, acc, accumulate=True)
+    assert returned is acc
+    torch.testing.assert_close(out, x @ weight.t())
+    torch.testing.assert_close(acc, base + x @ weight.t())
+    assert not cublaslt._choices
+
+
+def test_accumulate_needs_out():
+    with pytest.raises(ValueError, match="accumulate needs out"):
+        cublaslt.mm(torch.randn(2, 8), torch.randn(3, 8), accumulate=True)
+
+
+def test_tuned_products_restores_the_switch_after_an_error():
+    with pytest.raises(RuntimeError, match="boom"):
+        with cublaslt.tuned_products():
+            assert cublaslt._tuning
+            raise RuntimeError("boom")
+    assert not cublaslt._tuning
+
+
+# (M, N, K): decode-step-like shapes, with odd row counts and a K tail that is not a tile.
+GPU_SHAPES = [(1, 256, 512), (7, 384, 1000), (64, 1024, 512), (128, 768, 2048), (200, 512, 328)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("accumulate", [False, True], ids=["store", "accumulate"])
+@pytest.mark.parametrize("M,N,K", GPU_SHAPES)
+def test_every_candidate_matches_the_reference(M, N, K, accumulate):
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    weight = torch.randn(N, K, dtype=torch.bfloat16, device="cuda") / math.sqrt(K)
+    base = torch.randn(M, N, dtype=torch.bfloat16, device="cuda")
+    shape = cublaslt.ProductShape(M, N, K, x.dtype, x.dtype, K, K, N, accumulate)
+    plan = cublaslt.LtPlan(shape)
+    assert plan.candidates
+    want = reference(x, weight, base if accumulate else None)
+    for index in range(len(plan.candidates)):
+        out = base.clone() if accumulate else torch.full_like(base, float("nan"))
+        plan.run(index, x, weight, out)
+        torch.cuda.synchronize()
+        assert not out.isnan().any(), plan.describe(index)
+        assert rel_err(out, want) < 1e-2, plan.describe(index)
+
+
+@pytest.mark.gpu
+def test_fp32_output_candidates():
+    """The LM head's product: bf16 operands, fp32 logits."""
+    M, N, K = 16, 4000, 256
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    weight = torch.randn(N, K, dtype=torch.bfloat16, device="cuda")
+    plan = cublaslt.LtPlan(cublaslt.ProductShape(M, N, K, x.dtype, torch.float32, K, K, N, False))
+    want = reference(x, weight)
+    for index in range(len(plan.candidates)):
+        out = torch.full((M, N), float("nan"), dtype=torch.float32, device="cuda")
+        plan.run(index, x, weight, out)
+        assert rel_err(out, want) < 1e-5, plan.describe(index)
+
+
+@pytest.mark.gpu
+def test_tuned_mm_chooses_once_and_replays_in_a_graph():
+    M, N, K = 96, 1536, 1024
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    weight = torch.randn(N, K, dtype=torch.bfloat16, device="cuda") / math.sqrt(K)
+    residual = torch.randn(M, N, dtype=torch.bfloat16, device="cuda")
+    start = residual.clone()
+    shape = cublaslt.ProductShape(M, N, K, x.dtype, x.dtype, K, K, N, True)
+    cublaslt._choices.pop((x.device, shape), None)
+    with cublaslt.tuned_products():
+        cublaslt.mm(x, weight, residual, accumulate=True)  # times the candidates, then runs
+    choice = cublaslt.chosen(x.device, shape)
+    assert choice is not None and choice.torch_us > 0 and choice.chosen_us <= choice.torch_us
+    assert rel_err(residual, reference(x, weight, start)) < 1e-2
+
+    residual.copy_(start)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), cublaslt.tuned_products():
+        cublaslt.mm(x, weight, residual, accumulate=True)
+    assert cublaslt.chosen(x.device, shape) is choice
+    for _ in range(2):
+        graph.replay()
+    want = start.double() + 2 * (x.double() @ weight.double().t())  # two replays, two adds
+    assert rel_err(residual, want) < 1e-2
+
+
+@pytest.mark.gpu
+def test_unaligned_operands_take_torch():
+    M, N, K = 32, 512, 264
+    storage = torch.randn(M * K + 8, dtype=torch.bfloat16, device="cuda")
+    x = storage[8:].view(M, K)  # 16 bytes past an allocation: not ALIGNMENT-aligned
+    weight = torch.randn(N, K, dtype=torch.bfloat16, device="cuda")
+    assert cublaslt._lt_shape(x, weight, torch.empty(M, N, dtype=x.dtype, device="cuda"),
+                              False) is None
+    before = len(cublaslt._choices)
+    with cublaslt.tuned_products():
+        out = cublaslt.mm(x, weight)
+    assert len(cublaslt._choices) == before
+    assert rel_err(out, reference(x, weight)) < 1e-2
