@@ -4,7 +4,7 @@
 
 PyTorch runs a 16-bit product on the first algorithm of cuBLASLt's heuristic. cuBLASLt offers a
 few more for the same call (other tiles, other kernel orders) and, for some decode shapes, one
-of them is faster: on the H100 the LM head by 5-6% at every batch size, the 8B down projection
+of them is faster: on the H100 the LM head by 2-5% at every batch size, the 8B down projection
 at 256 rows by 6% (bench/RESULTS.md). Inside ``tuned_products()`` the first product of each
 shape times PyTorch's own call against every candidate (L2 flushed before each call, the real
 weight, scratch activations) and keeps the fastest; later products of that shape, and the
@@ -292,7 +292,7 @@ def _choose(shape: ProductShape, x, weight, out) -> Choice:
     MIN_GAIN faster)."""
     try:
         plan = LtPlan(shape)
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:  # no libcublasLt found, or it refused the shape
         log.warning("product M=%d N=%d K=%d: %s; PyTorch's call runs it", shape.m, shape.n,
                     shape.k, exc)
         return Choice(None, -1, float("nan"), float("nan"))
