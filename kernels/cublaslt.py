@@ -242,11 +242,11 @@ def mm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, *
     a contiguous last dim (required with ``accumulate``), in ``out_dtype`` (default x's dtype;
     fp32 gives logits straight from the fp32 accumulator).
     """
-    out_dtype = out_dtype or (out.dtype if out is not None else x.dtype)
     if out is None:
         if accumulate:
             raise ValueError("mm: accumulate needs out")
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype, device=x.device)
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype,
+                          device=x.device)
     shape = _lt_shape(x, weight, out, accumulate) if _tuning else None
     if shape is None:
         return _torch_mm(x, weight, out, accumulate)
