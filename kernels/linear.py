@@ -190,8 +190,8 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
     """
     _check_qkv_weight("qkv_rope_write", weight, num_q_heads, num_kv_heads, k_cache)
     if not _qkv_gemv_fuses_rope(x, weight, k_cache, v_cache):
-        q, k, v, norm_input = _project_qkv(x, norm_weight, eps, weight, bias, num_q_heads,
-                                           num_kv_heads, k_cache.shape[-1])
+        q, k, v, norm_input = _project_qkv("qkv_rope_write", x, norm_weight, eps, weight, bias,
+                                           num_q_heads, num_kv_heads, k_cache.shape[-1])
         rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin, norm_input=norm_input,
                       eps=eps)
         return q
@@ -230,8 +230,8 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
     int32 [T] = positions + 1, which the caller computes once per step for all layers (here it
     would be one more kernel per layer). One row keeps the GEMV kernel with RoPE and the slab
     write in its epilogue. Below ``GEMM_MIN_ROWS`` rows, where cuBLAS runs the projection, RoPE
-    and the write move into the attention kernel (``NewToken``), which saves that kernel's launch: on the H100, B = 8 decode steps 0.9% (1B)
-    and 2.3% (8B) shorter. From ``GEMM_MIN_ROWS`` rows it is not a clear gain — the rotation, the
+    and the write move into the attention kernel (``NewToken``), which saves that kernel's
+    launch: on the H100, B = 8 decode steps 0.9% (1B) and 2.3% (8B) shorter. From ``GEMM_MIN_ROWS`` rows it is not a clear gain — the rotation, the
     write and the deferred 1 / rms (a load of the row) delay every attention program's first
     tile — and those keep ``qkv_rope_write``: measured side by side, B = 64 steps as fast either
     way, B = 128 / 256 between 1.2% faster (1B, B = 128) and 0.9% slower (8B, B = 256)
@@ -243,8 +243,8 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
                            k_cache, v_cache, positions, cos, sin)
         return decode_attention(q, k_cache, v_cache, seq_lens)
     _check_qkv_weight("qkv_decode_attention", weight, num_q_heads, num_kv_heads, k_cache)
-    q, k, v, norm_input = _project_qkv(x, norm_weight, eps, weight, bias, num_q_heads,
-                                       num_kv_heads, k_cache.shape[-1])
+    q, k, v, norm_input = _project_qkv("qkv_decode_attention", x, norm_weight, eps, weight, bias,
+                                       num_q_heads, num_kv_heads, k_cache.shape[-1])
     _check_rope(q, k, v, k_cache, v_cache, positions, cos, sin, None)
     return decode_attention(q, k_cache, v_cache, seq_lens,
                             new_token=NewToken(k, v, cos, sin, norm_input, eps))
@@ -268,12 +268,13 @@ def _qkv_gemv_fuses_rope(x, weight, k_cache, v_cache) -> bool:
             and (head_dim // 2) % (block_n // 2) == 0 and k_cache.stride() == v_cache.stride())
 
 
-def _project_qkv(x, norm_weight, eps, weight, bias, num_q_heads, num_kv_heads, head_dim):
+def _project_qkv(op, x, norm_weight, eps, weight, bias, num_q_heads, num_kv_heads, head_dim):
     """q [T, H_q, D], k, v [T, H_kv, D] (views of one product) and the rows whose 1 / rms the
-    next kernel still owes them (None when the norm ran before the product)."""
+    next kernel still owes them (None when the norm ran before the product); ``op`` names the
+    caller in errors."""
     T = x.shape[0] if x.dim() == 2 else -1
     if _defers_norm(x, norm_weight, bias):
-        _check(x, weight, weight.shape[1], "qkv_rope_write")
+        _check(x, weight, weight.shape[1], op)
         qkv = (skinny_gemm(x, weight, x.new_empty(T, weight.shape[0]), PLAIN)
                if _takes_skinny_gemm(T) else cublaslt.mm(x, weight))
         norm_input = x
