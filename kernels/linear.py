@@ -231,11 +231,11 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
     would be one more kernel per layer). One row keeps the GEMV kernel with RoPE and the slab
     write in its epilogue. Below ``GEMM_MIN_ROWS`` rows, where cuBLAS runs the projection, RoPE
     and the write move into the attention kernel (``NewToken``), which saves that kernel's
-    launch: on the H100, B = 8 decode steps 0.9% (1B) and 2.3% (8B) shorter. From ``GEMM_MIN_ROWS`` rows it is not a clear gain — the rotation, the
-    write and the deferred 1 / rms (a load of the row) delay every attention program's first
-    tile — and those keep ``qkv_rope_write``: measured side by side, B = 64 steps as fast either
-    way, B = 128 / 256 between 1.2% faster (1B, B = 128) and 0.9% slower (8B, B = 256)
-    (bench/RESULTS.md).
+    launch: on the H100, B = 8 decode steps 0.9% (1B) and 2.3% (8B) shorter. From
+    ``GEMM_MIN_ROWS`` rows it is not a clear gain — the rotation, the write and the deferred
+    1 / rms (a load of the row) delay every attention program's first tile — and those keep
+    ``qkv_rope_write``: measured side by side, B = 64 steps as fast either way, B = 128 / 256
+    between 1.2% faster (1B, B = 128) and 0.9% slower (8B, B = 256) (bench/RESULTS.md).
     """
     rows = x.shape[0] if x.dim() == 2 else -1
     if not (ROPE_IN_ATTENTION and GEMV_MAX_ROWS < rows < GEMM_MIN_ROWS):
