@@ -271,11 +271,13 @@ HIDDEN, QKV_N, GATE_UP_N, INTER = 2048, 3072, 16384, 8192
 PRODUCTS = ((QKV_N, HIDDEN), (HIDDEN, HIDDEN), (GATE_UP_N, HIDDEN), (HIDDEN, INTER))  # (N, K)
 # Features per tile (QKV on 96 programs, output and down on 64, gate/up on 128) and ring depths
 # (XS activation tiles of 16 KB, WS weight tiles of 8 KB: 224 KB with the barriers' bytes).
+# Variants: xAwB = A activation and B weight slots; gate-up-32: gate/up on 32-feature tiles
+# (4 per program); no-waits: the counters are not waited on (a timing probe, results race).
 CONFIG = dict(G=128, BN0=32, BN1=32, BN2=128, BN3=32, XS=6, WS=16)
 VARIANTS = {"x2w24": dict(XS=2, WS=24), "x3w22": dict(XS=3, WS=22), "x4w20": dict(XS=4, WS=20),
             "x6w16": {}, "x8w12": dict(XS=8, WS=12), "x10w8": dict(XS=10, WS=8),
-            "x4w20, gate/up on 32-feature tiles": dict(XS=4, WS=20, BN2=32),
-            "x4w20, no waits (results race)": dict(XS=4, WS=20, WAIT=False)}
+            "x4w20 gate-up-32": dict(XS=4, WS=20, BN2=32),
+            "x4w20 no-waits": dict(XS=4, WS=20, WAIT=False)}
 
 
 def _shared_layout(block):
