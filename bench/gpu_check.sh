@@ -4,8 +4,9 @@
 #
 #   BINDECODE_COMMIT=$(git rev-parse HEAD) bash bench/gpu_check.sh [STAGE ...]
 #
-# STAGE is any of: tests kernels l2flush linear chain layers engine profile e2e serve (default:
-# all but linear, whose sweep only retunes kernels.linear). Wheels for packages the GPU image
+# STAGE is any of: tests kernels l2flush linear chain persistent layers engine profile e2e serve
+# (default: all but linear, whose sweep only retunes kernels.linear, and persistent, a design
+# study). Wheels for packages the GPU image
 # lacks (FastAPI, uvicorn, pydantic) are taken from .whl/ when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,7 @@ for stage in $stages; do
     l2flush) run l2_flush python3 -m bench.l2_flush --out "$RES" ;;
     linear)  run kernel_linear python3 -m bench.kernel_linear --sweep ;;
     chain)   run gemm_chain python3 -m bench.gemm_chain --out "$RES" ;;
+    persistent) run persistent_chain python3 -m bench.persistent_chain --out "$RES" ;;
     layers)  run attention_layers python3 -m bench.attention_layers --out "$RES" ;;
     engine)  run engine python3 -m bench.engine --hf-compile --out "$RES" ;;
     profile) run profile python3 -m bench.profile_step --out "$RES" ;;
