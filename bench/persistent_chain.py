@@ -25,7 +25,6 @@ on the same buffers; cuBLAS beside both. 1B shapes, M = 64, L2 flushed before ea
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
@@ -162,7 +161,8 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
             _store_tile(a1, out_ptr, OUT_STRIDE, t * BN + SUB, acc_layout, SUB)
             _store_tile(a2, out_ptr, OUT_STRIDE, t * BN + 2 * SUB, acc_layout, SUB)
             _store_tile(a3, out_ptr, OUT_STRIDE, t * BN + 3 * SUB, acc_layout, SUB)
-    gl.thread_barrier()
+    gl.thread_barrier()  # every warp's stores precede the release
+    # The fence's result (0) is added to the pointer so that it is issued before the increment.
     gl.atomic_add(_fence_proxy_global(0) + counter, 1, sem="release", scope="gpu")
     return xi, wi
 
@@ -171,21 +171,21 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
 def _mma_partition(rings, bars, outs, counters, L: gl.constexpr, G: gl.constexpr,
                    H: gl.constexpr, QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
                    BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
-    xring, w0 = rings
-    xr, xe, r0, e0 = bars
+    xring, wring = rings
+    xr, xe, wr, we = bars
     q_ptr, o_ptr, g_ptr, d_ptr = outs
     pid = gl.program_id(0)
-    xi = 0
-    i0 = 0
+    xi = 0  # running counts of the two rings' slots
+    wi = 0
     for layer in range(L):
         c = counters + layer * 4
-        xi, i0 = _mma(xring, xr, xe, xi, w0, r0, e0, i0, pid, q_ptr + layer * BM * QKV_N, QKV_N,
-                      c + 0, G, QKV_N, H, BN0)
-        xi, i0 = _mma(xring, xr, xe, xi, w0, r0, e0, i0, pid, o_ptr + layer * BM * H, H,
+        xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, q_ptr + layer * BM * QKV_N,
+                      QKV_N, c + 0, G, QKV_N, H, BN0)
+        xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, o_ptr + layer * BM * H, H,
                       c + 1, G, H, H, BN1)
-        xi, i0 = _mma(xring, xr, xe, xi, w0, r0, e0, i0, pid, g_ptr + layer * BM * I2, I2,
+        xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, g_ptr + layer * BM * I2, I2,
                       c + 2, G, I2, H, BN2)
-        xi, i0 = _mma(xring, xr, xe, xi, w0, r0, e0, i0, pid, d_ptr + (layer + 1) * BM * H, H,
+        xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, d_ptr + (layer + 1) * BM * H, H,
                       c + 3, G, H, DOWN_K, BN3)
 
 
@@ -194,15 +194,15 @@ def _w_partition(wdescs, rings, bars, L: gl.constexpr, G: gl.constexpr, H: gl.co
                  QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
                  BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
     d0, d1, d2, d3 = wdescs
-    xring, w0 = rings
-    xr, xe, r0, e0 = bars
+    _, wring = rings
+    _, _, wr, we = bars
     pid = gl.program_id(0)
-    i0 = 0
+    wi = 0
     for layer in range(L):
-        i0 = _w_load(d0, w0, r0, e0, i0, layer, pid, G, QKV_N, H, BN0)
-        i0 = _w_load(d1, w0, r0, e0, i0, layer, pid, G, H, H, BN1)
-        i0 = _w_load(d2, w0, r0, e0, i0, layer, pid, G, I2, H, BN2)
-        i0 = _w_load(d3, w0, r0, e0, i0, layer, pid, G, H, DOWN_K, BN3)
+        wi = _w_load(d0, wring, wr, we, wi, layer, pid, G, QKV_N, H, BN0)
+        wi = _w_load(d1, wring, wr, we, wi, layer, pid, G, H, H, BN1)
+        wi = _w_load(d2, wring, wr, we, wi, layer, pid, G, I2, H, BN2)
+        wi = _w_load(d3, wring, wr, we, wi, layer, pid, G, H, DOWN_K, BN3)
 
 
 @gluon.jit
@@ -211,8 +211,8 @@ def _x_partition(xdescs, rings, bars, counters, WAIT: gl.constexpr, L: gl.conste
                  DOWN_K: gl.constexpr,
                  BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
     dd, dq, do, dg = xdescs
-    xring, w0 = rings
-    xr, xe, r0, e0 = bars
+    xring, _ = rings
+    xr, xe, _, _ = bars
     pid = gl.program_id(0)
     xi = 0
     for layer in range(L):
@@ -226,12 +226,12 @@ def _x_partition(xdescs, rings, bars, counters, WAIT: gl.constexpr, L: gl.conste
 
 
 @gluon.jit
-def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr, g_ptr, d_ptr,
-                       counters, L: gl.constexpr, G: gl.constexpr, H: gl.constexpr,
-                       QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
-                       BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr,
-                       BN3: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr,
-                       WAIT: gl.constexpr = True):
+def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr, g_ptr,
+                            d_ptr, counters, L: gl.constexpr, G: gl.constexpr, H: gl.constexpr,
+                            QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
+                            BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr,
+                            BN3: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr,
+                            WAIT: gl.constexpr = True):
     """Every layer's QKV, output, gate/up and down products at M = BM rows in one launch of G
     programs (all resident: one per SM).
 
@@ -242,20 +242,20 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     exist and stay 0). WAIT=False drops the waits (a timing probe: results race).
     """
     xring = gl.allocate_shared_memory(xdd.dtype, [XS, BM, BK], xdd.layout)
-    w0 = gl.allocate_shared_memory(wd0.dtype, [WS] + wd0.block_type.shape, wd0.layout)
+    wring = gl.allocate_shared_memory(wd0.dtype, [WS] + wd0.block_type.shape, wd0.layout)
     xr = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
     xe = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
-    r0 = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
-    e0 = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
+    wr = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
+    we = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(XS):
         mbarrier.init(xr.index(i), count=1)
         mbarrier.init(xe.index(i), count=1)
     for i in gl.static_range(WS):
-        mbarrier.init(r0.index(i), count=1)
-        mbarrier.init(e0.index(i), count=1)
+        mbarrier.init(wr.index(i), count=1)
+        mbarrier.init(we.index(i), count=1)
     fence_async_shared()
-    rings = (xring, w0)
-    bars = (xr, xe, r0, e0)
+    rings = (xring, wring)
+    bars = (xr, xe, wr, we)
     gl.warp_specialize([
         (_mma_partition, (rings, bars, (q_ptr, o_ptr, g_ptr, d_ptr), counters, L, G, H, QKV_N,
                           I2, DOWN_K, BN0, BN1, BN2, BN3)),
@@ -273,6 +273,7 @@ PRODUCTS = ((QKV_N, HIDDEN), (HIDDEN, HIDDEN), (GATE_UP_N, HIDDEN), (HIDDEN, INT
 # (XS activation tiles of 16 KB, WS weight tiles of 8 KB: 224 KB with the barriers' bytes).
 # Variants: xAwB = A activation and B weight slots; gate-up-32: gate/up on 32-feature tiles
 # (4 per program); no-waits: the counters are not waited on (a timing probe, results race).
+MAX_REGISTERS = 168  # per thread, the limit warp specialisation redistributes from
 CONFIG = dict(G=128, BN0=32, BN1=32, BN2=128, BN3=32, XS=6, WS=16)
 VARIANTS = {"x2w24": dict(XS=2, WS=24), "x3w22": dict(XS=3, WS=22), "x4w20": dict(XS=4, WS=20),
             "x6w16": {}, "x8w12": dict(XS=8, WS=12), "x10w8": dict(XS=10, WS=8),
@@ -320,7 +321,8 @@ def persistent(layers: int, config: dict, weights, acts, counters):
         counters.zero_()
         persistent_chain_kernel[(config["G"], )](
             *wdescs, *xdescs, qkv, attn, gate_up, inputs, counters[1:], L=layers, H=HIDDEN,
-            QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER, num_warps=4, maxnreg=168, **config)
+            QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER, num_warps=4, maxnreg=MAX_REGISTERS,
+            **config)
     return run
 
 
@@ -391,8 +393,9 @@ def compile_for_h100(layers: int = 2, config: dict | None = None) -> dict:
     signature.update(counters="*i32", **{n: "constexpr" for n in constexprs})
     aligned = {(names.index(n), ): [["tt.divisibility", 16]]
                for n in ("q_ptr", "o_ptr", "g_ptr", "d_ptr", "counters")}
-    kernel = triton.compile(GluonASTSource(persistent_chain_kernel, signature, constexprs, aligned),
-                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
+    source = GluonASTSource(persistent_chain_kernel, signature, constexprs, aligned)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=4, maxnreg=MAX_REGISTERS))
     ptx = kernel.asm["ptx"]
     return dict(shared=kernel.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
                 tma_loads=ptx.count("cp.async.bulk.tensor"),
@@ -437,7 +440,7 @@ def main() -> None:
                   f"  err {errors[name]:.1e}", flush=True)
     write_json(args.out / "persistent_chain.json",
                dict(copy_gbps=copy, roofline_us=roof_us, layers=args.layers, rows=rows,
-                    commit=os.environ.get("BINDECODE_COMMIT"), config=CONFIG,
+                    config=CONFIG,
                     variants={n: VARIANTS[n] for n in args.variants.split(",")}))
 
 
