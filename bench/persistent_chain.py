@@ -294,6 +294,14 @@ def descriptors(weights, acts):
             [TensorDescriptor.from_tensor(a, [bm, bk], _shared_layout([bm, bk])) for a in acts])
 
 
+def activation_shapes(layers: int) -> list[tuple[int, int]]:
+    """The buffers the products read and write: the layers' inputs (layer l + 1's written by
+    layer l's down product), QKV, attention (the output product's input) and gate/up."""
+    m = BM.value
+    return [((layers + 1) * m, HIDDEN), (layers * m, QKV_N), (layers * m, HIDDEN),
+            (layers * m, GATE_UP_N)]
+
+
 def build(layers: int, seed: int = 0):
     """Stacked weights (scaled so activations stay O(1)), the activation buffers (input rows of
     layer 0 random, the rest zero) and the counters (one spare in front: counters[-1])."""
@@ -301,9 +309,8 @@ def build(layers: int, seed: int = 0):
     m = BM.value
     weights = [(torch.randn(layers * n, k, device="cuda", generator=g) * k ** -0.5)
                .to(torch.bfloat16) for n, k in PRODUCTS]
-    acts = [torch.zeros(rows, n, device="cuda", dtype=torch.bfloat16)
-            for rows, n in (((layers + 1) * m, HIDDEN), (layers * m, QKV_N),
-                            (layers * m, HIDDEN), (layers * m, GATE_UP_N))]
+    acts = [torch.zeros(shape, device="cuda", dtype=torch.bfloat16)
+            for shape in activation_shapes(layers)]
     acts[0][:m] = torch.randn(m, HIDDEN, device="cuda", generator=g).to(torch.bfloat16)
     return weights, acts, torch.zeros(1 + 4 * layers, device="cuda", dtype=torch.int32)
 
@@ -379,11 +386,8 @@ def compile_for_h100(layers: int = 2, config: dict | None = None) -> dict:
     from triton.runtime.jit import mangle_type
 
     config = {**CONFIG, **(config or {})}
-    m = BM.value
     weights = [torch.empty(layers * n, k, dtype=torch.bfloat16) for n, k in PRODUCTS]
-    acts = [torch.empty(rows, n, dtype=torch.bfloat16)
-            for rows, n in (((layers + 1) * m, HIDDEN), (layers * m, QKV_N),
-                            (layers * m, HIDDEN), (layers * m, GATE_UP_N))]
+    acts = [torch.empty(shape, dtype=torch.bfloat16) for shape in activation_shapes(layers)]
     wdescs, xdescs = descriptors(weights, acts)
     names = persistent_chain_kernel.arg_names
     constexprs = dict(L=layers, H=HIDDEN, QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER, WAIT=True,
