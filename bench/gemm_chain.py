@@ -14,7 +14,7 @@ With ``--sweep`` it instead times the chain of ours once per variant of every pr
 shape (K tile, pipeline depth, shared-memory budget, how much of each program's weights is
 prefetched into L2 before its wait), each against ``gemm_config``'s choice in the same run.
 
-    python -m bench.gemm_chain [--out DIR] [--rows 8,16,32,64] [--sweep]
+    python -m bench.gemm_chain [--out DIR] [--rows 8,16,32,64] [--sweep [--variants A,B,...]]
 """
 
 from __future__ import annotations
@@ -33,21 +33,23 @@ EPS = 1e-5
 
 
 # name: (shared-memory budget per program, K tile, most pipeline stages, weight bytes per product
-# prefetched into L2 before the wait); None keeps gemm_config's choice. Earlier sweeps on the
+# prefetched into L2 before the wait[, each program's K loop starting at its own tile]); None
+# keeps gemm_config's choice. Earlier sweeps on the
 # H100 are in bench/RESULTS.md ("What else was tried on the product chain").
 VARIANTS = {"default": (None, None, None, None),
             "prefetch 4 MB": (None, None, None, 4 << 20),
             "K tile 256, 4 stages, 200 KB": (200 << 10, 256, 4, None),
             "K tile 128, 4 stages": (None, 128, 4, None),
             "110 KB (two programs per SM)": (110 << 10, None, None, None),
-            "K tile 64, 12 stages": (None, 64, 12, None)}
+            "K tile 64, 12 stages": (None, 64, 12, None),
+            "K order rotated per program": (None, None, None, None, True)}
 
 
 def variant(config, n: int, k: int, shared: int | None, block_k: int | None,
-            max_stages: int | None, prefetch_bytes: int | None):
-    """``config`` with the variant's shared-memory budget, K tile, stage limit and prefetch
-    volume (n: the weight's rows); the stages refitted to the budget when any of the first
-    three is set."""
+            max_stages: int | None, prefetch_bytes: int | None, rotate_k: bool = False):
+    """``config`` with the variant's shared-memory budget, K tile, stage limit, prefetch
+    volume and K order (n: the weight's rows); the stages refitted to the budget when any of
+    the first three is set."""
     from kernels import gemm
 
     block_k = block_k or config.block_k
@@ -60,7 +62,8 @@ def variant(config, n: int, k: int, shared: int | None, block_k: int | None,
     if prefetch_bytes:
         columns = min(prefetch_bytes // (2 * n), k)
         prefetch_k = max(prefetch_k, 64 * 2 ** max(0, (columns // 64).bit_length() - 1))
-    return dataclasses.replace(config, block_k=block_k, num_stages=stages, prefetch_k=prefetch_k)
+    return dataclasses.replace(config, block_k=block_k, num_stages=stages, prefetch_k=prefetch_k,
+                               rotate_k=rotate_k or config.rotate_k)
 
 
 def chain_fns(shape: dict, m: int, variants: tuple[tuple, ...] = ()) -> dict:
@@ -112,14 +115,15 @@ def chain_fns(shape: dict, m: int, variants: tuple[tuple, ...] = ()) -> dict:
     return {"cublas": cublas, "ours_no_pdl": ours(False)[0], "ours": ours_pdl}, products, configs
 
 
-def sweep(rows: list[int]) -> dict:
-    """Chain time of ours per variant of the launch shapes, against gemm_config's."""
+def sweep(rows: list[int], names: list[str]) -> dict:
+    """Chain time of ours per variant of the launch shapes (names: keys of VARIANTS, the
+    first the baseline), against the first."""
     results = []
     for model, shape in MODELS.items():
         for m in rows:
-            runs, _ = chain_fns(shape, m, tuple(VARIANTS.values()))
+            runs, _ = chain_fns(shape, m, tuple(VARIANTS[name] for name in names))
             base_us = None
-            for name, (fn, configs) in zip(VARIANTS, runs):
+            for name, (fn, configs) in zip(names, runs):
                 try:
                     fn()
                 except Exception as exc:  # e.g. a pipeline beyond the shared memory
@@ -170,10 +174,12 @@ def main() -> None:
     parser.add_argument("--rows", default="8,16,32,64", help="row counts M, comma-separated")
     parser.add_argument("--sweep", action="store_true",
                         help="time variants of the launch shapes (K tile, stages, prefetch)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="with --sweep: names of VARIANTS, comma-separated, the baseline first")
     args = parser.parse_args()
     rows = [int(m) for m in args.rows.split(",")]
     if args.sweep:
-        write_json(args.out / "gemm_sweep.json", sweep(rows))
+        write_json(args.out / "gemm_sweep.json", sweep(rows, args.variants.split(",")))
     else:
         write_json(args.out / "gemm_chain.json", run(rows))
 
