@@ -56,21 +56,22 @@ def _wait_counter(ptr, target):
 
 @gluon.jit
 def _w_load(desc, ring, ready, empty, i, layer, pid, G: gl.constexpr, N: gl.constexpr,
-            K: gl.constexpr, BN: gl.constexpr):
+            K: gl.constexpr, BN: gl.constexpr, ROTATE: gl.constexpr):
     """Weight loader: this program's [BN, BK] tiles of one product (weight [L*N, K] bf16, this
     layer's rows) as BN // 32 TMA loads of [32, BK] into the ring; i: the ring's running
-    count, returned advanced."""
+    count, returned advanced. ROTATE (0 / 1): tile t walks its K steps from step t on."""
     S: gl.constexpr = ring.type.shape[0]
     KSTEPS: gl.constexpr = K // BK
     SUB: gl.constexpr = desc.block_type.shape[0]
     for t in range(pid, N // BN, G):
         n0 = layer * N + t * BN
         for ks in range(KSTEPS):
+            k0 = ((ks + t * ROTATE) % KSTEPS) * BK
             for sub in gl.static_range(BN // SUB):
                 s = i % S
                 mbarrier.wait(empty.index(s), ((i // S) & 1) ^ 1)
                 mbarrier.expect(ready.index(s), desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(desc, [n0 + sub * SUB, ks * BK], ready.index(s),
+                tma.async_copy_global_to_shared(desc, [n0 + sub * SUB, k0], ready.index(s),
                                                 ring.index(s))
                 i += 1
     return i
@@ -78,9 +79,11 @@ def _w_load(desc, ring, ready, empty, i, layer, pid, G: gl.constexpr, N: gl.cons
 
 @gluon.jit
 def _x_load(desc, row0, ring, ready, empty, xi, counter, target, pid, G: gl.constexpr,
-            N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, WAIT: gl.constexpr):
+            N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, WAIT: gl.constexpr,
+            ROTATE: gl.constexpr, LOAD_X: gl.constexpr):
     """Activation loader: once the previous product's counter reaches target, the [BM, BK]
-    activation tiles (bf16, rows row0..row0+BM) of every K step of this program's tiles."""
+    activation tiles (bf16, rows row0..row0+BM) of every K step of this program's tiles, in
+    ``_w_load``'s order. LOAD_X=False (a timing probe) marks each slot ready unloaded."""
     S: gl.constexpr = ring.type.shape[0]
     KSTEPS: gl.constexpr = K // BK
     if WAIT:
@@ -89,8 +92,12 @@ def _x_load(desc, row0, ring, ready, empty, xi, counter, target, pid, G: gl.cons
         for ks in range(KSTEPS):
             s = xi % S
             mbarrier.wait(empty.index(s), ((xi // S) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc, [row0, ks * BK], ready.index(s), ring.index(s))
+            if LOAD_X:
+                mbarrier.expect(ready.index(s), desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(desc, [row0, ((ks + t * ROTATE) % KSTEPS) * BK],
+                                                ready.index(s), ring.index(s))
+            else:
+                mbarrier.arrive(ready.index(s), count=1)
             xi += 1
     return xi
 
@@ -190,8 +197,8 @@ def _mma_partition(rings, bars, outs, counters, L: gl.constexpr, G: gl.constexpr
 
 
 @gluon.jit
-def _w_partition(wdescs, rings, bars, L: gl.constexpr, G: gl.constexpr, H: gl.constexpr,
-                 QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
+def _w_partition(wdescs, rings, bars, ROTATE: gl.constexpr, L: gl.constexpr, G: gl.constexpr,
+                 H: gl.constexpr, QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
                  BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
     d0, d1, d2, d3 = wdescs
     _, wring = rings
@@ -199,14 +206,15 @@ def _w_partition(wdescs, rings, bars, L: gl.constexpr, G: gl.constexpr, H: gl.co
     pid = gl.program_id(0)
     wi = 0
     for layer in range(L):
-        wi = _w_load(d0, wring, wr, we, wi, layer, pid, G, QKV_N, H, BN0)
-        wi = _w_load(d1, wring, wr, we, wi, layer, pid, G, H, H, BN1)
-        wi = _w_load(d2, wring, wr, we, wi, layer, pid, G, I2, H, BN2)
-        wi = _w_load(d3, wring, wr, we, wi, layer, pid, G, H, DOWN_K, BN3)
+        wi = _w_load(d0, wring, wr, we, wi, layer, pid, G, QKV_N, H, BN0, ROTATE)
+        wi = _w_load(d1, wring, wr, we, wi, layer, pid, G, H, H, BN1, ROTATE)
+        wi = _w_load(d2, wring, wr, we, wi, layer, pid, G, I2, H, BN2, ROTATE)
+        wi = _w_load(d3, wring, wr, we, wi, layer, pid, G, H, DOWN_K, BN3, ROTATE)
 
 
 @gluon.jit
-def _x_partition(xdescs, rings, bars, counters, WAIT: gl.constexpr, L: gl.constexpr,
+def _x_partition(xdescs, rings, bars, counters, WAIT: gl.constexpr, ROTATE: gl.constexpr,
+                 LOAD_X: gl.constexpr, L: gl.constexpr,
                  G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr, I2: gl.constexpr,
                  DOWN_K: gl.constexpr,
                  BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
@@ -219,10 +227,13 @@ def _x_partition(xdescs, rings, bars, counters, WAIT: gl.constexpr, L: gl.conste
         c = counters + layer * 4
         # Layer 0 reads the input: counters[-1] stays 0 and the target is 0.
         xi = _x_load(dd, layer * BM, xring, xr, xe, xi, c - 1, G * (layer > 0), pid, G, QKV_N,
-                     H, BN0, WAIT)
-        xi = _x_load(dq, layer * BM, xring, xr, xe, xi, c + 0, G, pid, G, H, H, BN1, WAIT)
-        xi = _x_load(do, layer * BM, xring, xr, xe, xi, c + 1, G, pid, G, I2, H, BN2, WAIT)
-        xi = _x_load(dg, layer * BM, xring, xr, xe, xi, c + 2, G, pid, G, H, DOWN_K, BN3, WAIT)
+                     H, BN0, WAIT, ROTATE, LOAD_X)
+        xi = _x_load(dq, layer * BM, xring, xr, xe, xi, c + 0, G, pid, G, H, H, BN1, WAIT,
+                     ROTATE, LOAD_X)
+        xi = _x_load(do, layer * BM, xring, xr, xe, xi, c + 1, G, pid, G, I2, H, BN2, WAIT,
+                     ROTATE, LOAD_X)
+        xi = _x_load(dg, layer * BM, xring, xr, xe, xi, c + 2, G, pid, G, H, DOWN_K, BN3, WAIT,
+                     ROTATE, LOAD_X)
 
 
 @gluon.jit
@@ -231,7 +242,8 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
                             QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
                             BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr,
                             BN3: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr,
-                            WAIT: gl.constexpr = True):
+                            WAIT: gl.constexpr = True, ROTATE: gl.constexpr = 0,
+                            LOAD_X: gl.constexpr = True):
     """Every layer's QKV, output, gate/up and down products at M = BM rows in one launch of G
     programs (all resident: one per SM).
 
@@ -239,7 +251,10 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     activations the products read ([(L+1)*BM, H], [L*BM, QKV_N], [L*BM, H], [L*BM, I2], blocks
     [BM, BK]); q/o/g/d_ptr: the same buffers as bf16 pointers for the outputs (down writes the
     next layer's input rows); counters: int32 [4L] zeros (one per product, counters[-1] must
-    exist and stay 0). WAIT=False drops the waits (a timing probe: results race).
+    exist and stay 0). WAIT=False drops the waits (a timing probe: results race). ROTATE=1:
+    each tile walks its K steps from its own step on, so the programs do not all read the same
+    activation tile at once. LOAD_X=False: activation slots are marked ready unloaded (a
+    timing probe: results are garbage).
     """
     xring = gl.allocate_shared_memory(xdd.dtype, [XS, BM, BK], xdd.layout)
     wring = gl.allocate_shared_memory(wd0.dtype, [WS] + wd0.block_type.shape, wd0.layout)
@@ -259,10 +274,10 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     gl.warp_specialize([
         (_mma_partition, (rings, bars, (q_ptr, o_ptr, g_ptr, d_ptr), counters, L, G, H, QKV_N,
                           I2, DOWN_K, BN0, BN1, BN2, BN3)),
-        (_w_partition, ((wd0, wd1, wd2, wd3), rings, bars, L, G, H, QKV_N, I2, DOWN_K,
+        (_w_partition, ((wd0, wd1, wd2, wd3), rings, bars, ROTATE, L, G, H, QKV_N, I2, DOWN_K,
                         BN0, BN1, BN2, BN3)),
-        (_x_partition, ((xdd, xdq, xdo, xdg), rings, bars, counters, WAIT, L, G, H, QKV_N,
-                        I2, DOWN_K, BN0, BN1, BN2, BN3)),
+        (_x_partition, ((xdd, xdq, xdo, xdg), rings, bars, counters, WAIT, ROTATE, LOAD_X, L,
+                        G, H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
     ], [1, 1], [24, 24])
 
 
@@ -272,13 +287,19 @@ PRODUCTS = ((QKV_N, HIDDEN), (HIDDEN, HIDDEN), (GATE_UP_N, HIDDEN), (HIDDEN, INT
 # Features per tile (QKV on 96 programs, output and down on 64, gate/up on 128) and ring depths
 # (XS activation tiles of 16 KB, WS weight tiles of 8 KB: 224 KB with the barriers' bytes).
 # Variants: xAwB = A activation and B weight slots; gate-up-32: gate/up on 32-feature tiles
-# (4 per program); no-waits: the counters are not waited on (a timing probe, results race).
+# (4 per program); no-waits: the counters are not waited on (a timing probe, results race);
+# rotated: each tile walks its K steps from its own step on (ROTATE); no-x-loads: activation
+# slots marked ready without loading them (a probe); weights-only: that and no waits.
 MAX_REGISTERS = 168  # per thread, the limit warp specialisation redistributes from
 CONFIG = dict(G=128, BN0=32, BN1=32, BN2=128, BN3=32, XS=6, WS=16)
 VARIANTS = {"x2w24": dict(XS=2, WS=24), "x3w22": dict(XS=3, WS=22), "x4w20": dict(XS=4, WS=20),
             "x6w16": {}, "x8w12": dict(XS=8, WS=12), "x10w8": dict(XS=10, WS=8),
             "x4w20 gate-up-32": dict(XS=4, WS=20, BN2=32),
-            "x4w20 no-waits": dict(XS=4, WS=20, WAIT=False)}
+            "x4w20 no-waits": dict(XS=4, WS=20, WAIT=False),
+            "x6w16 rotated": dict(ROTATE=1), "x4w20 rotated": dict(XS=4, WS=20, ROTATE=1),
+            "x8w12 rotated": dict(XS=8, WS=12, ROTATE=1),
+            "x6w16 no-waits": dict(WAIT=False), "x6w16 no-x-loads": dict(LOAD_X=False),
+            "x6w16 weights-only": dict(LOAD_X=False, WAIT=False)}
 
 
 def _shared_layout(block):
@@ -390,8 +411,8 @@ def compile_for_h100(layers: int = 2, config: dict | None = None) -> dict:
     acts = [torch.empty(shape, dtype=torch.bfloat16) for shape in activation_shapes(layers)]
     wdescs, xdescs = descriptors(weights, acts)
     names = persistent_chain_kernel.arg_names
-    constexprs = dict(L=layers, H=HIDDEN, QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER, WAIT=True,
-                      **config)
+    constexprs = dict(L=layers, H=HIDDEN, QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER,
+                      **{"WAIT": True, "ROTATE": 0, "LOAD_X": True, **config})
     signature = {n: mangle_type(d) for n, d in zip(names, wdescs + xdescs)}
     signature.update({n: "*bf16" for n in ("q_ptr", "o_ptr", "g_ptr", "d_ptr")})
     signature.update(counters="*i32", **{n: "constexpr" for n in constexprs})
