@@ -28,6 +28,8 @@ import argparse
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -56,46 +58,55 @@ def _wait_counter(ptr, target):
 
 @gluon.jit
 def _w_load(desc, ring, ready, empty, i, layer, pid, G: gl.constexpr, N: gl.constexpr,
-            K: gl.constexpr, BN: gl.constexpr, ROTATE: gl.constexpr):
+            K: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr, ROTATE: gl.constexpr,
+            TILED: gl.constexpr):
     """Weight loader: this program's [BN, BK] tiles of one product (weight [L*N, K] bf16, this
     layer's rows) as BN // 32 TMA loads of [32, BK] into the ring; i: the ring's running
-    count, returned advanced. ROTATE (0 / 1): tile t walks its K steps from step t on."""
+    count, returned advanced. Work item t is K piece t % SPLIT of tile t // SPLIT. ROTATE
+    (0 / 1): item t walks its piece's K steps from step t on. TILED: the weight is stored as
+    contiguous [32, BK] tiles, row block r and K step k at rows (r * K / BK + k) * 32 of a
+    [L * N * K / BK, BK] matrix (``tile_weights``), so each load reads 8 KB in one piece."""
     S: gl.constexpr = ring.type.shape[0]
-    KSTEPS: gl.constexpr = K // BK
+    KSTEPS: gl.constexpr = K // BK // SPLIT
     SUB: gl.constexpr = desc.block_type.shape[0]
-    for t in range(pid, N // BN, G):
-        n0 = layer * N + t * BN
+    for t in range(pid, N // BN * SPLIT, G):
+        n0 = layer * N + t // SPLIT * BN
         for ks in range(KSTEPS):
-            k0 = ((ks + t * ROTATE) % KSTEPS) * BK
+            k0 = (t % SPLIT * KSTEPS + (ks + t * ROTATE) % KSTEPS) * BK
             for sub in gl.static_range(BN // SUB):
                 s = i % S
                 mbarrier.wait(empty.index(s), ((i // S) & 1) ^ 1)
                 mbarrier.expect(ready.index(s), desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(desc, [n0 + sub * SUB, k0], ready.index(s),
-                                                ring.index(s))
+                if TILED:
+                    r0 = ((n0 + sub * SUB) // SUB * (K // BK) + k0 // BK) * SUB
+                    tma.async_copy_global_to_shared(desc, [r0, 0], ready.index(s),
+                                                    ring.index(s))
+                else:
+                    tma.async_copy_global_to_shared(desc, [n0 + sub * SUB, k0], ready.index(s),
+                                                    ring.index(s))
                 i += 1
     return i
 
 
 @gluon.jit
 def _x_load(desc, row0, ring, ready, empty, xi, counter, target, pid, G: gl.constexpr,
-            N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, WAIT: gl.constexpr,
-            ROTATE: gl.constexpr, LOAD_X: gl.constexpr):
+            N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr,
+            WAIT: gl.constexpr, ROTATE: gl.constexpr, LOAD_X: gl.constexpr):
     """Activation loader: once the previous product's counter reaches target, the [BM, BK]
     activation tiles (bf16, rows row0..row0+BM) of every K step of this program's tiles, in
     ``_w_load``'s order. LOAD_X=False (a timing probe) marks each slot ready unloaded."""
     S: gl.constexpr = ring.type.shape[0]
-    KSTEPS: gl.constexpr = K // BK
+    KSTEPS: gl.constexpr = K // BK // SPLIT
     if WAIT:
         _wait_counter(counter, target)
-    for t in range(pid, N // BN, G):
+    for t in range(pid, N // BN * SPLIT, G):
         for ks in range(KSTEPS):
             s = xi % S
             mbarrier.wait(empty.index(s), ((xi // S) & 1) ^ 1)
             if LOAD_X:
                 mbarrier.expect(ready.index(s), desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(desc, [row0, ((ks + t * ROTATE) % KSTEPS) * BK],
-                                                ready.index(s), ring.index(s))
+                k0 = (t % SPLIT * KSTEPS + (ks + t * ROTATE) % KSTEPS) * BK
+                tma.async_copy_global_to_shared(desc, [row0, k0], ready.index(s), ring.index(s))
             else:
                 mbarrier.arrive(ready.index(s), count=1)
             xi += 1
@@ -120,20 +131,45 @@ def _store_tile(acc, out_ptr, OUT_STRIDE: gl.constexpr, col0, layout: gl.constex
 
 
 @gluon.jit
+def _sum_pieces(acc, scratch, tile_counter, item, SPLIT: gl.constexpr, layout: gl.constexpr):
+    """Split K: park this piece's fp32 [BM, 32] partial at scratch[item]; the tile's last
+    piece to arrive (its int32 counter, acq_rel) returns the sum of all SPLIT pieces, added in
+    piece order so the result does not depend on which arrives last, and True; the others
+    return (acc, False)."""
+    rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, 32, layout=gl.SliceLayout(0, layout))
+    tile_offs = rows[:, None] * 32 + cols[None, :]
+    gl.store(scratch + item * (BM * 32) + tile_offs, acc)
+    gl.thread_barrier()  # every warp's partial precedes the arrival
+    last = gl.atomic_add(tile_counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+    if last:
+        # .cg: the L2's copy; an L1 line of an earlier layer's partial would be stale.
+        first = item - item % SPLIT
+        acc = gl.load(scratch + first * (BM * 32) + tile_offs, cache_modifier=".cg")
+        for piece in gl.static_range(1, SPLIT):
+            acc += gl.load(scratch + (first + piece) * (BM * 32) + tile_offs,
+                           cache_modifier=".cg")
+    return acc, last
+
+
+@gluon.jit
 def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
-         OUT_STRIDE: gl.constexpr, counter, G: gl.constexpr, N: gl.constexpr, K: gl.constexpr,
-         BN: gl.constexpr):
+         OUT_STRIDE: gl.constexpr, counter, scratch, tile_counters, G: gl.constexpr,
+         N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr):
     """MMA partition for one product: out[:, tile] = x @ w[tile].T for this program's tiles
     (fp32 accumulators of [BM, 32], one per 32 features: BN in {32, 128}), stored as bf16 at
-    out_ptr (row stride OUT_STRIDE); then one release increment of the product's counter."""
+    out_ptr (row stride OUT_STRIDE); then one release increment of the product's counter.
+    SPLIT > 1 (BN = 32 only): work item t is K piece t % SPLIT of tile t // SPLIT, and the
+    pieces are summed through scratch fp32 [items, BM, 32] (``_sum_pieces``; tile_counters:
+    int32 zeros, one per tile) by whichever arrives last, which stores the tile."""
     XS: gl.constexpr = xring.type.shape[0]
     WS: gl.constexpr = wring.type.shape[0]
     SUB: gl.constexpr = wring.type.shape[1]
     NSUB: gl.constexpr = BN // SUB
-    KSTEPS: gl.constexpr = K // BK
+    KSTEPS: gl.constexpr = K // BK // SPLIT
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, SUB, 16])
-    for t in range(pid, N // BN, G):
+    for t in range(pid, N // BN * SPLIT, G):
         a0 = gl.zeros([BM, SUB], gl.float32, acc_layout)
         a1 = gl.zeros([BM, SUB], gl.float32, acc_layout)
         a2 = gl.zeros([BM, SUB], gl.float32, acc_layout)
@@ -163,7 +199,13 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
         mbarrier.arrive(xempty.index((xi + XS - 1) % XS), count=1)
         for sub in gl.static_range(NSUB):
             mbarrier.arrive(wempty.index((wi + WS - NSUB + sub) % WS), count=1)
-        _store_tile(a0, out_ptr, OUT_STRIDE, t * BN, acc_layout, SUB)
+        if SPLIT > 1:
+            a0, last = _sum_pieces(a0, scratch, tile_counters + t // SPLIT, t, SPLIT,
+                                   acc_layout)
+            if last:
+                _store_tile(a0, out_ptr, OUT_STRIDE, t // SPLIT * BN, acc_layout, SUB)
+        else:
+            _store_tile(a0, out_ptr, OUT_STRIDE, t * BN, acc_layout, SUB)
         if NSUB == 4:
             _store_tile(a1, out_ptr, OUT_STRIDE, t * BN + SUB, acc_layout, SUB)
             _store_tile(a2, out_ptr, OUT_STRIDE, t * BN + 2 * SUB, acc_layout, SUB)
@@ -175,8 +217,9 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
 
 
 @gluon.jit
-def _mma_partition(rings, bars, outs, counters, L: gl.constexpr, G: gl.constexpr,
-                   H: gl.constexpr, QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
+def _mma_partition(rings, bars, outs, counters, scratch, tile_counters, SPLIT: gl.constexpr,
+                   L: gl.constexpr, G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr,
+                   I2: gl.constexpr, DOWN_K: gl.constexpr,
                    BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
     xring, wring = rings
     xr, xe, wr, we = bars
@@ -186,18 +229,20 @@ def _mma_partition(rings, bars, outs, counters, L: gl.constexpr, G: gl.constexpr
     wi = 0
     for layer in range(L):
         c = counters + layer * 4
+        tc = tile_counters + layer * 2 * (H // BN1)  # the output's tiles, then down's
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, q_ptr + layer * BM * QKV_N,
-                      QKV_N, c + 0, G, QKV_N, H, BN0)
+                      QKV_N, c + 0, scratch, tc, G, QKV_N, H, BN0, 1)
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, o_ptr + layer * BM * H, H,
-                      c + 1, G, H, H, BN1)
+                      c + 1, scratch, tc, G, H, H, BN1, SPLIT)
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, g_ptr + layer * BM * I2, I2,
-                      c + 2, G, I2, H, BN2)
+                      c + 2, scratch, tc, G, I2, H, BN2, 1)
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, d_ptr + (layer + 1) * BM * H, H,
-                      c + 3, G, H, DOWN_K, BN3)
+                      c + 3, scratch, tc + H // BN1, G, H, DOWN_K, BN3, SPLIT)
 
 
 @gluon.jit
-def _w_partition(wdescs, rings, bars, ROTATE: gl.constexpr, L: gl.constexpr, G: gl.constexpr,
+def _w_partition(wdescs, rings, bars, SPLIT: gl.constexpr, ROTATE: gl.constexpr,
+                 TILED: gl.constexpr, L: gl.constexpr, G: gl.constexpr,
                  H: gl.constexpr, QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
                  BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
     d0, d1, d2, d3 = wdescs
@@ -206,15 +251,16 @@ def _w_partition(wdescs, rings, bars, ROTATE: gl.constexpr, L: gl.constexpr, G: 
     pid = gl.program_id(0)
     wi = 0
     for layer in range(L):
-        wi = _w_load(d0, wring, wr, we, wi, layer, pid, G, QKV_N, H, BN0, ROTATE)
-        wi = _w_load(d1, wring, wr, we, wi, layer, pid, G, H, H, BN1, ROTATE)
-        wi = _w_load(d2, wring, wr, we, wi, layer, pid, G, I2, H, BN2, ROTATE)
-        wi = _w_load(d3, wring, wr, we, wi, layer, pid, G, H, DOWN_K, BN3, ROTATE)
+        wi = _w_load(d0, wring, wr, we, wi, layer, pid, G, QKV_N, H, BN0, 1, ROTATE, TILED)
+        wi = _w_load(d1, wring, wr, we, wi, layer, pid, G, H, H, BN1, SPLIT, ROTATE, TILED)
+        wi = _w_load(d2, wring, wr, we, wi, layer, pid, G, I2, H, BN2, 1, ROTATE, TILED)
+        wi = _w_load(d3, wring, wr, we, wi, layer, pid, G, H, DOWN_K, BN3, SPLIT, ROTATE,
+                     TILED)
 
 
 @gluon.jit
-def _x_partition(xdescs, rings, bars, counters, WAIT: gl.constexpr, ROTATE: gl.constexpr,
-                 LOAD_X: gl.constexpr, L: gl.constexpr,
+def _x_partition(xdescs, rings, bars, counters, SPLIT: gl.constexpr, WAIT: gl.constexpr,
+                 ROTATE: gl.constexpr, LOAD_X: gl.constexpr, L: gl.constexpr,
                  G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr, I2: gl.constexpr,
                  DOWN_K: gl.constexpr,
                  BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
@@ -227,23 +273,24 @@ def _x_partition(xdescs, rings, bars, counters, WAIT: gl.constexpr, ROTATE: gl.c
         c = counters + layer * 4
         # Layer 0 reads the input: counters[-1] stays 0 and the target is 0.
         xi = _x_load(dd, layer * BM, xring, xr, xe, xi, c - 1, G * (layer > 0), pid, G, QKV_N,
-                     H, BN0, WAIT, ROTATE, LOAD_X)
-        xi = _x_load(dq, layer * BM, xring, xr, xe, xi, c + 0, G, pid, G, H, H, BN1, WAIT,
+                     H, BN0, 1, WAIT, ROTATE, LOAD_X)
+        xi = _x_load(dq, layer * BM, xring, xr, xe, xi, c + 0, G, pid, G, H, H, BN1, SPLIT,
+                     WAIT, ROTATE, LOAD_X)
+        xi = _x_load(do, layer * BM, xring, xr, xe, xi, c + 1, G, pid, G, I2, H, BN2, 1, WAIT,
                      ROTATE, LOAD_X)
-        xi = _x_load(do, layer * BM, xring, xr, xe, xi, c + 1, G, pid, G, I2, H, BN2, WAIT,
-                     ROTATE, LOAD_X)
-        xi = _x_load(dg, layer * BM, xring, xr, xe, xi, c + 2, G, pid, G, H, DOWN_K, BN3, WAIT,
-                     ROTATE, LOAD_X)
+        xi = _x_load(dg, layer * BM, xring, xr, xe, xi, c + 2, G, pid, G, H, DOWN_K, BN3, SPLIT,
+                     WAIT, ROTATE, LOAD_X)
 
 
 @gluon.jit
 def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr, g_ptr,
-                            d_ptr, counters, L: gl.constexpr, G: gl.constexpr, H: gl.constexpr,
-                            QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
+                            d_ptr, counters, scratch, tile_counters, L: gl.constexpr,
+                            G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
                             BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr,
                             BN3: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr,
-                            WAIT: gl.constexpr = True, ROTATE: gl.constexpr = 0,
-                            LOAD_X: gl.constexpr = True):
+                            SPLIT: gl.constexpr = 1, WAIT: gl.constexpr = True,
+                            ROTATE: gl.constexpr = 0, LOAD_X: gl.constexpr = True,
+                            TILED: gl.constexpr = False):
     """Every layer's QKV, output, gate/up and down products at M = BM rows in one launch of G
     programs (all resident: one per SM).
 
@@ -251,10 +298,12 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     activations the products read ([(L+1)*BM, H], [L*BM, QKV_N], [L*BM, H], [L*BM, I2], blocks
     [BM, BK]); q/o/g/d_ptr: the same buffers as bf16 pointers for the outputs (down writes the
     next layer's input rows); counters: int32 [4L] zeros (one per product, counters[-1] must
-    exist and stay 0). WAIT=False drops the waits (a timing probe: results race). ROTATE=1:
+    exist and stay 0). SPLIT > 1: the output and down products (BN1 = BN3 = 32) cut K into
+    SPLIT pieces, one work item each, summed through scratch fp32 [H / 32 * SPLIT, BM, 32]
+    with tile_counters int32 [L, 2, H / 32] zeros (``_sum_pieces``). WAIT=False drops the waits (a timing probe: results race). ROTATE=1:
     each tile walks its K steps from its own step on, so the programs do not all read the same
     activation tile at once. LOAD_X=False: activation slots are marked ready unloaded (a
-    timing probe: results are garbage).
+    timing probe: results are garbage). TILED: wd* describe ``tile_weights``' layout.
     """
     xring = gl.allocate_shared_memory(xdd.dtype, [XS, BM, BK], xdd.layout)
     wring = gl.allocate_shared_memory(wd0.dtype, [WS] + wd0.block_type.shape, wd0.layout)
@@ -272,12 +321,12 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     rings = (xring, wring)
     bars = (xr, xe, wr, we)
     gl.warp_specialize([
-        (_mma_partition, (rings, bars, (q_ptr, o_ptr, g_ptr, d_ptr), counters, L, G, H, QKV_N,
-                          I2, DOWN_K, BN0, BN1, BN2, BN3)),
-        (_w_partition, ((wd0, wd1, wd2, wd3), rings, bars, ROTATE, L, G, H, QKV_N, I2, DOWN_K,
-                        BN0, BN1, BN2, BN3)),
-        (_x_partition, ((xdd, xdq, xdo, xdg), rings, bars, counters, WAIT, ROTATE, LOAD_X, L,
-                        G, H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
+        (_mma_partition, (rings, bars, (q_ptr, o_ptr, g_ptr, d_ptr), counters, scratch,
+                          tile_counters, SPLIT, L, G, H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
+        (_w_partition, ((wd0, wd1, wd2, wd3), rings, bars, SPLIT, ROTATE, TILED, L, G, H,
+                        QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
+        (_x_partition, ((xdd, xdq, xdo, xdg), rings, bars, counters, SPLIT, WAIT, ROTATE, LOAD_X,
+                        L, G, H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
     ], [1, 1], [24, 24])
 
 
@@ -286,8 +335,9 @@ HIDDEN, QKV_N, GATE_UP_N, INTER = 2048, 3072, 16384, 8192
 PRODUCTS = ((QKV_N, HIDDEN), (HIDDEN, HIDDEN), (GATE_UP_N, HIDDEN), (HIDDEN, INTER))  # (N, K)
 # Features per tile (QKV on 96 programs, output and down on 64, gate/up on 128) and ring depths
 # (XS activation tiles of 16 KB, WS weight tiles of 8 KB: 224 KB with the barriers' bytes).
-# Variants: xAwB = A activation and B weight slots; gate-up-32: gate/up on 32-feature tiles
+# Variants: split2 = the output and down products' K in two pieces (on 128 programs); xAwB = A activation and B weight slots; gate-up-32: gate/up on 32-feature tiles
 # (4 per program); no-waits: the counters are not waited on (a timing probe, results race);
+# tiled: weights stored as contiguous 8 KB tiles (``tile_weights``);
 # rotated: each tile walks its K steps from its own step on (ROTATE); no-x-loads: activation
 # slots marked ready without loading them (a probe); weights-only: that and no waits.
 MAX_REGISTERS = 168  # per thread, the limit warp specialisation redistributes from
@@ -299,7 +349,12 @@ VARIANTS = {"x2w24": dict(XS=2, WS=24), "x3w22": dict(XS=3, WS=22), "x4w20": dic
             "x6w16 rotated": dict(ROTATE=1), "x4w20 rotated": dict(XS=4, WS=20, ROTATE=1),
             "x8w12 rotated": dict(XS=8, WS=12, ROTATE=1),
             "x6w16 no-waits": dict(WAIT=False), "x6w16 no-x-loads": dict(LOAD_X=False),
-            "x6w16 weights-only": dict(LOAD_X=False, WAIT=False)}
+            "x6w16 weights-only": dict(LOAD_X=False, WAIT=False),
+            "x2w24 weights-only": dict(XS=2, WS=24, LOAD_X=False, WAIT=False),
+            "x6w16 split2": dict(SPLIT=2), "x8w12 split2": dict(XS=8, WS=12, SPLIT=2),
+            "x6w16 split2 weights-only": dict(SPLIT=2, LOAD_X=False, WAIT=False),
+            "x6w16 tiled": dict(TILED=True), "x8w12 tiled": dict(XS=8, WS=12, TILED=True),
+            "x6w16 tiled weights-only": dict(TILED=True, LOAD_X=False, WAIT=False)}
 
 
 def _shared_layout(block):
@@ -315,6 +370,14 @@ def descriptors(weights, acts):
             [TensorDescriptor.from_tensor(a, [bm, bk], _shared_layout([bm, bk])) for a in acts])
 
 
+def tile_weights(weights):
+    """Each [L*N, K] weight as contiguous [32, BK] tiles: tile (r, k) (rows 32r.., K step k)
+    at rows (r * K / BK + k) * 32 of a [L*N*K / BK, BK] matrix."""
+    bk = BK.value
+    return [w.view(w.shape[0] // 32, 32, w.shape[1] // bk, bk).transpose(1, 2).reshape(-1, bk)
+            for w in weights]
+
+
 def activation_shapes(layers: int) -> list[tuple[int, int]]:
     """The buffers the products read and write: the layers' inputs (layer l + 1's written by
     layer l's down product), QKV, attention (the output product's input) and gate/up."""
@@ -325,7 +388,8 @@ def activation_shapes(layers: int) -> list[tuple[int, int]]:
 
 def build(layers: int, seed: int = 0):
     """Stacked weights (scaled so activations stay O(1)), the activation buffers (input rows of
-    layer 0 random, the rest zero) and the counters (one spare in front: counters[-1])."""
+    layer 0 random, the rest zero) and the counters: one spare in front (counters[-1]), one
+    per product, then the split products' tile counters."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     m = BM.value
     weights = [(torch.randn(layers * n, k, device="cuda", generator=g) * k ** -0.5)
@@ -333,7 +397,9 @@ def build(layers: int, seed: int = 0):
     acts = [torch.zeros(shape, device="cuda", dtype=torch.bfloat16)
             for shape in activation_shapes(layers)]
     acts[0][:m] = torch.randn(m, HIDDEN, device="cuda", generator=g).to(torch.bfloat16)
-    return weights, acts, torch.zeros(1 + 4 * layers, device="cuda", dtype=torch.int32)
+    counters = torch.zeros(1 + 4 * layers + 2 * layers * HIDDEN // 32, device="cuda",
+                           dtype=torch.int32)
+    return weights, acts, counters
 
 
 def persistent(layers: int, config: dict, weights, acts, counters):
@@ -342,13 +408,22 @@ def persistent(layers: int, config: dict, weights, acts, counters):
     # The MMA partition hands a slot back one step late: a ring must hold two steps.
     if config["XS"] < 2 or config["WS"] < 2 * max(config[f"BN{i}"] for i in range(4)) // 32:
         raise ValueError(f"rings too shallow for two steps: {config}")
+    split = config.get("SPLIT", 1)
+    if split > 1 and (config["BN1"] != 32 or config["BN3"] != 32 or HIDDEN // BK.value % split):
+        raise ValueError(f"split K takes 32-feature output and down tiles: {config}")
+    if config.get("TILED"):
+        weights = tile_weights(weights)
     wdescs, xdescs = descriptors(weights, acts)
     inputs, qkv, attn, gate_up = acts
+    scratch = torch.empty(HIDDEN // 32 * split * BM.value * 32, device="cuda",
+                          dtype=torch.float32)
+    products = 4 * layers
 
     def run():
         counters.zero_()
         persistent_chain_kernel[(config["G"], )](
-            *wdescs, *xdescs, qkv, attn, gate_up, inputs, counters[1:], L=layers, H=HIDDEN,
+            *wdescs, *xdescs, qkv, attn, gate_up, inputs, counters[1:1 + products], scratch,
+            counters[1 + products:], L=layers, H=HIDDEN,
             QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER, num_warps=4, maxnreg=MAX_REGISTERS,
             **config)
     return run
@@ -390,6 +465,30 @@ def dependent_launches(layers: int, weights, acts):
     return run
 
 
+@triton.jit
+def _read_kernel(w_ptr, sums_ptr, numel, BLOCK: tl.constexpr):
+    """Sum a flat bf16 tensor's elements [pid * BLOCK ...) in strides of the grid (fp32, one
+    partial per program): a pure read of every byte, the streaming ceiling of the chain."""
+    pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(pid * BLOCK, numel, step):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(w_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    tl.store(sums_ptr + pid, tl.sum(acc))
+
+
+def read_stream(weights, programs: int = 132 * 4):
+    """Every weight byte read once, the products' arithmetic left out (a probe of how fast the
+    chain's bytes can stream at all)."""
+    sums = torch.empty(programs, device="cuda", dtype=torch.float32)
+
+    def run():
+        for w in weights:
+            _read_kernel[(programs, )](w, sums, w.numel(), BLOCK=4096, num_warps=8)
+    return run
+
+
 def cublas(layers: int, weights, acts):
     def run():
         for layer in _layer_products(layers, weights, acts):
@@ -408,16 +507,20 @@ def compile_for_h100(layers: int = 2, config: dict | None = None) -> dict:
 
     config = {**CONFIG, **(config or {})}
     weights = [torch.empty(layers * n, k, dtype=torch.bfloat16) for n, k in PRODUCTS]
+    if config.get("TILED"):
+        weights = tile_weights(weights)
     acts = [torch.empty(shape, dtype=torch.bfloat16) for shape in activation_shapes(layers)]
     wdescs, xdescs = descriptors(weights, acts)
     names = persistent_chain_kernel.arg_names
     constexprs = dict(L=layers, H=HIDDEN, QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER,
-                      **{"WAIT": True, "ROTATE": 0, "LOAD_X": True, **config})
+                      **{"SPLIT": 1, "WAIT": True, "ROTATE": 0, "LOAD_X": True, "TILED": False,
+                         **config})
     signature = {n: mangle_type(d) for n, d in zip(names, wdescs + xdescs)}
     signature.update({n: "*bf16" for n in ("q_ptr", "o_ptr", "g_ptr", "d_ptr")})
-    signature.update(counters="*i32", **{n: "constexpr" for n in constexprs})
+    signature.update(counters="*i32", scratch="*fp32", tile_counters="*i32",
+                     **{n: "constexpr" for n in constexprs})
     aligned = {(names.index(n), ): [["tt.divisibility", 16]]
-               for n in ("q_ptr", "o_ptr", "g_ptr", "d_ptr", "counters")}
+               for n in ("q_ptr", "o_ptr", "g_ptr", "d_ptr", "counters", "scratch")}
     source = GluonASTSource(persistent_chain_kernel, signature, constexprs, aligned)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=4, maxnreg=MAX_REGISTERS))
@@ -427,6 +530,33 @@ def compile_for_h100(layers: int = 2, config: dict | None = None) -> dict:
                 acquire_loads=ptx.count("ld.global.gpu.acquire"),
                 release_adds=ptx.count("atom.global.gpu.release.add"),
                 proxy_fences=ptx.count("fence.proxy.async.global"))
+
+
+def plot(rows: list[dict], roofline_us: float, layers: int, path: Path) -> None:
+    """One bar per chain: the median of its rounds' times, as % of the roofline time (probes,
+    whose results are not the products, hatched)."""
+    import statistics
+
+    from bench.plots import _pyplot, _save
+
+    plt = _pyplot()
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    pct = [100 * roofline_us / statistics.median(r["us"] for r in rows if r["name"] == name)
+           for name in names]
+    probe = [max(r["worst_rel_err"] for r in rows if r["name"] == name) > 1e-2
+             for name in names]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.5))
+    ax.barh(names, pct, color=["C1" if p else "C0" for p in probe],
+            hatch=[("//" if p else "") for p in probe])
+    for y, value in enumerate(pct):
+        ax.text(value + 0.5, y, f"{value:.1f}%", va="center", fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(100, color="grey", lw=0.5)
+    ax.set(xlim=(0, 110), xlabel="% of roofline (roofline / chain time)",
+           title=f"1B products at M = {BM.value}, {layers} layers: roofline {roofline_us:.0f} us "
+                 "(hatched: probes)")
+    ax.tick_params(axis="y", labelsize=7)
+    _save(fig, path)
 
 
 def main() -> None:
@@ -442,7 +572,8 @@ def main() -> None:
     copy = copy_bandwidth_gbps()
     roof_us = args.layers * sum(n * k * 2 for n, k in PRODUCTS) / (copy * 1e3)
     weights, acts, counters = build(args.layers)
-    fns = {"cuBLAS": cublas(args.layers, weights, acts),
+    fns = {"weights read once (no products)": read_stream(weights),
+           "cuBLAS": cublas(args.layers, weights, acts),
            "dependent launches (kernels.gemm)": dependent_launches(args.layers, weights, acts)}
     for name in args.variants.split(","):
         fns[f"persistent {name}"] = persistent(args.layers, VARIANTS[name], weights, acts,
@@ -467,6 +598,7 @@ def main() -> None:
                dict(copy_gbps=copy, roofline_us=roof_us, layers=args.layers, rows=rows,
                     config=CONFIG,
                     variants={n: VARIANTS[n] for n in args.variants.split(",")}))
+    plot(rows, roof_us, args.layers, args.out / "persistent_chain.png")
 
 
 if __name__ == "__main__":

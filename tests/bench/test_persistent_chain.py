@@ -28,17 +28,34 @@ def test_compiles_for_h100_within_shared_memory():
     assert report["proxy_fences"] >= 8
 
 
+def test_plot_marks_the_probes(tmp_path):
+    from bench.persistent_chain import plot
+
+    rows = [dict(name=name, round=r, us=us + r, worst_rel_err=err)
+            for r in range(2) for name, us, err in (("cuBLAS", 960.0, 1.7e-3),
+                                                     ("persistent x6w16", 850.0, 1.7e-3),
+                                                     ("persistent x6w16 weights-only", 735.0, 1.0))]
+    plot(rows, 644.7, 16, tmp_path / "chain.png")
+    assert (tmp_path / "chain.png").stat().st_size > 0
+
+
 @pytest.mark.gpu
-def test_every_product_matches_torch():
-    from bench.persistent_chain import CONFIG, build, persistent, worst_error
+@pytest.mark.parametrize("config", [{}, {"SPLIT": 2}, {"TILED": True}],
+                         ids=["whole-K", "split-K", "tiled-weights"])
+def test_every_product_matches_torch(config):
+    from bench.persistent_chain import CONFIG, HIDDEN, build, persistent, worst_error
 
     layers = 2
     weights, acts, counters = build(layers)
     for a in acts[1:]:
         a.fill_(float("nan"))  # every output element must be written
     acts[0][64:].fill_(float("nan"))
-    persistent(layers, {}, weights, acts, counters)()
+    persistent(layers, config, weights, acts, counters)()
     torch.cuda.synchronize()
     assert not any(a.isnan().any().item() for a in acts)
-    assert counters[1:].tolist() == [CONFIG["G"]] * (4 * layers)
+    products = 4 * layers
+    assert counters[1:1 + products].tolist() == [CONFIG["G"]] * products
+    # With split K every output and down tile was summed once, after both its pieces.
+    tiles = counters[1 + products:].tolist()
+    assert tiles == [config.get("SPLIT", 0)] * (2 * layers * HIDDEN // 32)
     assert worst_error(layers, weights, acts) < 1e-2
