@@ -478,6 +478,9 @@ def _read_kernel(w_ptr, sums_ptr, numel, BLOCK: tl.constexpr):
     tl.store(sums_ptr + pid, tl.sum(acc))
 
 
+READ_PROBE = "weights read once (no products)"
+
+
 def read_stream(weights, programs: int = 132 * 4):
     """Every weight byte read once, the products' arithmetic left out (a probe of how fast the
     chain's bytes can stream at all)."""
@@ -532,9 +535,10 @@ def compile_for_h100(layers: int = 2, config: dict | None = None) -> dict:
                 proxy_fences=ptx.count("fence.proxy.async.global"))
 
 
-def plot(rows: list[dict], roofline_us: float, layers: int, path: Path) -> None:
-    """One bar per chain: the median of its rounds' times, as % of the roofline time (probes,
-    whose results are not the products, hatched)."""
+def plot(rows: list[dict], roofline_us: float, layers: int, probes: set[str],
+         path: Path) -> None:
+    """One bar per chain: the median of its rounds' times, as % of the roofline time (the
+    chains named in probes, whose results are not the products, hatched)."""
     import statistics
 
     from bench.plots import _pyplot, _save
@@ -543,8 +547,7 @@ def plot(rows: list[dict], roofline_us: float, layers: int, path: Path) -> None:
     names = list(dict.fromkeys(r["name"] for r in rows))
     pct = [100 * roofline_us / statistics.median(r["us"] for r in rows if r["name"] == name)
            for name in names]
-    probe = [max(r["worst_rel_err"] for r in rows if r["name"] == name) > 1e-2
-             for name in names]
+    probe = [name in probes for name in names]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.5))
     ax.barh(names, pct, color=["C1" if p else "C0" for p in probe],
             hatch=[("//" if p else "") for p in probe])
@@ -572,7 +575,7 @@ def main() -> None:
     copy = copy_bandwidth_gbps()
     roof_us = args.layers * sum(n * k * 2 for n, k in PRODUCTS) / (copy * 1e3)
     weights, acts, counters = build(args.layers)
-    fns = {"weights read once (no products)": read_stream(weights),
+    fns = {READ_PROBE: read_stream(weights),
            "cuBLAS": cublas(args.layers, weights, acts),
            "dependent launches (kernels.gemm)": dependent_launches(args.layers, weights, acts)}
     for name in args.variants.split(","):
@@ -598,7 +601,10 @@ def main() -> None:
                dict(copy_gbps=copy, roofline_us=roof_us, layers=args.layers, rows=rows,
                     config=CONFIG,
                     variants={n: VARIANTS[n] for n in args.variants.split(",")}))
-    plot(rows, roof_us, args.layers, args.out / "persistent_chain.png")
+    probes = {READ_PROBE} | {f"persistent {n}" for n in args.variants.split(",")
+                             if not VARIANTS[n].get("WAIT", True)
+                             or not VARIANTS[n].get("LOAD_X", True)}
+    plot(rows, roof_us, args.layers, probes, args.out / "persistent_chain.png")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def test_plot_marks_the_probes(tmp_path):
             for r in range(2) for name, us, err in (("cuBLAS", 960.0, 1.7e-3),
                                                      ("persistent x6w16", 850.0, 1.7e-3),
                                                      ("persistent x6w16 weights-only", 735.0, 1.0))]
-    plot(rows, 644.7, 16, tmp_path / "chain.png")
+    plot(rows, 644.7, 16, {"persistent x6w16 weights-only"}, tmp_path / "chain.png")
     assert (tmp_path / "chain.png").stat().st_size > 0
 
 
