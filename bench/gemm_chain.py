@@ -33,23 +33,21 @@ EPS = 1e-5
 
 
 # name: (shared-memory budget per program, K tile, most pipeline stages, weight bytes per product
-# prefetched into L2 before the wait[, each program's K loop starting at its own tile]); None
-# keeps gemm_config's choice. Earlier sweeps on the
+# prefetched into L2 before the wait); None keeps gemm_config's choice. Earlier sweeps on the
 # H100 are in bench/RESULTS.md ("What else was tried on the product chain").
 VARIANTS = {"default": (None, None, None, None),
             "prefetch 4 MB": (None, None, None, 4 << 20),
             "K tile 256, 4 stages, 200 KB": (200 << 10, 256, 4, None),
             "K tile 128, 4 stages": (None, 128, 4, None),
             "110 KB (two programs per SM)": (110 << 10, None, None, None),
-            "K tile 64, 12 stages": (None, 64, 12, None),
-            "K order rotated per program": (None, None, None, None, True)}
+            "K tile 64, 12 stages": (None, 64, 12, None)}
 
 
 def variant(config, n: int, k: int, shared: int | None, block_k: int | None,
-            max_stages: int | None, prefetch_bytes: int | None, rotate_k: bool = False):
-    """``config`` with the variant's shared-memory budget, K tile, stage limit, prefetch
-    volume and K order (n: the weight's rows); the stages refitted to the budget when any of
-    the first three is set."""
+            max_stages: int | None, prefetch_bytes: int | None):
+    """``config`` with the variant's shared-memory budget, K tile, stage limit and prefetch
+    volume (n: the weight's rows); the stages refitted to the budget when any of the first
+    three is set."""
     from kernels import gemm
 
     block_k = block_k or config.block_k
@@ -62,8 +60,7 @@ def variant(config, n: int, k: int, shared: int | None, block_k: int | None,
     if prefetch_bytes:
         columns = min(prefetch_bytes // (2 * n), k)
         prefetch_k = max(prefetch_k, 64 * 2 ** max(0, (columns // 64).bit_length() - 1))
-    return dataclasses.replace(config, block_k=block_k, num_stages=stages, prefetch_k=prefetch_k,
-                               rotate_k=rotate_k or config.rotate_k)
+    return dataclasses.replace(config, block_k=block_k, num_stages=stages, prefetch_k=prefetch_k)
 
 
 def chain_fns(shape: dict, m: int, variants: tuple[tuple, ...] = ()) -> dict:

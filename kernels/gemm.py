@@ -80,7 +80,6 @@ class GemmConfig:
     num_stages: int
     pdl: bool = False
     prefetch_k: int = 0
-    rotate_k: bool = False
 
 
 def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAIN,
@@ -125,7 +124,7 @@ def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias
                 EVEN_N=n % tile_n == 0, EVEN_K=k % config.block_k == 0, PDL=config.pdl,
                 PREFETCH_K=config.prefetch_k if config.pdl else 0,
                 PREFETCH_CHUNK=min(PREFETCH_COLUMNS, max(64, config.prefetch_k)),
-                ROTATE_K=config.rotate_k, num_warps=config.num_warps, num_stages=config.num_stages)
+                num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prologue: int = PLAIN,
@@ -174,7 +173,7 @@ def _skinny_gemm_kernel(
         ADD_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
         EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
-        PREFETCH_CHUNK: tl.constexpr, ROTATE_K: tl.constexpr):
+        PREFETCH_CHUNK: tl.constexpr):
     """Grid (cdiv(N, TILE_N), cdiv(M, BLOCK_M)): program (j, i) computes out tile (i, j), with
     TILE_N = BLOCK_N (BLOCK_N / 2 with SWIGLU).
 
@@ -192,18 +191,13 @@ def _skinny_gemm_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
     up_rows = w_rows + N.to(tl.int64) * K  # SWIGLU: the up row of each gate row
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    k_steps = tl.cdiv(K, BLOCK_K)
-    # ROTATE_K: program j walks its K tiles from tile j on (mod the count), so at any moment
-    # the programs read different activation columns rather than all the same ones.
-    first_step = tl.program_id(0) % k_steps if ROTATE_K else 0
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         # One address per 128-byte line, clamped into the matrix (a tile may overhang it), in
         # chunks of PREFETCH_CHUNK columns (a few address registers per thread).
         rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * K
         for chunk in range(0, PREFETCH_K, PREFETCH_CHUNK):
-            lines = first_step * BLOCK_K + chunk + tl.arange(0, PREFETCH_CHUNK // 64) * 64
-            lines = tl.minimum(lines % (k_steps * BLOCK_K), K - 1)
+            lines = tl.minimum(chunk + tl.arange(0, PREFETCH_CHUNK // 64) * 64, K - 1)
             _prefetch_to_l2(rows + lines[None, :])
             if SWIGLU:
                 _prefetch_to_l2(rows + N.to(tl.int64) * K + lines[None, :])
@@ -212,9 +206,8 @@ def _skinny_gemm_kernel(
     acc = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
     sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for step in range(0, k_steps):
-        tile = (step + first_step) % k_steps if ROTATE_K else step
-        k = tile * BLOCK_K + offs_k
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
         k_live = k < K
         w_mask = n_live[:, None] & k_live[None, :]  # only used where a tile can overhang
         x_ptrs = x_rows + k[None, :]
