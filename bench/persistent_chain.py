@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 BM = gl.constexpr(64)   # rows (the batch)
 BK = gl.constexpr(128)  # K per step
+CHUNKS = gl.constexpr(128)  # BK-column chunks of the widest output (gate/up: 16384 / BK)
 
 
 @gluon.jit
@@ -54,6 +55,19 @@ def _wait_counter(ptr, target):
     while seen < target:
         seen = gl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
     _fence_proxy_global(seen)
+
+
+@gluon.jit
+def _poll_chunks(chunks, offs, n):
+    """The int32 counters chunks[0..n) (acquire loads; zero beyond n), then fence. Loads, not
+    atomics: 128 programs polling the same counters would serialise on read-modify-writes."""
+    live = offs < n
+    seen = gl.inline_asm_elementwise("ld.global.acquire.gpu.b32 $0, [$1];", "=r,l",
+                                     [chunks + gl.where(live, offs, 0)], dtype=gl.int32,
+                                     is_pure=False, pack=1)
+    seen = gl.where(live, seen, 0)
+    _fence_proxy_global(gl.sum(seen, axis=0))
+    return seen
 
 
 @gluon.jit
@@ -89,18 +103,29 @@ def _w_load(desc, ring, ready, empty, i, layer, pid, G: gl.constexpr, N: gl.cons
 
 
 @gluon.jit
-def _x_load(desc, row0, ring, ready, empty, xi, counter, target, pid, G: gl.constexpr,
-            N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr,
-            WAIT: gl.constexpr, ROTATE: gl.constexpr, LOAD_X: gl.constexpr):
-    """Activation loader: once the previous product's counter reaches target, the [BM, BK]
-    activation tiles (bf16, rows row0..row0+BM) of every K step of this program's tiles, in
-    ``_w_load``'s order. LOAD_X=False (a timing probe) marks each slot ready unloaded."""
+def _x_load(desc, row0, ring, ready, empty, xi, counter, target, chunks, need, pid,
+            G: gl.constexpr, N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr,
+            SPLIT: gl.constexpr, WAIT: gl.constexpr, ROTATE: gl.constexpr,
+            LOAD_X: gl.constexpr):
+    """Activation loader: the [BM, BK] activation tiles (bf16, rows row0..row0+BM) of every
+    K step of this program's tiles, in ``_w_load``'s order. WAIT=1: first wait until the
+    previous product's counter reaches target; WAIT=2 (SPLIT = 1, ROTATE = 0): before K step k,
+    wait until chunks[k] (tiles written in the activation's columns k*BK..) reaches need.
+    LOAD_X=False (a timing probe) marks each slot ready unloaded."""
     S: gl.constexpr = ring.type.shape[0]
     KSTEPS: gl.constexpr = K // BK // SPLIT
-    if WAIT:
+    if WAIT == 1:
         _wait_counter(counter, target)
+    offs = gl.arange(0, 64, layout=gl.BlockedLayout([2], [32], [1], [0]))  # K steps <= 64
+    if WAIT == 2:
+        seen = _poll_chunks(chunks, offs, KSTEPS)
     for t in range(pid, N // BN * SPLIT, G):
         for ks in range(KSTEPS):
+            if WAIT == 2:
+                done = gl.sum(gl.where(offs == ks, seen, 0), axis=0)
+                while done < need:
+                    seen = _poll_chunks(chunks, offs, KSTEPS)
+                    done = gl.sum(gl.where(offs == ks, seen, 0), axis=0)
             s = xi % S
             mbarrier.wait(empty.index(s), ((xi // S) & 1) ^ 1)
             if LOAD_X:
@@ -154,14 +179,17 @@ def _sum_pieces(acc, scratch, tile_counter, item, SPLIT: gl.constexpr, layout: g
 
 @gluon.jit
 def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
-         OUT_STRIDE: gl.constexpr, counter, scratch, tile_counters, G: gl.constexpr,
-         N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr):
+         OUT_STRIDE: gl.constexpr, counter, scratch, tile_counters, chunks, G: gl.constexpr,
+         N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr,
+         WAIT: gl.constexpr, MMA: gl.constexpr):
     """MMA partition for one product: out[:, tile] = x @ w[tile].T for this program's tiles
     (fp32 accumulators of [BM, 32], one per 32 features: BN in {32, 128}), stored as bf16 at
     out_ptr (row stride OUT_STRIDE); then one release increment of the product's counter.
     SPLIT > 1 (BN = 32 only): work item t is K piece t % SPLIT of tile t // SPLIT, and the
     pieces are summed through scratch fp32 [items, BM, 32] (``_sum_pieces``; tile_counters:
-    int32 zeros, one per tile) by whichever arrives last, which stores the tile."""
+    int32 zeros, one per tile) by whichever arrives last, which stores the tile. WAIT=2: after
+    each tile, a release increment of chunks[column // BK] for the BK columns it lies in.
+    MMA=False (a timing probe) consumes the slots without multiplying: the tiles hold zeros."""
     XS: gl.constexpr = xring.type.shape[0]
     WS: gl.constexpr = wring.type.shape[0]
     SUB: gl.constexpr = wring.type.shape[1]
@@ -178,13 +206,17 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
             xs = xi % XS
             mbarrier.wait(xready.index(xs), (xi // XS) & 1)
             x = xring.index(xs)
-            a0 = warpgroup_mma(x, _weight_slot(wring, wready, wi), a0, is_async=True)
-            if NSUB == 4:
+            if not MMA:
+                for sub in gl.static_range(NSUB):
+                    _weight_slot(wring, wready, wi + sub)
+            elif NSUB == 4:
+                a0 = warpgroup_mma(x, _weight_slot(wring, wready, wi), a0, is_async=True)
                 a1 = warpgroup_mma(x, _weight_slot(wring, wready, wi + 1), a1, is_async=True)
                 a2 = warpgroup_mma(x, _weight_slot(wring, wready, wi + 2), a2, is_async=True)
                 a3 = warpgroup_mma(x, _weight_slot(wring, wready, wi + 3), a3, is_async=True)
                 a0, a1, a2, a3 = warpgroup_mma_wait(num_outstanding=4, deps=(a0, a1, a2, a3))
             else:
+                a0 = warpgroup_mma(x, _weight_slot(wring, wready, wi), a0, is_async=True)
                 a0 = warpgroup_mma_wait(num_outstanding=1, deps=(a0, ))
             # The previous step's MMAs are done: hand their slots back.
             mbarrier.arrive(xempty.index((xi + XS - 1) % XS), count=1, pred=ks > 0)
@@ -210,6 +242,10 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
             _store_tile(a1, out_ptr, OUT_STRIDE, t * BN + SUB, acc_layout, SUB)
             _store_tile(a2, out_ptr, OUT_STRIDE, t * BN + 2 * SUB, acc_layout, SUB)
             _store_tile(a3, out_ptr, OUT_STRIDE, t * BN + 3 * SUB, acc_layout, SUB)
+        if WAIT == 2:
+            gl.thread_barrier()  # every warp's stores precede the release
+            gl.atomic_add(_fence_proxy_global(0) + chunks + t * BN // BK, 1, sem="release",
+                          scope="gpu")
     gl.thread_barrier()  # every warp's stores precede the release
     # The fence's result (0) is added to the pointer so that it is issued before the increment.
     gl.atomic_add(_fence_proxy_global(0) + counter, 1, sem="release", scope="gpu")
@@ -217,7 +253,8 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
 
 
 @gluon.jit
-def _mma_partition(rings, bars, outs, counters, scratch, tile_counters, SPLIT: gl.constexpr,
+def _mma_partition(rings, bars, outs, counters, scratch, tile_counters, chunk_counters,
+                   SPLIT: gl.constexpr, WAIT: gl.constexpr, MMA: gl.constexpr,
                    L: gl.constexpr, G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr,
                    I2: gl.constexpr, DOWN_K: gl.constexpr,
                    BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
@@ -230,14 +267,16 @@ def _mma_partition(rings, bars, outs, counters, scratch, tile_counters, SPLIT: g
     for layer in range(L):
         c = counters + layer * 4
         tc = tile_counters + layer * 2 * (H // BN1)  # the output's tiles, then down's
+        cc = chunk_counters + layer * 4 * CHUNKS  # per product, per BK output columns
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, q_ptr + layer * BM * QKV_N,
-                      QKV_N, c + 0, scratch, tc, G, QKV_N, H, BN0, 1)
+                      QKV_N, c + 0, scratch, tc, cc, G, QKV_N, H, BN0, 1, WAIT, MMA)
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, o_ptr + layer * BM * H, H,
-                      c + 1, scratch, tc, G, H, H, BN1, SPLIT)
+                      c + 1, scratch, tc, cc + CHUNKS, G, H, H, BN1, SPLIT, WAIT, MMA)
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, g_ptr + layer * BM * I2, I2,
-                      c + 2, scratch, tc, G, I2, H, BN2, 1)
+                      c + 2, scratch, tc, cc + 2 * CHUNKS, G, I2, H, BN2, 1, WAIT, MMA)
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, d_ptr + (layer + 1) * BM * H, H,
-                      c + 3, scratch, tc + H // BN1, G, H, DOWN_K, BN3, SPLIT)
+                      c + 3, scratch, tc + H // BN1, cc + 3 * CHUNKS, G, H, DOWN_K, BN3, SPLIT,
+                      WAIT, MMA)
 
 
 @gluon.jit
@@ -259,7 +298,8 @@ def _w_partition(wdescs, rings, bars, SPLIT: gl.constexpr, ROTATE: gl.constexpr,
 
 
 @gluon.jit
-def _x_partition(xdescs, rings, bars, counters, SPLIT: gl.constexpr, WAIT: gl.constexpr,
+def _x_partition(xdescs, rings, bars, counters, chunk_counters, SPLIT: gl.constexpr,
+                 WAIT: gl.constexpr,
                  ROTATE: gl.constexpr, LOAD_X: gl.constexpr, L: gl.constexpr,
                  G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr, I2: gl.constexpr,
                  DOWN_K: gl.constexpr,
@@ -271,26 +311,30 @@ def _x_partition(xdescs, rings, bars, counters, SPLIT: gl.constexpr, WAIT: gl.co
     xi = 0
     for layer in range(L):
         c = counters + layer * 4
-        # Layer 0 reads the input: counters[-1] stays 0 and the target is 0.
-        xi = _x_load(dd, layer * BM, xring, xr, xe, xi, c - 1, G * (layer > 0), pid, G, QKV_N,
-                     H, BN0, 1, WAIT, ROTATE, LOAD_X)
-        xi = _x_load(dq, layer * BM, xring, xr, xe, xi, c + 0, G, pid, G, H, H, BN1, SPLIT,
-                     WAIT, ROTATE, LOAD_X)
-        xi = _x_load(do, layer * BM, xring, xr, xe, xi, c + 1, G, pid, G, I2, H, BN2, 1, WAIT,
+        cc = chunk_counters + layer * 4 * CHUNKS
+        # Layer 0 reads the input: counters[-1] stays 0, and both targets are 0.
+        first = layer > 0
+        xi = _x_load(dd, layer * BM, xring, xr, xe, xi, c - 1, G * first,
+                     cc - CHUNKS * first, BK // BN3 * first, pid, G, QKV_N, H, BN0, 1, WAIT,
                      ROTATE, LOAD_X)
-        xi = _x_load(dg, layer * BM, xring, xr, xe, xi, c + 2, G, pid, G, H, DOWN_K, BN3, SPLIT,
-                     WAIT, ROTATE, LOAD_X)
+        xi = _x_load(dq, layer * BM, xring, xr, xe, xi, c + 0, G, cc, BK // BN0, pid, G, H, H,
+                     BN1, SPLIT, WAIT, ROTATE, LOAD_X)
+        xi = _x_load(do, layer * BM, xring, xr, xe, xi, c + 1, G, cc + CHUNKS, BK // BN1, pid,
+                     G, I2, H, BN2, 1, WAIT, ROTATE, LOAD_X)
+        xi = _x_load(dg, layer * BM, xring, xr, xe, xi, c + 2, G, cc + 2 * CHUNKS, BK // BN2,
+                     pid, G, H, DOWN_K, BN3, SPLIT, WAIT, ROTATE, LOAD_X)
 
 
 @gluon.jit
 def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr, g_ptr,
-                            d_ptr, counters, scratch, tile_counters, L: gl.constexpr,
+                            d_ptr, counters, scratch, tile_counters, chunk_counters,
+                            L: gl.constexpr,
                             G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
                             BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr,
                             BN3: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr,
-                            SPLIT: gl.constexpr = 1, WAIT: gl.constexpr = True,
+                            SPLIT: gl.constexpr = 1, WAIT: gl.constexpr = 1,
                             ROTATE: gl.constexpr = 0, LOAD_X: gl.constexpr = True,
-                            TILED: gl.constexpr = False):
+                            TILED: gl.constexpr = False, MMA: gl.constexpr = True):
     """Every layer's QKV, output, gate/up and down products at M = BM rows in one launch of G
     programs (all resident: one per SM).
 
@@ -300,10 +344,15 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     next layer's input rows); counters: int32 [4L] zeros (one per product, counters[-1] must
     exist and stay 0). SPLIT > 1: the output and down products (BN1 = BN3 = 32) cut K into
     SPLIT pieces, one work item each, summed through scratch fp32 [H / 32 * SPLIT, BM, 32]
-    with tile_counters int32 [L, 2, H / 32] zeros (``_sum_pieces``). WAIT=False drops the waits (a timing probe: results race). ROTATE=1:
+    with tile_counters int32 [L, 2, H / 32] zeros (``_sum_pieces``). WAIT=1: each product
+    waits for the whole previous one (its counter); WAIT=2: K step k waits only for the tiles
+    that wrote the activation's columns k*BK.. (chunk_counters int32 [L, 4, CHUNKS] zeros, one
+    per product and BK output columns); WAIT=0 drops the waits (a timing probe: results race).
+    ROTATE=1:
     each tile walks its K steps from its own step on, so the programs do not all read the same
     activation tile at once. LOAD_X=False: activation slots are marked ready unloaded (a
-    timing probe: results are garbage). TILED: wd* describe ``tile_weights``' layout.
+    timing probe: results are garbage). TILED: wd* describe ``tile_weights``' layout. MMA=False:
+    no wgmma (a timing probe: the outputs are zeros).
     """
     xring = gl.allocate_shared_memory(xdd.dtype, [XS, BM, BK], xdd.layout)
     wring = gl.allocate_shared_memory(wd0.dtype, [WS] + wd0.block_type.shape, wd0.layout)
@@ -322,10 +371,12 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     bars = (xr, xe, wr, we)
     gl.warp_specialize([
         (_mma_partition, (rings, bars, (q_ptr, o_ptr, g_ptr, d_ptr), counters, scratch,
-                          tile_counters, SPLIT, L, G, H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
+                          tile_counters, chunk_counters, SPLIT, WAIT, MMA, L, G, H, QKV_N, I2,
+                          DOWN_K, BN0, BN1, BN2, BN3)),
         (_w_partition, ((wd0, wd1, wd2, wd3), rings, bars, SPLIT, ROTATE, TILED, L, G, H,
                         QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
-        (_x_partition, ((xdd, xdq, xdo, xdg), rings, bars, counters, SPLIT, WAIT, ROTATE, LOAD_X,
+        (_x_partition, ((xdd, xdq, xdo, xdg), rings, bars, counters, chunk_counters, SPLIT,
+                        WAIT, ROTATE, LOAD_X,
                         L, G, H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
     ], [1, 1], [24, 24])
 
@@ -338,23 +389,28 @@ PRODUCTS = ((QKV_N, HIDDEN), (HIDDEN, HIDDEN), (GATE_UP_N, HIDDEN), (HIDDEN, INT
 # Variants: split2 = the output and down products' K in two pieces (on 128 programs); xAwB = A activation and B weight slots; gate-up-32: gate/up on 32-feature tiles
 # (4 per program); no-waits: the counters are not waited on (a timing probe, results race);
 # tiled: weights stored as contiguous 8 KB tiles (``tile_weights``);
+# chunk-waits: each K step waits only for the tiles that wrote its activation columns;
 # rotated: each tile walks its K steps from its own step on (ROTATE); no-x-loads: activation
-# slots marked ready without loading them (a probe); weights-only: that and no waits.
+# slots marked ready without loading them (a probe); weights-only: that and no waits; no-mma:
+# the slots consumed without wgmma (a probe).
 MAX_REGISTERS = 168  # per thread, the limit warp specialisation redistributes from
 CONFIG = dict(G=128, BN0=32, BN1=32, BN2=128, BN3=32, XS=6, WS=16)
 VARIANTS = {"x2w24": dict(XS=2, WS=24), "x3w22": dict(XS=3, WS=22), "x4w20": dict(XS=4, WS=20),
             "x6w16": {}, "x8w12": dict(XS=8, WS=12), "x10w8": dict(XS=10, WS=8),
             "x4w20 gate-up-32": dict(XS=4, WS=20, BN2=32),
-            "x4w20 no-waits": dict(XS=4, WS=20, WAIT=False),
+            "x4w20 no-waits": dict(XS=4, WS=20, WAIT=0),
             "x6w16 rotated": dict(ROTATE=1), "x4w20 rotated": dict(XS=4, WS=20, ROTATE=1),
             "x8w12 rotated": dict(XS=8, WS=12, ROTATE=1),
-            "x6w16 no-waits": dict(WAIT=False), "x6w16 no-x-loads": dict(LOAD_X=False),
-            "x6w16 weights-only": dict(LOAD_X=False, WAIT=False),
-            "x2w24 weights-only": dict(XS=2, WS=24, LOAD_X=False, WAIT=False),
+            "x6w16 no-waits": dict(WAIT=0), "x6w16 no-x-loads": dict(LOAD_X=False),
+            "x6w16 weights-only": dict(LOAD_X=False, WAIT=0),
+            "x2w24 weights-only": dict(XS=2, WS=24, LOAD_X=False, WAIT=0),
             "x6w16 split2": dict(SPLIT=2), "x8w12 split2": dict(XS=8, WS=12, SPLIT=2),
-            "x6w16 split2 weights-only": dict(SPLIT=2, LOAD_X=False, WAIT=False),
+            "x6w16 split2 weights-only": dict(SPLIT=2, LOAD_X=False, WAIT=0),
             "x6w16 tiled": dict(TILED=True), "x8w12 tiled": dict(XS=8, WS=12, TILED=True),
-            "x6w16 tiled weights-only": dict(TILED=True, LOAD_X=False, WAIT=False)}
+            "x6w16 tiled weights-only": dict(TILED=True, LOAD_X=False, WAIT=0),
+            "x6w16 chunk-waits": dict(WAIT=2), "x8w12 chunk-waits": dict(XS=8, WS=12, WAIT=2),
+            "x6w16 chunk-waits no-x-loads": dict(WAIT=2, LOAD_X=False),
+            "x6w16 weights-only no-mma": dict(LOAD_X=False, WAIT=0, MMA=False)}
 
 
 def _shared_layout(block):
@@ -389,7 +445,7 @@ def activation_shapes(layers: int) -> list[tuple[int, int]]:
 def build(layers: int, seed: int = 0):
     """Stacked weights (scaled so activations stay O(1)), the activation buffers (input rows of
     layer 0 random, the rest zero) and the counters: one spare in front (counters[-1]), one
-    per product, then the split products' tile counters."""
+    per product, the split products' tile counters, then the chunk counters."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     m = BM.value
     weights = [(torch.randn(layers * n, k, device="cuda", generator=g) * k ** -0.5)
@@ -397,8 +453,8 @@ def build(layers: int, seed: int = 0):
     acts = [torch.zeros(shape, device="cuda", dtype=torch.bfloat16)
             for shape in activation_shapes(layers)]
     acts[0][:m] = torch.randn(m, HIDDEN, device="cuda", generator=g).to(torch.bfloat16)
-    counters = torch.zeros(1 + 4 * layers + 2 * layers * HIDDEN // 32, device="cuda",
-                           dtype=torch.int32)
+    counters = torch.zeros(1 + 4 * layers + 2 * layers * HIDDEN // 32 + 4 * layers * CHUNKS,
+                           device="cuda", dtype=torch.int32)
     return weights, acts, counters
 
 
@@ -411,6 +467,8 @@ def persistent(layers: int, config: dict, weights, acts, counters):
     split = config.get("SPLIT", 1)
     if split > 1 and (config["BN1"] != 32 or config["BN3"] != 32 or HIDDEN // BK.value % split):
         raise ValueError(f"split K takes 32-feature output and down tiles: {config}")
+    if config.get("WAIT") == 2 and (split > 1 or config.get("ROTATE")):
+        raise ValueError(f"chunk waits take whole, unrotated K loops: {config}")
     if config.get("TILED"):
         weights = tile_weights(weights)
     wdescs, xdescs = descriptors(weights, acts)
@@ -418,12 +476,14 @@ def persistent(layers: int, config: dict, weights, acts, counters):
     scratch = torch.empty(HIDDEN // 32 * split * BM.value * 32, device="cuda",
                           dtype=torch.float32)
     products = 4 * layers
+    tile_counters = 2 * layers * HIDDEN // 32
 
     def run():
         counters.zero_()
         persistent_chain_kernel[(config["G"], )](
             *wdescs, *xdescs, qkv, attn, gate_up, inputs, counters[1:1 + products], scratch,
-            counters[1 + products:], L=layers, H=HIDDEN,
+            counters[1 + products:1 + products + tile_counters],
+            counters[1 + products + tile_counters:], L=layers, H=HIDDEN,
             QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER, num_warps=4, maxnreg=MAX_REGISTERS,
             **config)
     return run
@@ -516,11 +576,13 @@ def compile_for_h100(layers: int = 2, config: dict | None = None) -> dict:
     wdescs, xdescs = descriptors(weights, acts)
     names = persistent_chain_kernel.arg_names
     constexprs = dict(L=layers, H=HIDDEN, QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER,
-                      **{"SPLIT": 1, "WAIT": True, "ROTATE": 0, "LOAD_X": True, "TILED": False,
+                      **{"SPLIT": 1, "WAIT": 1, "ROTATE": 0, "LOAD_X": True, "TILED": False,
+                         "MMA": True,
                          **config})
     signature = {n: mangle_type(d) for n, d in zip(names, wdescs + xdescs)}
     signature.update({n: "*bf16" for n in ("q_ptr", "o_ptr", "g_ptr", "d_ptr")})
     signature.update(counters="*i32", scratch="*fp32", tile_counters="*i32",
+                     chunk_counters="*i32",
                      **{n: "constexpr" for n in constexprs})
     aligned = {(names.index(n), ): [["tt.divisibility", 16]]
                for n in ("q_ptr", "o_ptr", "g_ptr", "d_ptr", "counters", "scratch")}
@@ -602,8 +664,9 @@ def main() -> None:
                     config=CONFIG,
                     variants={n: VARIANTS[n] for n in args.variants.split(",")}))
     probes = {READ_PROBE} | {f"persistent {n}" for n in args.variants.split(",")
-                             if not VARIANTS[n].get("WAIT", True)
-                             or not VARIANTS[n].get("LOAD_X", True)}
+                             if VARIANTS[n].get("WAIT", 1) == 0
+                             or not VARIANTS[n].get("LOAD_X", True)
+                             or not VARIANTS[n].get("MMA", True)}
     plot(rows, roof_us, args.layers, probes, args.out / "persistent_chain.png")
 
 

@@ -40,10 +40,11 @@ def test_plot_marks_the_probes(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [{}, {"SPLIT": 2}, {"TILED": True}],
-                         ids=["whole-K", "split-K", "tiled-weights"])
+@pytest.mark.parametrize("config", [{}, {"SPLIT": 2}, {"TILED": True}, {"WAIT": 2}],
+                         ids=["whole-K", "split-K", "tiled-weights", "chunk-waits"])
 def test_every_product_matches_torch(config):
-    from bench.persistent_chain import CONFIG, HIDDEN, build, persistent, worst_error
+    from bench.persistent_chain import (CHUNKS, CONFIG, GATE_UP_N, HIDDEN, QKV_N, build,
+                                        persistent, worst_error)
 
     layers = 2
     weights, acts, counters = build(layers)
@@ -56,6 +57,14 @@ def test_every_product_matches_torch(config):
     products = 4 * layers
     assert counters[1:1 + products].tolist() == [CONFIG["G"]] * products
     # With split K every output and down tile was summed once, after both its pieces.
-    tiles = counters[1 + products:].tolist()
-    assert tiles == [config.get("SPLIT", 0)] * (2 * layers * HIDDEN // 32)
+    tiles = 2 * layers * HIDDEN // 32
+    assert counters[1 + products:1 + products + tiles].tolist() == [config.get("SPLIT", 0)] * tiles
+    # With chunk waits every BK columns of every output were announced by all their tiles.
+    chunks = counters[1 + products + tiles:].view(layers, 4, CHUNKS).cpu()
+    for product, (n, tile) in enumerate(zip((QKV_N, HIDDEN, GATE_UP_N, HIDDEN),
+                                            (CONFIG[f"BN{i}"] for i in range(4)))):
+        expected = torch.zeros(CHUNKS.value, dtype=torch.int32)
+        if config.get("WAIT") == 2:
+            expected[:n // 128] = 128 // tile
+        assert all(torch.equal(chunks[l, product], expected) for l in range(layers))
     assert worst_error(layers, weights, acts) < 1e-2
