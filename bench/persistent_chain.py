@@ -206,18 +206,19 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
             xs = xi % XS
             mbarrier.wait(xready.index(xs), (xi // XS) & 1)
             x = xring.index(xs)
-            if not MMA:
+            if MMA:
+                a0 = warpgroup_mma(x, _weight_slot(wring, wready, wi), a0, is_async=True)
+                if NSUB == 4:
+                    a1 = warpgroup_mma(x, _weight_slot(wring, wready, wi + 1), a1, is_async=True)
+                    a2 = warpgroup_mma(x, _weight_slot(wring, wready, wi + 2), a2, is_async=True)
+                    a3 = warpgroup_mma(x, _weight_slot(wring, wready, wi + 3), a3, is_async=True)
+                    a0, a1, a2, a3 = warpgroup_mma_wait(num_outstanding=4,
+                                                        deps=(a0, a1, a2, a3))
+                else:
+                    a0 = warpgroup_mma_wait(num_outstanding=1, deps=(a0, ))
+            else:
                 for sub in gl.static_range(NSUB):
                     _weight_slot(wring, wready, wi + sub)
-            elif NSUB == 4:
-                a0 = warpgroup_mma(x, _weight_slot(wring, wready, wi), a0, is_async=True)
-                a1 = warpgroup_mma(x, _weight_slot(wring, wready, wi + 1), a1, is_async=True)
-                a2 = warpgroup_mma(x, _weight_slot(wring, wready, wi + 2), a2, is_async=True)
-                a3 = warpgroup_mma(x, _weight_slot(wring, wready, wi + 3), a3, is_async=True)
-                a0, a1, a2, a3 = warpgroup_mma_wait(num_outstanding=4, deps=(a0, a1, a2, a3))
-            else:
-                a0 = warpgroup_mma(x, _weight_slot(wring, wready, wi), a0, is_async=True)
-                a0 = warpgroup_mma_wait(num_outstanding=1, deps=(a0, ))
             # The previous step's MMAs are done: hand their slots back.
             mbarrier.arrive(xempty.index((xi + XS - 1) % XS), count=1, pred=ks > 0)
             for sub in gl.static_range(NSUB):
