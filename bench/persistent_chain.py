@@ -17,9 +17,16 @@ Each program has three partitions:
 
 Products are plain (no norm, residual or SwiGLU), as in the ``ours`` column they are timed
 against: ``kernels.gemm`` as ``gemm_config`` launches it, with programmatic dependent launches,
-on the same buffers; cuBLAS beside both. 1B shapes, M = 64, L2 flushed before each replay.
+on the same buffers; cuBLAS beside both; and a plain read of every weight byte, the pace any
+chain of these products could at best keep. 1B shapes, M = 64, L2 flushed before each replay.
 
-    python -m bench.persistent_chain [--variants base,x6w16,...] [--layers 16] [--out DIR]
+Variants (``VARIANTS``) change one design choice (ring depths, split K, waits per 128
+activation columns, tiled weights, K order) or leave part of the work out to time the rest
+(probes: no waits, no activation loads, no wgmma). Writes ``persistent_chain.json`` and a bar
+chart, ``persistent_chain.png``.
+
+    python -m bench.persistent_chain [--variants x6w16,x8w12,...] [--layers 16] [--rounds 2]
+                                     [--out DIR]
 """
 
 from __future__ import annotations
@@ -300,10 +307,9 @@ def _w_partition(wdescs, rings, bars, SPLIT: gl.constexpr, ROTATE: gl.constexpr,
 
 @gluon.jit
 def _x_partition(xdescs, rings, bars, counters, chunk_counters, SPLIT: gl.constexpr,
-                 WAIT: gl.constexpr,
-                 ROTATE: gl.constexpr, LOAD_X: gl.constexpr, L: gl.constexpr,
-                 G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr, I2: gl.constexpr,
-                 DOWN_K: gl.constexpr,
+                 WAIT: gl.constexpr, ROTATE: gl.constexpr, LOAD_X: gl.constexpr,
+                 L: gl.constexpr, G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr,
+                 I2: gl.constexpr, DOWN_K: gl.constexpr,
                  BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
     dd, dq, do, dg = xdescs
     xring, _ = rings
@@ -329,8 +335,8 @@ def _x_partition(xdescs, rings, bars, counters, chunk_counters, SPLIT: gl.conste
 @gluon.jit
 def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr, g_ptr,
                             d_ptr, counters, scratch, tile_counters, chunk_counters,
-                            L: gl.constexpr,
-                            G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
+                            L: gl.constexpr, G: gl.constexpr, H: gl.constexpr,
+                            QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
                             BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr,
                             BN3: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr,
                             SPLIT: gl.constexpr = 1, WAIT: gl.constexpr = 1,
@@ -349,11 +355,10 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     waits for the whole previous one (its counter); WAIT=2: K step k waits only for the tiles
     that wrote the activation's columns k*BK.. (chunk_counters int32 [L, 4, CHUNKS] zeros, one
     per product and BK output columns); WAIT=0 drops the waits (a timing probe: results race).
-    ROTATE=1:
-    each tile walks its K steps from its own step on, so the programs do not all read the same
-    activation tile at once. LOAD_X=False: activation slots are marked ready unloaded (a
-    timing probe: results are garbage). TILED: wd* describe ``tile_weights``' layout. MMA=False:
-    no wgmma (a timing probe: the outputs are zeros).
+    ROTATE=1: each tile walks its K steps from its own step on, so the programs do not all read
+    the same activation tile at once. TILED: wd* describe ``tile_weights``' layout. Probes
+    (timing only, the outputs are garbage): LOAD_X=False marks activation slots ready unloaded;
+    MMA=False consumes the slots without wgmma.
     """
     xring = gl.allocate_shared_memory(xdd.dtype, [XS, BM, BK], xdd.layout)
     wring = gl.allocate_shared_memory(wd0.dtype, [WS] + wd0.block_type.shape, wd0.layout)
@@ -377,8 +382,7 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
         (_w_partition, ((wd0, wd1, wd2, wd3), rings, bars, SPLIT, ROTATE, TILED, L, G, H,
                         QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
         (_x_partition, ((xdd, xdq, xdo, xdg), rings, bars, counters, chunk_counters, SPLIT,
-                        WAIT, ROTATE, LOAD_X,
-                        L, G, H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
+                        WAIT, ROTATE, LOAD_X, L, G, H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
     ], [1, 1], [24, 24])
 
 
@@ -387,8 +391,9 @@ HIDDEN, QKV_N, GATE_UP_N, INTER = 2048, 3072, 16384, 8192
 PRODUCTS = ((QKV_N, HIDDEN), (HIDDEN, HIDDEN), (GATE_UP_N, HIDDEN), (HIDDEN, INTER))  # (N, K)
 # Features per tile (QKV on 96 programs, output and down on 64, gate/up on 128) and ring depths
 # (XS activation tiles of 16 KB, WS weight tiles of 8 KB: 224 KB with the barriers' bytes).
-# Variants: split2 = the output and down products' K in two pieces (on 128 programs); xAwB = A activation and B weight slots; gate-up-32: gate/up on 32-feature tiles
-# (4 per program); no-waits: the counters are not waited on (a timing probe, results race);
+# Variants: xAwB = A activation and B weight slots; gate-up-32: gate/up on 32-feature tiles
+# (4 per program); split2: the output and down products' K in two pieces (on 128 programs);
+# no-waits: the counters are not waited on (a timing probe, results race);
 # tiled: weights stored as contiguous 8 KB tiles (``tile_weights``);
 # chunk-waits: each K step waits only for the tiles that wrote its activation columns;
 # rotated: each tile walks its K steps from its own step on (ROTATE); no-x-loads: activation
@@ -396,6 +401,8 @@ PRODUCTS = ((QKV_N, HIDDEN), (HIDDEN, HIDDEN), (GATE_UP_N, HIDDEN), (HIDDEN, INT
 # the slots consumed without wgmma (a probe).
 MAX_REGISTERS = 168  # per thread, the limit warp specialisation redistributes from
 CONFIG = dict(G=128, BN0=32, BN1=32, BN2=128, BN3=32, XS=6, WS=16)
+# The kernel's defaulted constexprs (an ahead-of-time compile does not apply defaults).
+KERNEL_DEFAULTS = dict(SPLIT=1, WAIT=1, ROTATE=0, LOAD_X=True, TILED=False, MMA=True)
 VARIANTS = {"x2w24": dict(XS=2, WS=24), "x3w22": dict(XS=3, WS=22), "x4w20": dict(XS=4, WS=20),
             "x6w16": {}, "x8w12": dict(XS=8, WS=12), "x10w8": dict(XS=10, WS=8),
             "x4w20 gate-up-32": dict(XS=4, WS=20, BN2=32),
@@ -412,6 +419,12 @@ VARIANTS = {"x2w24": dict(XS=2, WS=24), "x3w22": dict(XS=3, WS=22), "x4w20": dic
             "x6w16 chunk-waits": dict(WAIT=2), "x8w12 chunk-waits": dict(XS=8, WS=12, WAIT=2),
             "x6w16 chunk-waits no-x-loads": dict(WAIT=2, LOAD_X=False),
             "x6w16 weights-only no-mma": dict(LOAD_X=False, WAIT=0, MMA=False)}
+
+
+def is_probe(variant: dict) -> bool:
+    """Whether a variant leaves out part of the work (its outputs are not the products)."""
+    config = {**KERNEL_DEFAULTS, **variant}
+    return config["WAIT"] == 0 or not config["LOAD_X"] or not config["MMA"]
 
 
 def _shared_layout(block):
@@ -577,14 +590,11 @@ def compile_for_h100(layers: int = 2, config: dict | None = None) -> dict:
     wdescs, xdescs = descriptors(weights, acts)
     names = persistent_chain_kernel.arg_names
     constexprs = dict(L=layers, H=HIDDEN, QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER,
-                      **{"SPLIT": 1, "WAIT": 1, "ROTATE": 0, "LOAD_X": True, "TILED": False,
-                         "MMA": True,
-                         **config})
+                      **{**KERNEL_DEFAULTS, **config})
     signature = {n: mangle_type(d) for n, d in zip(names, wdescs + xdescs)}
     signature.update({n: "*bf16" for n in ("q_ptr", "o_ptr", "g_ptr", "d_ptr")})
     signature.update(counters="*i32", scratch="*fp32", tile_counters="*i32",
-                     chunk_counters="*i32",
-                     **{n: "constexpr" for n in constexprs})
+                     chunk_counters="*i32", **{n: "constexpr" for n in constexprs})
     aligned = {(names.index(n), ): [["tt.divisibility", 16]]
                for n in ("q_ptr", "o_ptr", "g_ptr", "d_ptr", "counters", "scratch")}
     source = GluonASTSource(persistent_chain_kernel, signature, constexprs, aligned)
@@ -665,9 +675,7 @@ def main() -> None:
                     config=CONFIG,
                     variants={n: VARIANTS[n] for n in args.variants.split(",")}))
     probes = {READ_PROBE} | {f"persistent {n}" for n in args.variants.split(",")
-                             if VARIANTS[n].get("WAIT", 1) == 0
-                             or not VARIANTS[n].get("LOAD_X", True)
-                             or not VARIANTS[n].get("MMA", True)}
+                             if is_probe(VARIANTS[n])}
     plot(rows, roof_us, args.layers, probes, args.out / "persistent_chain.png")
 
 

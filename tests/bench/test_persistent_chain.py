@@ -29,7 +29,10 @@ def test_compiles_for_h100_within_shared_memory():
 
 
 def test_plot_marks_the_probes(tmp_path):
-    from bench.persistent_chain import plot
+    from bench.persistent_chain import VARIANTS, is_probe, plot
+
+    assert is_probe(VARIANTS["x6w16 weights-only"]) and is_probe(VARIANTS["x6w16 no-waits"])
+    assert not is_probe(VARIANTS["x6w16 chunk-waits"]) and not is_probe(VARIANTS["x6w16"])
 
     rows = [dict(name=name, round=r, us=us + r, worst_rel_err=err)
             for r in range(2) for name, us, err in (("cuBLAS", 960.0, 1.7e-3),
