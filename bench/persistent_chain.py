@@ -456,6 +456,17 @@ def activation_shapes(layers: int) -> list[tuple[int, int]]:
             (layers * m, GATE_UP_N)]
 
 
+def counter_sizes(layers: int) -> tuple[int, int, int]:
+    """Entries of the counters buffer after its spare: one per product, one per split output
+    and down tile, one per product and BK output columns (chunks)."""
+    return 4 * layers, 2 * layers * HIDDEN // 32, 4 * layers * CHUNKS.value
+
+
+def split_counters(counters: torch.Tensor, layers: int) -> tuple[torch.Tensor, ...]:
+    """Views of the buffer's product, tile and chunk counters (past the spare in front)."""
+    return torch.split(counters[1:], counter_sizes(layers))
+
+
 def build(layers: int, seed: int = 0):
     """Stacked weights (scaled so activations stay O(1)), the activation buffers (input rows of
     layer 0 random, the rest zero) and the counters: one spare in front (counters[-1]), one
@@ -467,8 +478,7 @@ def build(layers: int, seed: int = 0):
     acts = [torch.zeros(shape, device="cuda", dtype=torch.bfloat16)
             for shape in activation_shapes(layers)]
     acts[0][:m] = torch.randn(m, HIDDEN, device="cuda", generator=g).to(torch.bfloat16)
-    counters = torch.zeros(1 + 4 * layers + 2 * layers * HIDDEN // 32 + 4 * layers * CHUNKS,
-                           device="cuda", dtype=torch.int32)
+    counters = torch.zeros(1 + sum(counter_sizes(layers)), device="cuda", dtype=torch.int32)
     return weights, acts, counters
 
 
@@ -489,15 +499,13 @@ def persistent(layers: int, config: dict, weights, acts, counters):
     inputs, qkv, attn, gate_up = acts
     scratch = torch.empty(HIDDEN // 32 * split * BM.value * 32, device="cuda",
                           dtype=torch.float32)
-    products = 4 * layers
-    tile_counters = 2 * layers * HIDDEN // 32
+    product_counters, tile_counters, chunk_counters = split_counters(counters, layers)
 
     def run():
         counters.zero_()
         persistent_chain_kernel[(config["G"], )](
-            *wdescs, *xdescs, qkv, attn, gate_up, inputs, counters[1:1 + products], scratch,
-            counters[1 + products:1 + products + tile_counters],
-            counters[1 + products + tile_counters:], L=layers, H=HIDDEN,
+            *wdescs, *xdescs, qkv, attn, gate_up, inputs, product_counters, scratch,
+            tile_counters, chunk_counters, L=layers, H=HIDDEN,
             QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER, num_warps=4, maxnreg=MAX_REGISTERS,
             **config)
     return run

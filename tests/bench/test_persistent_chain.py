@@ -47,7 +47,7 @@ def test_plot_marks_the_probes(tmp_path):
                          ids=["whole-K", "split-K", "tiled-weights", "chunk-waits"])
 def test_every_product_matches_torch(config):
     from bench.persistent_chain import (CHUNKS, CONFIG, GATE_UP_N, HIDDEN, QKV_N, build,
-                                        persistent, worst_error)
+                                        persistent, split_counters, worst_error)
 
     layers = 2
     weights, acts, counters = build(layers)
@@ -57,13 +57,13 @@ def test_every_product_matches_torch(config):
     persistent(layers, config, weights, acts, counters)()
     torch.cuda.synchronize()
     assert not any(a.isnan().any().item() for a in acts)
-    products = 4 * layers
-    assert counters[1:1 + products].tolist() == [CONFIG["G"]] * products
+    products, tiles, chunks = split_counters(counters, layers)
+    assert counters[0].item() == 0  # the spare layer 0's input waits on
+    assert products.tolist() == [CONFIG["G"]] * (4 * layers)
     # With split K every output and down tile was summed once, after both its pieces.
-    tiles = 2 * layers * HIDDEN // 32
-    assert counters[1 + products:1 + products + tiles].tolist() == [config.get("SPLIT", 0)] * tiles
+    assert tiles.tolist() == [config.get("SPLIT", 0)] * (2 * layers * HIDDEN // 32)
     # With chunk waits every BK columns of every output were announced by all their tiles.
-    chunks = counters[1 + products + tiles:].view(layers, 4, CHUNKS).cpu()
+    chunks = chunks.view(layers, 4, CHUNKS).cpu()
     for product, (n, tile) in enumerate(zip((QKV_N, HIDDEN, GATE_UP_N, HIDDEN),
                                             (CONFIG[f"BN{i}"] for i in range(4)))):
         expected = torch.zeros(CHUNKS.value, dtype=torch.int32)
