@@ -45,6 +45,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 BM = gl.constexpr(64)   # rows (the batch)
 BK = gl.constexpr(128)  # K per step
 CHUNKS = gl.constexpr(128)  # BK-column chunks of the widest output (gate/up: 16384 / BK)
+# A trace (TRACE=True) holds int64 [G, L, 4, TRACE_FIELDS]: per program, layer and product,
+# global-timer ns (start, first activation tile in, last MMA done, counter released, previous
+# counter seen by the activation loader), cycles (the MMA warps waiting for weight slots and for
+# activation slots, the weight loader waiting for a free slot) and the cycle counter at the start.
+TRACE_START, TRACE_FIRST_X, TRACE_DONE, TRACE_RELEASED = (gl.constexpr(0), gl.constexpr(1),
+                                                          gl.constexpr(2), gl.constexpr(3))
+TRACE_W_WAIT, TRACE_X_WAIT, TRACE_SEEN, TRACE_W_FULL = (gl.constexpr(4), gl.constexpr(5),
+                                                        gl.constexpr(6), gl.constexpr(7))
+TRACE_CLOCK, TRACE_FIELDS = gl.constexpr(8), gl.constexpr(16)
 
 
 @gluon.jit
@@ -53,6 +62,21 @@ def _fence_proxy_global(x):
     counters) with those of the async proxy (TMA); returns x so the compiler keeps it."""
     return gl.inline_asm_elementwise("fence.proxy.async.global; mov.b32 $0, $1;", "=r,r", [x],
                                      dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _globaltimer(dep):
+    """The GPU's global nanosecond timer (int64, the same clock on every SM); dep (an int32
+    scalar) only orders the read after it."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep],
+                                     dtype=gl.int64, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _clock(dep):
+    """This SM's cycle counter (int64), for durations inside one program."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [dep], dtype=gl.int64,
+                                     is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -80,23 +104,30 @@ def _poll_chunks(chunks, offs, n):
 @gluon.jit
 def _w_load(desc, ring, ready, empty, i, layer, pid, G: gl.constexpr, N: gl.constexpr,
             K: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr, ROTATE: gl.constexpr,
-            TILED: gl.constexpr):
+            TILED: gl.constexpr, trace_row, TRACE: gl.constexpr):
     """Weight loader: this program's [BN, BK] tiles of one product (weight [L*N, K] bf16, this
     layer's rows) as BN // 32 TMA loads of [32, BK] into the ring; i: the ring's running
     count, returned advanced. Work item t is K piece t % SPLIT of tile t // SPLIT. ROTATE
     (0 / 1): item t walks its piece's K steps from step t on. TILED: the weight is stored as
     contiguous [32, BK] tiles, row block r and K step k at rows (r * K / BK + k) * 32 of a
-    [L * N * K / BK, BK] matrix (``tile_weights``), so each load reads 8 KB in one piece."""
+    [L * N * K / BK, BK] matrix (``tile_weights``), so each load reads 8 KB in one piece.
+    TRACE: trace_row[TRACE_W_FULL] gets the cycles it waited for a free slot (the ring full)."""
     S: gl.constexpr = ring.type.shape[0]
     KSTEPS: gl.constexpr = K // BK // SPLIT
     SUB: gl.constexpr = desc.block_type.shape[0]
+    if TRACE:
+        full_cycles = _clock(0) * 0
     for t in range(pid, N // BN * SPLIT, G):
         n0 = layer * N + t // SPLIT * BN
         for ks in range(KSTEPS):
             k0 = (t % SPLIT * KSTEPS + (ks + t * ROTATE) % KSTEPS) * BK
             for sub in gl.static_range(BN // SUB):
                 s = i % S
+                if TRACE:
+                    c0 = _clock(i)
                 mbarrier.wait(empty.index(s), ((i // S) & 1) ^ 1)
+                if TRACE:
+                    full_cycles += _clock(i) - c0
                 mbarrier.expect(ready.index(s), desc.block_type.nbytes)
                 if TILED:
                     r0 = ((n0 + sub * SUB) // SUB * (K // BK) + k0 // BK) * SUB
@@ -106,6 +137,8 @@ def _w_load(desc, ring, ready, empty, i, layer, pid, G: gl.constexpr, N: gl.cons
                     tma.async_copy_global_to_shared(desc, [n0 + sub * SUB, k0], ready.index(s),
                                                     ring.index(s))
                 i += 1
+    if TRACE:
+        gl.store(trace_row + TRACE_W_FULL, full_cycles)
     return i
 
 
@@ -113,16 +146,19 @@ def _w_load(desc, ring, ready, empty, i, layer, pid, G: gl.constexpr, N: gl.cons
 def _x_load(desc, row0, ring, ready, empty, xi, counter, target, chunks, need, pid,
             G: gl.constexpr, N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr,
             SPLIT: gl.constexpr, WAIT: gl.constexpr, ROTATE: gl.constexpr,
-            LOAD_X: gl.constexpr):
+            LOAD_X: gl.constexpr, trace_row, TRACE: gl.constexpr):
     """Activation loader: the [BM, BK] activation tiles (bf16, rows row0..row0+BM) of every
     K step of this program's tiles, in ``_w_load``'s order. WAIT=1: first wait until the
     previous product's counter reaches target; WAIT=2 (SPLIT = 1, ROTATE = 0): before K step k,
     wait until chunks[k] (tiles written in the activation's columns k*BK..) reaches need.
-    LOAD_X=False (a timing probe) marks each slot ready unloaded."""
+    LOAD_X=False (a timing probe) marks each slot ready unloaded. TRACE (WAIT=1):
+    trace_row[TRACE_SEEN] gets the time the previous product's counter was seen complete."""
     S: gl.constexpr = ring.type.shape[0]
     KSTEPS: gl.constexpr = K // BK // SPLIT
     if WAIT == 1:
         _wait_counter(counter, target)
+        if TRACE:
+            gl.store(trace_row + TRACE_SEEN, _globaltimer(target))
     offs = gl.arange(0, 64, layout=gl.BlockedLayout([2], [32], [1], [0]))  # K steps <= 64
     if WAIT == 2:
         seen = _poll_chunks(chunks, offs, KSTEPS)
@@ -188,7 +224,7 @@ def _sum_pieces(acc, scratch, tile_counter, item, SPLIT: gl.constexpr, layout: g
 def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
          OUT_STRIDE: gl.constexpr, counter, scratch, tile_counters, chunks, G: gl.constexpr,
          N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr,
-         WAIT: gl.constexpr, MMA: gl.constexpr):
+         WAIT: gl.constexpr, MMA: gl.constexpr, trace_row, TRACE: gl.constexpr):
     """MMA partition for one product: out[:, tile] = x @ w[tile].T for this program's tiles
     (fp32 accumulators of [BM, 32], one per 32 features: BN in {32, 128}), stored as bf16 at
     out_ptr (row stride OUT_STRIDE); then one release increment of the product's counter.
@@ -196,7 +232,10 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
     pieces are summed through scratch fp32 [items, BM, 32] (``_sum_pieces``; tile_counters:
     int32 zeros, one per tile) by whichever arrives last, which stores the tile. WAIT=2: after
     each tile, a release increment of chunks[column // BK] for the BK columns it lies in.
-    MMA=False (a timing probe) consumes the slots without multiplying: the tiles hold zeros."""
+    MMA=False (a timing probe) consumes the slots without multiplying: the tiles hold zeros.
+    TRACE: trace_row gets the times it started, had its first activation tile, finished its
+    last MMA and released the counter (global ns), the cycles it waited for weight and for
+    activation slots, and its cycle counter at the start (``TRACE_FIELDS``)."""
     XS: gl.constexpr = xring.type.shape[0]
     WS: gl.constexpr = wring.type.shape[0]
     SUB: gl.constexpr = wring.type.shape[1]
@@ -204,6 +243,11 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
     KSTEPS: gl.constexpr = K // BK // SPLIT
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, SUB, 16])
+    if TRACE:
+        w_cycles = _clock(0) * 0
+        x_cycles = w_cycles
+        gl.store(trace_row + TRACE_START, _globaltimer(xi))
+        gl.store(trace_row + TRACE_CLOCK, _clock(xi))
     for t in range(pid, N // BN * SPLIT, G):
         a0 = gl.zeros([BM, SUB], gl.float32, acc_layout)
         a1 = gl.zeros([BM, SUB], gl.float32, acc_layout)
@@ -211,7 +255,17 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
         a3 = gl.zeros([BM, SUB], gl.float32, acc_layout)
         for ks in range(KSTEPS):
             xs = xi % XS
+            if TRACE:
+                c0 = _clock(xi)
             mbarrier.wait(xready.index(xs), (xi // XS) & 1)
+            if TRACE:
+                c1 = _clock(xi)
+                x_cycles += c1 - c0
+                if ks == 0 and t == pid:
+                    gl.store(trace_row + TRACE_FIRST_X, _globaltimer(xi))
+                for sub in gl.static_range(NSUB):  # the waits below then pass at once
+                    _weight_slot(wring, wready, wi + sub)
+                w_cycles += _clock(wi) - c1
             x = xring.index(xs)
             if MMA:
                 a0 = warpgroup_mma(x, _weight_slot(wring, wready, wi), a0, is_async=True)
@@ -236,6 +290,8 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
             a0, a1, a2, a3 = warpgroup_mma_wait(num_outstanding=0, deps=(a0, a1, a2, a3))
         else:
             a0 = warpgroup_mma_wait(num_outstanding=0, deps=(a0, ))
+        if TRACE:
+            gl.store(trace_row + TRACE_DONE, _globaltimer(xi))
         mbarrier.arrive(xempty.index((xi + XS - 1) % XS), count=1)
         for sub in gl.static_range(NSUB):
             mbarrier.arrive(wempty.index((wi + WS - NSUB + sub) % WS), count=1)
@@ -256,13 +312,18 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
                           scope="gpu")
     gl.thread_barrier()  # every warp's stores precede the release
     # The fence's result (0) is added to the pointer so that it is issued before the increment.
-    gl.atomic_add(_fence_proxy_global(0) + counter, 1, sem="release", scope="gpu")
+    released = gl.atomic_add(_fence_proxy_global(0) + counter, 1, sem="release", scope="gpu")
+    if TRACE:
+        gl.store(trace_row + TRACE_RELEASED, _globaltimer(released))
+        gl.store(trace_row + TRACE_W_WAIT, w_cycles)
+        gl.store(trace_row + TRACE_X_WAIT, x_cycles)
     return xi, wi
 
 
 @gluon.jit
-def _mma_partition(rings, bars, outs, counters, scratch, tile_counters, chunk_counters,
+def _mma_partition(rings, bars, outs, counters, scratch, tile_counters, chunk_counters, trace,
                    SPLIT: gl.constexpr, WAIT: gl.constexpr, MMA: gl.constexpr,
+                   TRACE: gl.constexpr,
                    L: gl.constexpr, G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr,
                    I2: gl.constexpr, DOWN_K: gl.constexpr,
                    BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
@@ -276,20 +337,23 @@ def _mma_partition(rings, bars, outs, counters, scratch, tile_counters, chunk_co
         c = counters + layer * 4
         tc = tile_counters + layer * 2 * (H // BN1)  # the output's tiles, then down's
         cc = chunk_counters + layer * 4 * CHUNKS  # per product, per BK output columns
+        tr = trace + (pid * L + layer) * 4 * TRACE_FIELDS
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, q_ptr + layer * BM * QKV_N,
-                      QKV_N, c + 0, scratch, tc, cc, G, QKV_N, H, BN0, 1, WAIT, MMA)
+                      QKV_N, c + 0, scratch, tc, cc, G, QKV_N, H, BN0, 1, WAIT, MMA, tr, TRACE)
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, o_ptr + layer * BM * H, H,
-                      c + 1, scratch, tc, cc + CHUNKS, G, H, H, BN1, SPLIT, WAIT, MMA)
+                      c + 1, scratch, tc, cc + CHUNKS, G, H, H, BN1, SPLIT, WAIT, MMA,
+                      tr + TRACE_FIELDS, TRACE)
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, g_ptr + layer * BM * I2, I2,
-                      c + 2, scratch, tc, cc + 2 * CHUNKS, G, I2, H, BN2, 1, WAIT, MMA)
+                      c + 2, scratch, tc, cc + 2 * CHUNKS, G, I2, H, BN2, 1, WAIT, MMA,
+                      tr + 2 * TRACE_FIELDS, TRACE)
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, d_ptr + (layer + 1) * BM * H, H,
                       c + 3, scratch, tc + H // BN1, cc + 3 * CHUNKS, G, H, DOWN_K, BN3, SPLIT,
-                      WAIT, MMA)
+                      WAIT, MMA, tr + 3 * TRACE_FIELDS, TRACE)
 
 
 @gluon.jit
-def _w_partition(wdescs, rings, bars, SPLIT: gl.constexpr, ROTATE: gl.constexpr,
-                 TILED: gl.constexpr, L: gl.constexpr, G: gl.constexpr,
+def _w_partition(wdescs, rings, bars, trace, SPLIT: gl.constexpr, ROTATE: gl.constexpr,
+                 TILED: gl.constexpr, TRACE: gl.constexpr, L: gl.constexpr, G: gl.constexpr,
                  H: gl.constexpr, QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
                  BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
     d0, d1, d2, d3 = wdescs
@@ -298,16 +362,21 @@ def _w_partition(wdescs, rings, bars, SPLIT: gl.constexpr, ROTATE: gl.constexpr,
     pid = gl.program_id(0)
     wi = 0
     for layer in range(L):
-        wi = _w_load(d0, wring, wr, we, wi, layer, pid, G, QKV_N, H, BN0, 1, ROTATE, TILED)
-        wi = _w_load(d1, wring, wr, we, wi, layer, pid, G, H, H, BN1, SPLIT, ROTATE, TILED)
-        wi = _w_load(d2, wring, wr, we, wi, layer, pid, G, I2, H, BN2, 1, ROTATE, TILED)
+        tr = trace + (pid * L + layer) * 4 * TRACE_FIELDS
+        wi = _w_load(d0, wring, wr, we, wi, layer, pid, G, QKV_N, H, BN0, 1, ROTATE, TILED,
+                     tr, TRACE)
+        wi = _w_load(d1, wring, wr, we, wi, layer, pid, G, H, H, BN1, SPLIT, ROTATE, TILED,
+                     tr + TRACE_FIELDS, TRACE)
+        wi = _w_load(d2, wring, wr, we, wi, layer, pid, G, I2, H, BN2, 1, ROTATE, TILED,
+                     tr + 2 * TRACE_FIELDS, TRACE)
         wi = _w_load(d3, wring, wr, we, wi, layer, pid, G, H, DOWN_K, BN3, SPLIT, ROTATE,
-                     TILED)
+                     TILED, tr + 3 * TRACE_FIELDS, TRACE)
 
 
 @gluon.jit
-def _x_partition(xdescs, rings, bars, counters, chunk_counters, SPLIT: gl.constexpr,
+def _x_partition(xdescs, rings, bars, counters, chunk_counters, trace, SPLIT: gl.constexpr,
                  WAIT: gl.constexpr, ROTATE: gl.constexpr, LOAD_X: gl.constexpr,
+                 TRACE: gl.constexpr,
                  L: gl.constexpr, G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr,
                  I2: gl.constexpr, DOWN_K: gl.constexpr,
                  BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
@@ -321,27 +390,30 @@ def _x_partition(xdescs, rings, bars, counters, chunk_counters, SPLIT: gl.conste
         cc = chunk_counters + layer * 4 * CHUNKS
         # Layer 0 reads the input: counters[-1] stays 0, and both targets are 0.
         first = layer > 0
+        tr = trace + (pid * L + layer) * 4 * TRACE_FIELDS
         xi = _x_load(dd, layer * BM, xring, xr, xe, xi, c - 1, G * first,
                      cc - CHUNKS * first, BK // BN3 * first, pid, G, QKV_N, H, BN0, 1, WAIT,
-                     ROTATE, LOAD_X)
+                     ROTATE, LOAD_X, tr, TRACE)
         xi = _x_load(dq, layer * BM, xring, xr, xe, xi, c + 0, G, cc, BK // BN0, pid, G, H, H,
-                     BN1, SPLIT, WAIT, ROTATE, LOAD_X)
+                     BN1, SPLIT, WAIT, ROTATE, LOAD_X, tr + TRACE_FIELDS, TRACE)
         xi = _x_load(do, layer * BM, xring, xr, xe, xi, c + 1, G, cc + CHUNKS, BK // BN1, pid,
-                     G, I2, H, BN2, 1, WAIT, ROTATE, LOAD_X)
+                     G, I2, H, BN2, 1, WAIT, ROTATE, LOAD_X, tr + 2 * TRACE_FIELDS, TRACE)
         xi = _x_load(dg, layer * BM, xring, xr, xe, xi, c + 2, G, cc + 2 * CHUNKS, BK // BN2,
-                     pid, G, H, DOWN_K, BN3, SPLIT, WAIT, ROTATE, LOAD_X)
+                     pid, G, H, DOWN_K, BN3, SPLIT, WAIT, ROTATE, LOAD_X,
+                     tr + 3 * TRACE_FIELDS, TRACE)
 
 
 @gluon.jit
 def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr, g_ptr,
-                            d_ptr, counters, scratch, tile_counters, chunk_counters,
+                            d_ptr, counters, scratch, tile_counters, chunk_counters, trace,
                             L: gl.constexpr, G: gl.constexpr, H: gl.constexpr,
                             QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
                             BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr,
                             BN3: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr,
                             SPLIT: gl.constexpr = 1, WAIT: gl.constexpr = 1,
                             ROTATE: gl.constexpr = 0, LOAD_X: gl.constexpr = True,
-                            TILED: gl.constexpr = False, MMA: gl.constexpr = True):
+                            TILED: gl.constexpr = False, MMA: gl.constexpr = True,
+                            TRACE: gl.constexpr = False):
     """Every layer's QKV, output, gate/up and down products at M = BM rows in one launch of G
     programs (all resident: one per SM).
 
@@ -358,7 +430,8 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     ROTATE=1: each tile walks its K steps from its own step on, so the programs do not all read
     the same activation tile at once. TILED: wd* describe ``tile_weights``' layout. Probes
     (timing only, the outputs are garbage): LOAD_X=False marks activation slots ready unloaded;
-    MMA=False consumes the slots without wgmma.
+    MMA=False consumes the slots without wgmma. TRACE: record each program's timeline in
+    trace, int64 [G, L, 4, TRACE_FIELDS] (see TRACE_FIELDS); otherwise trace is not touched.
     """
     xring = gl.allocate_shared_memory(xdd.dtype, [XS, BM, BK], xdd.layout)
     wring = gl.allocate_shared_memory(wd0.dtype, [WS] + wd0.block_type.shape, wd0.layout)
@@ -377,12 +450,13 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     bars = (xr, xe, wr, we)
     gl.warp_specialize([
         (_mma_partition, (rings, bars, (q_ptr, o_ptr, g_ptr, d_ptr), counters, scratch,
-                          tile_counters, chunk_counters, SPLIT, WAIT, MMA, L, G, H, QKV_N, I2,
-                          DOWN_K, BN0, BN1, BN2, BN3)),
-        (_w_partition, ((wd0, wd1, wd2, wd3), rings, bars, SPLIT, ROTATE, TILED, L, G, H,
-                        QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
-        (_x_partition, ((xdd, xdq, xdo, xdg), rings, bars, counters, chunk_counters, SPLIT,
-                        WAIT, ROTATE, LOAD_X, L, G, H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
+                          tile_counters, chunk_counters, trace, SPLIT, WAIT, MMA, TRACE, L, G,
+                          H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
+        (_w_partition, ((wd0, wd1, wd2, wd3), rings, bars, trace, SPLIT, ROTATE, TILED, TRACE,
+                        L, G, H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
+        (_x_partition, ((xdd, xdq, xdo, xdg), rings, bars, counters, chunk_counters, trace,
+                        SPLIT, WAIT, ROTATE, LOAD_X, TRACE, L, G, H, QKV_N, I2, DOWN_K, BN0,
+                        BN1, BN2, BN3)),
     ], [1, 1], [24, 24])
 
 
@@ -402,7 +476,8 @@ PRODUCTS = ((QKV_N, HIDDEN), (HIDDEN, HIDDEN), (GATE_UP_N, HIDDEN), (HIDDEN, INT
 MAX_REGISTERS = 168  # per thread, the limit warp specialisation redistributes from
 CONFIG = dict(G=128, BN0=32, BN1=32, BN2=128, BN3=32, XS=6, WS=16)
 # The kernel's defaulted constexprs (an ahead-of-time compile does not apply defaults).
-KERNEL_DEFAULTS = dict(SPLIT=1, WAIT=1, ROTATE=0, LOAD_X=True, TILED=False, MMA=True)
+KERNEL_DEFAULTS = dict(SPLIT=1, WAIT=1, ROTATE=0, LOAD_X=True, TILED=False, MMA=True,
+                       TRACE=False)
 VARIANTS = {"x2w24": dict(XS=2, WS=24), "x3w22": dict(XS=3, WS=22), "x4w20": dict(XS=4, WS=20),
             "x6w16": {}, "x8w12": dict(XS=8, WS=12), "x10w8": dict(XS=10, WS=8),
             "x4w20 gate-up-32": dict(XS=4, WS=20, BN2=32),
@@ -482,9 +557,12 @@ def build(layers: int, seed: int = 0):
     return weights, acts, counters
 
 
-def persistent(layers: int, config: dict, weights, acts, counters):
-    """The one-launch chain (counters zeroed first) as a function."""
+def persistent(layers: int, config: dict, weights, acts, counters, trace=None):
+    """The one-launch chain (counters zeroed first) as a function; with TRACE in config it
+    records its timeline in trace (``trace_buffer``)."""
     config = {**CONFIG, **config}
+    if config.get("TRACE") and (trace is None or trace.shape != trace_shape(layers, config)):
+        raise ValueError("a traced chain takes a trace buffer of trace_shape(layers, config)")
     # The MMA partition hands a slot back one step late: a ring must hold two steps.
     if config["XS"] < 2 or config["WS"] < 2 * max(config[f"BN{i}"] for i in range(4)) // 32:
         raise ValueError(f"rings too shallow for two steps: {config}")
@@ -505,10 +583,16 @@ def persistent(layers: int, config: dict, weights, acts, counters):
         counters.zero_()
         persistent_chain_kernel[(config["G"], )](
             *wdescs, *xdescs, qkv, attn, gate_up, inputs, product_counters, scratch,
-            tile_counters, chunk_counters, L=layers, H=HIDDEN,
+            tile_counters, chunk_counters, trace if trace is not None else counters, L=layers,
+            H=HIDDEN,
             QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER, num_warps=4, maxnreg=MAX_REGISTERS,
             **config)
     return run
+
+
+def trace_shape(layers: int, config: dict) -> tuple[int, ...]:
+    """The trace buffer's shape: programs, layers, products, fields."""
+    return ({**CONFIG, **config}["G"], layers, 4, TRACE_FIELDS.value)
 
 
 def _layer_products(layers: int, weights, acts):
@@ -602,9 +686,9 @@ def compile_for_h100(layers: int = 2, config: dict | None = None) -> dict:
     signature = {n: mangle_type(d) for n, d in zip(names, wdescs + xdescs)}
     signature.update({n: "*bf16" for n in ("q_ptr", "o_ptr", "g_ptr", "d_ptr")})
     signature.update(counters="*i32", scratch="*fp32", tile_counters="*i32",
-                     chunk_counters="*i32", **{n: "constexpr" for n in constexprs})
+                     chunk_counters="*i32", trace="*i64", **{n: "constexpr" for n in constexprs})
     aligned = {(names.index(n), ): [["tt.divisibility", 16]]
-               for n in ("q_ptr", "o_ptr", "g_ptr", "d_ptr", "counters", "scratch")}
+               for n in ("q_ptr", "o_ptr", "g_ptr", "d_ptr", "counters", "scratch", "trace")}
     source = GluonASTSource(persistent_chain_kernel, signature, constexprs, aligned)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=4, maxnreg=MAX_REGISTERS))

@@ -71,3 +71,34 @@ def test_every_product_matches_torch(config):
             expected[:n // 128] = 128 // tile
         assert all(torch.equal(chunks[l, product], expected) for l in range(layers))
     assert worst_error(layers, weights, acts) < 1e-2
+
+
+@pytest.mark.gpu
+def test_traced_chain_records_an_ordered_timeline():
+    from bench.persistent_chain import CONFIG, build, persistent, trace_shape, worst_error
+    from bench.persistent_trace import DONE, FIRST_X, RELEASED, SEEN, START
+
+    layers = 2
+    weights, acts, counters = build(layers)
+    for a in acts[1:]:
+        a.fill_(float("nan"))
+    acts[0][64:].fill_(float("nan"))
+    trace = torch.full(trace_shape(layers, {}), -1, dtype=torch.int64, device="cuda")
+    persistent(layers, {"TRACE": True}, weights, acts, counters, trace)()
+    torch.cuda.synchronize()
+    assert worst_error(layers, weights, acts) < 1e-2  # the trace does not change the products
+    t = trace.view(CONFIG["G"], 4 * layers, -1).cpu()
+    active = t[:, :, FIRST_X] != -1
+    # Programs with tiles: QKV on 96, output and down on 64, gate/up on all 128.
+    assert active.sum(0).tolist() == [96, 64, 128, 64] * layers
+    assert (t[:, :, START] > 0).all() and (t[:, :, RELEASED] > 0).all()
+    assert (t[:, 1:, SEEN] > 0).all()
+    a = active
+    assert (t[:, :, START][a] <= t[:, :, FIRST_X][a]).all()
+    assert (t[:, :, FIRST_X][a] <= t[:, :, DONE][a]).all()
+    assert (t[:, :, DONE][a] <= t[:, :, RELEASED][a]).all()
+    # A product's first activation tile comes after every program's last MMA of the previous
+    # one (which precedes its release, which precedes the counter being seen complete).
+    last_done = torch.where(a, t[:, :, DONE], 0).max(0).values
+    first_tile = torch.where(a, t[:, :, FIRST_X], torch.iinfo(torch.int64).max).min(0).values
+    assert (first_tile[1:] > last_done[:-1]).all()
