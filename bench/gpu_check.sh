@@ -40,7 +40,9 @@ for stage in $stages; do
     linear)  run kernel_linear python3 -m bench.kernel_linear --sweep ;;
     chain)   run gemm_chain python3 -m bench.gemm_chain --out "$RES" ;;
     persistent) run persistent_chain python3 -m bench.persistent_chain --out "$RES" \
-               --variants "x6w16,x8w12,x6w16 chunk-waits,x6w16 no-x-loads,x6w16 weights-only,x6w16 weights-only no-mma" ;;
+               --variants "x6w16,x8w12,x6w16 chunk-waits,x6w16 no-x-loads,x6w16 weights-only,x6w16 weights-only no-mma"
+               run persistent_trace python3 -m bench.persistent_trace --out "$RES" \
+               --variants "x6w16,x6w16 no-mma,x6w16 no-x-loads no-mma,x6w16 weights-only no-mma" ;;
     layers)  run attention_layers python3 -m bench.attention_layers --out "$RES" ;;
     engine)  run engine python3 -m bench.engine --hf-compile --out "$RES" ;;
     profile) run profile python3 -m bench.profile_step --out "$RES" ;;

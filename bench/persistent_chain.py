@@ -48,12 +48,14 @@ CHUNKS = gl.constexpr(128)  # BK-column chunks of the widest output (gate/up: 16
 # A trace (TRACE=True) holds int64 [G, L, 4, TRACE_FIELDS]: per program, layer and product,
 # global-timer ns (start, first activation tile in, last MMA done, counter released, previous
 # counter seen by the activation loader), cycles (the MMA warps waiting for weight slots and for
-# activation slots, the weight loader waiting for a free slot) and the cycle counter at the start.
+# activation slots, the weight loader waiting for a free slot), the cycle counter at the start,
+# and global-timer ns once the output tile is stored and once the proxy fence has passed.
 TRACE_START, TRACE_FIRST_X, TRACE_DONE, TRACE_RELEASED = (gl.constexpr(0), gl.constexpr(1),
                                                           gl.constexpr(2), gl.constexpr(3))
 TRACE_W_WAIT, TRACE_X_WAIT, TRACE_SEEN, TRACE_W_FULL = (gl.constexpr(4), gl.constexpr(5),
                                                         gl.constexpr(6), gl.constexpr(7))
-TRACE_CLOCK, TRACE_FIELDS = gl.constexpr(8), gl.constexpr(16)
+TRACE_CLOCK, TRACE_STORED, TRACE_FENCED = gl.constexpr(8), gl.constexpr(9), gl.constexpr(10)
+TRACE_FIELDS = gl.constexpr(16)
 
 
 @gluon.jit
@@ -224,7 +226,8 @@ def _sum_pieces(acc, scratch, tile_counter, item, SPLIT: gl.constexpr, layout: g
 def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
          OUT_STRIDE: gl.constexpr, counter, scratch, tile_counters, chunks, G: gl.constexpr,
          N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr,
-         WAIT: gl.constexpr, MMA: gl.constexpr, trace_row, TRACE: gl.constexpr):
+         WAIT: gl.constexpr, MMA: gl.constexpr, trace_row, TRACE: gl.constexpr,
+         PROXY_FENCE: gl.constexpr):
     """MMA partition for one product: out[:, tile] = x @ w[tile].T for this program's tiles
     (fp32 accumulators of [BM, 32], one per 32 features: BN in {32, 128}), stored as bf16 at
     out_ptr (row stride OUT_STRIDE); then one release increment of the product's counter.
@@ -233,6 +236,8 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
     int32 zeros, one per tile) by whichever arrives last, which stores the tile. WAIT=2: after
     each tile, a release increment of chunks[column // BK] for the BK columns it lies in.
     MMA=False (a timing probe) consumes the slots without multiplying: the tiles hold zeros.
+    PROXY_FENCE=False drops the async-proxy fence before the product's release (the activation
+    loaders fence after their acquire either way).
     TRACE: trace_row gets the times it started, had its first activation tile, finished its
     last MMA and released the counter (global ns), the cycles it waited for weight and for
     activation slots, and its cycle counter at the start (``TRACE_FIELDS``)."""
@@ -311,8 +316,15 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
             gl.atomic_add(_fence_proxy_global(0) + chunks + t * BN // BK, 1, sem="release",
                           scope="gpu")
     gl.thread_barrier()  # every warp's stores precede the release
+    if TRACE:
+        gl.store(trace_row + TRACE_STORED, _globaltimer(xi))
     # The fence's result (0) is added to the pointer so that it is issued before the increment.
-    released = gl.atomic_add(_fence_proxy_global(0) + counter, 1, sem="release", scope="gpu")
+    fenced = 0
+    if PROXY_FENCE:
+        fenced = _fence_proxy_global(0)
+    if TRACE:
+        gl.store(trace_row + TRACE_FENCED, _globaltimer(fenced))
+    released = gl.atomic_add(fenced + counter, 1, sem="release", scope="gpu")
     if TRACE:
         gl.store(trace_row + TRACE_RELEASED, _globaltimer(released))
         gl.store(trace_row + TRACE_W_WAIT, w_cycles)
@@ -323,7 +335,7 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
 @gluon.jit
 def _mma_partition(rings, bars, outs, counters, scratch, tile_counters, chunk_counters, trace,
                    SPLIT: gl.constexpr, WAIT: gl.constexpr, MMA: gl.constexpr,
-                   TRACE: gl.constexpr,
+                   TRACE: gl.constexpr, PROXY_FENCE: gl.constexpr,
                    L: gl.constexpr, G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr,
                    I2: gl.constexpr, DOWN_K: gl.constexpr,
                    BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
@@ -339,16 +351,17 @@ def _mma_partition(rings, bars, outs, counters, scratch, tile_counters, chunk_co
         cc = chunk_counters + layer * 4 * CHUNKS  # per product, per BK output columns
         tr = trace + (pid * L + layer) * 4 * TRACE_FIELDS
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, q_ptr + layer * BM * QKV_N,
-                      QKV_N, c + 0, scratch, tc, cc, G, QKV_N, H, BN0, 1, WAIT, MMA, tr, TRACE)
+                      QKV_N, c + 0, scratch, tc, cc, G, QKV_N, H, BN0, 1, WAIT, MMA, tr, TRACE,
+                      PROXY_FENCE)
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, o_ptr + layer * BM * H, H,
                       c + 1, scratch, tc, cc + CHUNKS, G, H, H, BN1, SPLIT, WAIT, MMA,
-                      tr + TRACE_FIELDS, TRACE)
+                      tr + TRACE_FIELDS, TRACE, PROXY_FENCE)
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, g_ptr + layer * BM * I2, I2,
                       c + 2, scratch, tc, cc + 2 * CHUNKS, G, I2, H, BN2, 1, WAIT, MMA,
-                      tr + 2 * TRACE_FIELDS, TRACE)
+                      tr + 2 * TRACE_FIELDS, TRACE, PROXY_FENCE)
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, d_ptr + (layer + 1) * BM * H, H,
                       c + 3, scratch, tc + H // BN1, cc + 3 * CHUNKS, G, H, DOWN_K, BN3, SPLIT,
-                      WAIT, MMA, tr + 3 * TRACE_FIELDS, TRACE)
+                      WAIT, MMA, tr + 3 * TRACE_FIELDS, TRACE, PROXY_FENCE)
 
 
 @gluon.jit
@@ -413,7 +426,7 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
                             SPLIT: gl.constexpr = 1, WAIT: gl.constexpr = 1,
                             ROTATE: gl.constexpr = 0, LOAD_X: gl.constexpr = True,
                             TILED: gl.constexpr = False, MMA: gl.constexpr = True,
-                            TRACE: gl.constexpr = False):
+                            TRACE: gl.constexpr = False, PROXY_FENCE: gl.constexpr = True):
     """Every layer's QKV, output, gate/up and down products at M = BM rows in one launch of G
     programs (all resident: one per SM).
 
@@ -430,7 +443,9 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     ROTATE=1: each tile walks its K steps from its own step on, so the programs do not all read
     the same activation tile at once. TILED: wd* describe ``tile_weights``' layout. Probes
     (timing only, the outputs are garbage): LOAD_X=False marks activation slots ready unloaded;
-    MMA=False consumes the slots without wgmma. TRACE: record each program's timeline in
+    MMA=False consumes the slots without wgmma. PROXY_FENCE=False: no async-proxy fence before
+    a product's release (the activation loaders still fence after their acquire). TRACE: record
+    each program's timeline in
     trace, int64 [G, L, 4, TRACE_FIELDS] (see TRACE_FIELDS); otherwise trace is not touched.
     """
     xring = gl.allocate_shared_memory(xdd.dtype, [XS, BM, BK], xdd.layout)
@@ -450,7 +465,8 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     bars = (xr, xe, wr, we)
     gl.warp_specialize([
         (_mma_partition, (rings, bars, (q_ptr, o_ptr, g_ptr, d_ptr), counters, scratch,
-                          tile_counters, chunk_counters, trace, SPLIT, WAIT, MMA, TRACE, L, G,
+                          tile_counters, chunk_counters, trace, SPLIT, WAIT, MMA, TRACE,
+                          PROXY_FENCE, L, G,
                           H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
         (_w_partition, ((wd0, wd1, wd2, wd3), rings, bars, trace, SPLIT, ROTATE, TILED, TRACE,
                         L, G, H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
@@ -472,14 +488,17 @@ PRODUCTS = ((QKV_N, HIDDEN), (HIDDEN, HIDDEN), (GATE_UP_N, HIDDEN), (HIDDEN, INT
 # chunk-waits: each K step waits only for the tiles that wrote its activation columns;
 # rotated: each tile walks its K steps from its own step on (ROTATE); no-x-loads: activation
 # slots marked ready without loading them (a probe); weights-only: that and no waits; no-mma:
-# the slots consumed without wgmma (a probe).
+# the slots consumed without wgmma (a probe); no-release-fence: no async-proxy fence before a
+# product's release (PROXY_FENCE).
 MAX_REGISTERS = 168  # per thread, the limit warp specialisation redistributes from
 CONFIG = dict(G=128, BN0=32, BN1=32, BN2=128, BN3=32, XS=6, WS=16)
 # The kernel's defaulted constexprs (an ahead-of-time compile does not apply defaults).
 KERNEL_DEFAULTS = dict(SPLIT=1, WAIT=1, ROTATE=0, LOAD_X=True, TILED=False, MMA=True,
-                       TRACE=False)
+                       TRACE=False, PROXY_FENCE=True)
 VARIANTS = {"x2w24": dict(XS=2, WS=24), "x3w22": dict(XS=3, WS=22), "x4w20": dict(XS=4, WS=20),
             "x6w16": {}, "x8w12": dict(XS=8, WS=12), "x10w8": dict(XS=10, WS=8),
+            "x6w12": dict(WS=12), "x6w10": dict(WS=10), "x6w8": dict(WS=8),
+            "x4w12": dict(XS=4, WS=12), "x4w8": dict(XS=4, WS=8),
             "x4w20 gate-up-32": dict(XS=4, WS=20, BN2=32),
             "x4w20 no-waits": dict(XS=4, WS=20, WAIT=0),
             "x6w16 rotated": dict(ROTATE=1), "x4w20 rotated": dict(XS=4, WS=20, ROTATE=1),
@@ -493,7 +512,15 @@ VARIANTS = {"x2w24": dict(XS=2, WS=24), "x3w22": dict(XS=3, WS=22), "x4w20": dic
             "x6w16 tiled weights-only": dict(TILED=True, LOAD_X=False, WAIT=0),
             "x6w16 chunk-waits": dict(WAIT=2), "x8w12 chunk-waits": dict(XS=8, WS=12, WAIT=2),
             "x6w16 chunk-waits no-x-loads": dict(WAIT=2, LOAD_X=False),
-            "x6w16 weights-only no-mma": dict(LOAD_X=False, WAIT=0, MMA=False)}
+            "x6w16 weights-only no-mma": dict(LOAD_X=False, WAIT=0, MMA=False),
+            "x6w16 no-mma": dict(MMA=False),
+            "x6w16 no-x-loads no-mma": dict(LOAD_X=False, MMA=False),
+            "x2w24 no-x-loads no-mma": dict(XS=2, WS=24, LOAD_X=False, MMA=False),
+            "x2w24 weights-only no-mma": dict(XS=2, WS=24, LOAD_X=False, WAIT=0, MMA=False),
+            "x6w16 split2 no-x-loads no-mma": dict(SPLIT=2, LOAD_X=False, MMA=False),
+            "x6w16 no-release-fence": dict(PROXY_FENCE=False),
+            "x6w16 no-x-loads no-mma no-release-fence": dict(LOAD_X=False, MMA=False,
+                                                             PROXY_FENCE=False)}
 
 
 def is_probe(variant: dict) -> bool:

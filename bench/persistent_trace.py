@@ -8,8 +8,10 @@ For each product boundary (p -> p + 1), from the trace of one replay after an L2
 - first tile: the median program's first activation tile of p + 1 in shared memory after it;
 - handover: the sum, the last release of p to the median first tile of p + 1.
 
-And per product, over the programs that have tiles in it: the MMA warps' waits for weight slots
-and for activation slots, and the weight loader's wait for a free slot (its ring full), in µs.
+And per product, over the programs that have tiles in it (medians): the MMA window (first
+activation tile to last MMA), then the output tile's stores, the async-proxy fence and the
+release increment that follow it; the MMA warps' waits for weight slots and for activation
+slots, and the weight loader's wait for a free slot (its ring full), in µs.
 The instrumented kernel is timed beside the plain one, so its overhead is in the same file.
 Writes ``persistent_trace.json`` and ``persistent_trace.png`` (one layer's timeline).
 
@@ -27,7 +29,7 @@ import numpy as np
 
 PRODUCT_NAMES = ("qkv", "output", "gate/up", "down")
 # Field indices of bench.persistent_chain's trace (TRACE_*), as plain ints.
-START, FIRST_X, DONE, RELEASED, W_WAIT, X_WAIT, SEEN, W_FULL, CLOCK = range(9)
+START, FIRST_X, DONE, RELEASED, W_WAIT, X_WAIT, SEEN, W_FULL, CLOCK, STORED, FENCED = range(11)
 
 
 def summarise(trace: np.ndarray) -> dict:
@@ -61,6 +63,9 @@ def summarise(trace: np.ndarray) -> dict:
             start_us=(t[a, p, FIRST_X].min() - origin) / 1e3,
             end_us=(t[:, p, RELEASED].max() - origin) / 1e3,
             mma_us=float(np.median(t[a, p, DONE] - t[a, p, FIRST_X]) / 1e3),
+            store_us=float(np.median(t[a, p, STORED] - t[a, p, DONE]) / 1e3),
+            fence_us=float(np.median(t[a, p, FENCED] - t[a, p, STORED]) / 1e3),
+            release_us=float(np.median(t[a, p, RELEASED] - t[a, p, FENCED]) / 1e3),
             mma_wait_weights_us=float(np.median(us[a, W_WAIT])),
             mma_wait_activations_us=float(np.median(us[a, X_WAIT])),
             loader_ring_full_us=float(np.median(us[a, W_FULL]))))
@@ -78,8 +83,8 @@ def by_product(summaries: list[dict]) -> dict:
                  ("release_skew_us", "notify_us", "first_tile_us", "handover_us")
                  if rows and all(r[k] is not None for r in rows)}
         entry.update({k: statistics.fmean(p[k] for p in prods) for k in
-                      ("mma_us", "mma_wait_weights_us", "mma_wait_activations_us",
-                       "loader_ring_full_us")})
+                      ("mma_us", "store_us", "fence_us", "release_us", "mma_wait_weights_us",
+                       "mma_wait_activations_us", "loader_ring_full_us")})
         out[name] = entry
     return out
 

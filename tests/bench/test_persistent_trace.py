@@ -4,14 +4,14 @@ boundaries and waits are known."""
 import numpy as np
 import pytest
 
-from bench.persistent_trace import (CLOCK, DONE, FIRST_X, RELEASED, SEEN, START, W_FULL, W_WAIT,
-                                    X_WAIT, by_product, summarise)
+from bench.persistent_trace import (CLOCK, DONE, FENCED, FIRST_X, RELEASED, SEEN, START, STORED,
+                                    W_FULL, W_WAIT, X_WAIT, by_product, summarise)
 
 
 def made_up_trace():
     """Two programs, one layer; program 1 has no output tile. Product p's tiles arrive at
-    10 µs * p + 1 µs (+ 0.2 µs for program 1), finish 6 µs later and are released 0.5 µs after
-    that; the next product's counter is seen 0.8 µs after the last release. SM clock 2 GHz."""
+    10 µs * p + 1 µs (+ 0.2 µs for program 1), finish 6 µs later, are stored 0.1 µs, fenced
+    0.3 µs and released 0.5 µs after that; the next product's counter is seen 0.8 µs after the last release. SM clock 2 GHz."""
     trace = np.zeros((2, 1, 4, 16), dtype=np.int64)
     for pid in range(2):
         for p in range(4):
@@ -21,6 +21,7 @@ def made_up_trace():
             if not (pid == 1 and p == 1):
                 row[FIRST_X] = 10_000 * p + 1_000 + 200 * pid
                 row[DONE] = row[FIRST_X] + 6_000
+                row[STORED], row[FENCED] = row[DONE] + 100, row[DONE] + 300
                 row[W_WAIT], row[X_WAIT], row[W_FULL] = 2_000 * (p + 1), 4_000, 6_000
             row[RELEASED] = 10_000 * p + 7_500 + 200 * pid
             row[SEEN] = 10_000 * (p - 1) + 7_700 + 800 if p else 0
@@ -41,6 +42,8 @@ def test_boundaries_and_waits():
     out, gate_up = s["products"][1], s["products"][2]
     assert out["programs"] == 1 and gate_up["programs"] == 2
     assert gate_up["mma_us"] == pytest.approx(6.0)
+    assert (gate_up["store_us"], gate_up["fence_us"], gate_up["release_us"]) == pytest.approx(
+        (0.1, 0.2, 0.2))
     assert gate_up["mma_wait_weights_us"] == pytest.approx(3.0)  # 6000 cycles at 2 GHz
     assert gate_up["mma_wait_activations_us"] == pytest.approx(2.0)
     assert gate_up["loader_ring_full_us"] == pytest.approx(3.0)
