@@ -23,7 +23,8 @@ chain of these products could at best keep. 1B shapes, M = 64, L2 flushed before
 Variants (``VARIANTS``) change one design choice (ring depths, split K, waits per 128
 activation columns, tiled weights, K order) or leave part of the work out to time the rest
 (probes: no waits, no activation loads, no wgmma). Writes ``persistent_chain.json`` and a bar
-chart, ``persistent_chain.png``.
+chart, ``persistent_chain.png``. Built with TRACE=True the kernel records every program's
+timeline (``trace_shape``); ``bench.persistent_trace`` times and reads it.
 
     python -m bench.persistent_chain [--variants x6w16,x8w12,...] [--layers 16] [--rounds 2]
                                      [--out DIR]
@@ -239,8 +240,9 @@ def _mma(xring, xready, xempty, xi, wring, wready, wempty, wi, pid, out_ptr,
     PROXY_FENCE=False drops the async-proxy fence before the product's release (the activation
     loaders fence after their acquire either way).
     TRACE: trace_row gets the times it started, had its first activation tile, finished its
-    last MMA and released the counter (global ns), the cycles it waited for weight and for
-    activation slots, and its cycle counter at the start (``TRACE_FIELDS``)."""
+    last MMA, had stored its output, passed the proxy fence and released the counter (global
+    ns), the cycles it waited for weight and for activation slots, and its cycle counter at the
+    start (``TRACE_FIELDS``)."""
     XS: gl.constexpr = xring.type.shape[0]
     WS: gl.constexpr = wring.type.shape[0]
     SUB: gl.constexpr = wring.type.shape[1]
