@@ -83,6 +83,13 @@ def _clock(dep):
 
 
 @gluon.jit
+def _trace_rows(trace, pid, layer, L: gl.constexpr):
+    """Where this program's trace rows of one layer start (four rows of TRACE_FIELDS, one per
+    product, in ``trace_shape``'s layout)."""
+    return trace + (pid * L + layer) * 4 * TRACE_FIELDS
+
+
+@gluon.jit
 def _wait_counter(ptr, target):
     """Spin until the int32 counter at ptr reaches target (an acquire load), then fence."""
     seen = gl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
@@ -351,7 +358,7 @@ def _mma_partition(rings, bars, outs, counters, scratch, tile_counters, chunk_co
         c = counters + layer * 4
         tc = tile_counters + layer * 2 * (H // BN1)  # the output's tiles, then down's
         cc = chunk_counters + layer * 4 * CHUNKS  # per product, per BK output columns
-        tr = trace + (pid * L + layer) * 4 * TRACE_FIELDS
+        tr = _trace_rows(trace, pid, layer, L)
         xi, wi = _mma(xring, xr, xe, xi, wring, wr, we, wi, pid, q_ptr + layer * BM * QKV_N,
                       QKV_N, c + 0, scratch, tc, cc, G, QKV_N, H, BN0, 1, WAIT, MMA, tr, TRACE,
                       PROXY_FENCE)
@@ -377,7 +384,7 @@ def _w_partition(wdescs, rings, bars, trace, SPLIT: gl.constexpr, ROTATE: gl.con
     pid = gl.program_id(0)
     wi = 0
     for layer in range(L):
-        tr = trace + (pid * L + layer) * 4 * TRACE_FIELDS
+        tr = _trace_rows(trace, pid, layer, L)
         wi = _w_load(d0, wring, wr, we, wi, layer, pid, G, QKV_N, H, BN0, 1, ROTATE, TILED,
                      tr, TRACE)
         wi = _w_load(d1, wring, wr, we, wi, layer, pid, G, H, H, BN1, SPLIT, ROTATE, TILED,
@@ -391,9 +398,8 @@ def _w_partition(wdescs, rings, bars, trace, SPLIT: gl.constexpr, ROTATE: gl.con
 @gluon.jit
 def _x_partition(xdescs, rings, bars, counters, chunk_counters, trace, SPLIT: gl.constexpr,
                  WAIT: gl.constexpr, ROTATE: gl.constexpr, LOAD_X: gl.constexpr,
-                 TRACE: gl.constexpr,
-                 L: gl.constexpr, G: gl.constexpr, H: gl.constexpr, QKV_N: gl.constexpr,
-                 I2: gl.constexpr, DOWN_K: gl.constexpr,
+                 TRACE: gl.constexpr, L: gl.constexpr, G: gl.constexpr, H: gl.constexpr,
+                 QKV_N: gl.constexpr, I2: gl.constexpr, DOWN_K: gl.constexpr,
                  BN0: gl.constexpr, BN1: gl.constexpr, BN2: gl.constexpr, BN3: gl.constexpr):
     dd, dq, do, dg = xdescs
     xring, _ = rings
@@ -405,7 +411,7 @@ def _x_partition(xdescs, rings, bars, counters, chunk_counters, trace, SPLIT: gl
         cc = chunk_counters + layer * 4 * CHUNKS
         # Layer 0 reads the input: counters[-1] stays 0, and both targets are 0.
         first = layer > 0
-        tr = trace + (pid * L + layer) * 4 * TRACE_FIELDS
+        tr = _trace_rows(trace, pid, layer, L)
         xi = _x_load(dd, layer * BM, xring, xr, xe, xi, c - 1, G * first,
                      cc - CHUNKS * first, BK // BN3 * first, pid, G, QKV_N, H, BN0, 1, WAIT,
                      ROTATE, LOAD_X, tr, TRACE)
@@ -447,8 +453,8 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     (timing only, the outputs are garbage): LOAD_X=False marks activation slots ready unloaded;
     MMA=False consumes the slots without wgmma. PROXY_FENCE=False: no async-proxy fence before
     a product's release (the activation loaders still fence after their acquire). TRACE: record
-    each program's timeline in
-    trace, int64 [G, L, 4, TRACE_FIELDS] (see TRACE_FIELDS); otherwise trace is not touched.
+    each program's timeline in trace, int64 [G, L, 4, TRACE_FIELDS] (see TRACE_FIELDS);
+    otherwise trace is not touched.
     """
     xring = gl.allocate_shared_memory(xdd.dtype, [XS, BM, BK], xdd.layout)
     wring = gl.allocate_shared_memory(wd0.dtype, [WS] + wd0.block_type.shape, wd0.layout)
@@ -468,8 +474,7 @@ def persistent_chain_kernel(wd0, wd1, wd2, wd3, xdd, xdq, xdo, xdg, q_ptr, o_ptr
     gl.warp_specialize([
         (_mma_partition, (rings, bars, (q_ptr, o_ptr, g_ptr, d_ptr), counters, scratch,
                           tile_counters, chunk_counters, trace, SPLIT, WAIT, MMA, TRACE,
-                          PROXY_FENCE, L, G,
-                          H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
+                          PROXY_FENCE, L, G, H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
         (_w_partition, ((wd0, wd1, wd2, wd3), rings, bars, trace, SPLIT, ROTATE, TILED, TRACE,
                         L, G, H, QKV_N, I2, DOWN_K, BN0, BN1, BN2, BN3)),
         (_x_partition, ((xdd, xdq, xdo, xdg), rings, bars, counters, chunk_counters, trace,
@@ -588,7 +593,7 @@ def build(layers: int, seed: int = 0):
 
 def persistent(layers: int, config: dict, weights, acts, counters, trace=None):
     """The one-launch chain (counters zeroed first) as a function; with TRACE in config it
-    records its timeline in trace (``trace_buffer``)."""
+    records its timeline in trace, int64 of ``trace_shape(layers, config)``."""
     config = {**CONFIG, **config}
     if config.get("TRACE") and (trace is None or trace.shape != trace_shape(layers, config)):
         raise ValueError("a traced chain takes a trace buffer of trace_shape(layers, config)")
@@ -612,10 +617,9 @@ def persistent(layers: int, config: dict, weights, acts, counters, trace=None):
         counters.zero_()
         persistent_chain_kernel[(config["G"], )](
             *wdescs, *xdescs, qkv, attn, gate_up, inputs, product_counters, scratch,
-            tile_counters, chunk_counters, trace if trace is not None else counters, L=layers,
-            H=HIDDEN,
-            QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER, num_warps=4, maxnreg=MAX_REGISTERS,
-            **config)
+            tile_counters, chunk_counters, trace if trace is not None else counters,
+            L=layers, H=HIDDEN, QKV_N=QKV_N, I2=GATE_UP_N, DOWN_K=INTER, num_warps=4,
+            maxnreg=MAX_REGISTERS, **config)
     return run
 
 

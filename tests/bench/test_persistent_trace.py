@@ -11,7 +11,8 @@ from bench.persistent_trace import (CLOCK, DONE, FENCED, FIRST_X, RELEASED, SEEN
 def made_up_trace():
     """Two programs, one layer; program 1 has no output tile. Product p's tiles arrive at
     10 µs * p + 1 µs (+ 0.2 µs for program 1), finish 6 µs later, are stored 0.1 µs, fenced
-    0.3 µs and released 0.5 µs after that; the next product's counter is seen 0.8 µs after the last release. SM clock 2 GHz."""
+    0.3 µs and released 0.5 µs after that; the next product's counter is seen 0.8 µs after the
+    last release. SM clock 2 GHz."""
     trace = np.zeros((2, 1, 4, 16), dtype=np.int64)
     for pid in range(2):
         for p in range(4):
