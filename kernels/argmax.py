@@ -3,7 +3,9 @@
 A single program per row would leave most SMs idle at small batch sizes (one row of a 152k
 vocabulary is 600 KB), so stage 1 splits every row into chunks and records each chunk's
 maximum and the first index reaching it; stage 2 picks, per row, the first chunk holding the
-row maximum. Ties therefore resolve to the lowest index, as ``torch.argmax`` does.
+row maximum. Ties therefore resolve to the lowest index, as ``torch.argmax`` does, and NaN
+counts as larger than any number, as there: a row holding NaN (a model that overflowed) picks
+its first NaN, which is still a token id, so the step's next embedding lookup stays in range.
 """
 
 from __future__ import annotations
@@ -21,15 +23,21 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _chunk_argmax_kernel(logits_ptr, chunk_max_ptr, chunk_idx_ptr, vocab, stride_row,
                          num_chunks, CHUNK: tl.constexpr):
     """Grid (B, num_chunks). logits: [B, vocab], last dim contiguous. Writes fp32 and int32
-    [B, num_chunks]: each chunk's maximum and the lowest index holding it."""
+    [B, num_chunks]: each chunk's maximum and the lowest index holding it (NaN and the first
+    NaN's index if the chunk holds one)."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
     values = tl.load(logits_ptr + row * stride_row + cols, mask=cols < vocab,
                      other=float("-inf")).to(tl.float32)
+    is_nan = values != values
+    first_nan = tl.min(tl.where(is_nan, cols, vocab), axis=0)
+    values = tl.where(is_nan, float("-inf"), values)
     best = tl.max(values, axis=0)
     # Lanes past the vocabulary hold -inf too, but their indices come after every real one.
     first = tl.min(tl.where(values == best, cols, vocab), axis=0)
+    best = tl.where(first_nan < vocab, float("nan"), best)
+    first = tl.where(first_nan < vocab, first_nan, first)
     tl.store(chunk_max_ptr + row * num_chunks + chunk, best)
     tl.store(chunk_idx_ptr + row * num_chunks + chunk, first)
 
@@ -43,9 +51,13 @@ def _reduce_chunks_kernel(chunk_max_ptr, chunk_idx_ptr, out_ptr, num_chunks,
     mask = c < num_chunks
     best = tl.load(chunk_max_ptr + row * num_chunks + c, mask=mask, other=float("-inf"))
     first = tl.load(chunk_idx_ptr + row * num_chunks + c, mask=mask, other=INDEX_LIMIT)
+    is_nan = best != best
+    first_nan = tl.min(tl.where(is_nan, first, INDEX_LIMIT), axis=0)
+    best = tl.where(is_nan, float("-inf"), best)
     row_best = tl.max(best, axis=0)
     # Chunk indices rise with the chunk, so the smallest index among maximal chunks is the first.
     winner = tl.min(tl.where(best == row_best, first, INDEX_LIMIT), axis=0)
+    winner = tl.where(first_nan < INDEX_LIMIT, first_nan, winner)
     tl.store(out_ptr + row, winner.to(tl.int64))
 
 
@@ -73,7 +85,8 @@ def argmax_launch(vocab: int) -> ArgmaxLaunch:
 def argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """First index of each row's maximum (ties -> lowest index, like ``torch.argmax``).
 
-    logits: [B, V] (fp32 normally; fp16 / bf16 accepted), last dim contiguous, NaN-free.
+    logits: [B, V] (fp32 normally; fp16 / bf16 accepted), last dim contiguous; a NaN counts
+    as the maximum (the first NaN wins), as in ``torch.argmax``.
     out: optional int64 [B]. Returns int64 [B].
     """
     if logits.dim() != 2 or logits.shape[1] == 0:

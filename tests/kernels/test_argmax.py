@@ -49,6 +49,22 @@ def test_constant_and_negative_infinite_rows():
     check(logits)
 
 
+def test_nan_counts_as_the_maximum_as_in_torch():
+    """A row with NaN (an overflowed model) picks its first NaN, across chunks and next to
+    +inf; every index stays inside the vocabulary."""
+    V = 3 * CHUNK + 5
+    logits = torch.randn(5, V)
+    nan, inf = float("nan"), float("inf")
+    logits[0, [2 * CHUNK + 1, V - 1]] = nan
+    logits[1, 5] = inf
+    logits[1, [CHUNK + 2, 3]] = nan
+    logits[2] = nan
+    logits[3, :CHUNK] = -inf
+    logits[3, V - 1] = nan
+    check(logits)
+    assert argmax(logits).tolist()[:4] == [2 * CHUNK + 1, 3, 0, V - 1]
+
+
 def test_strided_rows():
     wide = torch.randn(3, CHUNK + 500)
     check(wide[:, 7: CHUNK + 400])
