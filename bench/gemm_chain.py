@@ -66,7 +66,7 @@ def variant(config, n: int, k: int, shared: int | None, block_k: int | None,
 def chain_fns(shape: dict, m: int, variants: tuple[tuple, ...] = ()) -> dict:
     """{name: fn} running every layer's four products, plus the roofline inputs; with
     ``variants`` (values of VARIANTS) only ours, once per variant."""
-    from kernels.gemm import NORM, PLAIN, gemm_config, skinny_gemm
+    from kernels.gemm import PARTIAL_NORM, PLAIN, gemm_config, gemm_programs, skinny_gemm
 
     h, q, inter = shape["hidden"], shape["q"], shape["inter"]
     qkv_n = q + 2 * shape["kv"]
@@ -91,16 +91,19 @@ def chain_fns(shape: dict, m: int, variants: tuple[tuple, ...] = ()) -> dict:
     def ours(pdl: bool, changes: tuple = (None, None, None, None)):
         configs = {name: variant(gemm_config(m, n, k, bf16, prologue, pdl), n, k, *changes)
                    for name, n, k, prologue in (("qkv", qkv_n, h, PLAIN), ("o", h, q, PLAIN),
-                                                ("gate_up", 2 * inter, h, NORM),
+                                                ("gate_up", 2 * inter, h, PARTIAL_NORM),
                                                 ("down", h, inter, PLAIN))}
+
+        # The output product leaves the residual's partial sums of squares for gate/up's norm.
+        sumsq = torch.empty(gemm_programs(configs["o"], h), m, device="cuda")
 
         def run():
             for w in layers:
                 skinny_gemm(residual, w["qkv"], qkv, PLAIN, config=configs["qkv"])
                 skinny_gemm(qkv[:, :q], w["o"], residual, PLAIN, add_residual=True,
-                            config=configs["o"])
-                skinny_gemm(residual, w["gate_up"], act, NORM, eps=EPS, swiglu=True,
-                            config=configs["gate_up"])
+                            row_sumsq=sumsq, config=configs["o"])
+                skinny_gemm(residual, w["gate_up"], act, PARTIAL_NORM, eps=EPS, swiglu=True,
+                            row_sumsq=sumsq, config=configs["gate_up"])
                 skinny_gemm(act, w["down"], residual, PLAIN, add_residual=True,
                             config=configs["down"])
         return run, {k: dataclasses.asdict(v) for k, v in configs.items()}

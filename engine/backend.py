@@ -3,8 +3,8 @@
 Both backends expose the same functions with the same signatures (``kernels.reference``
 documents them): ``rmsnorm``, ``fused_add_rmsnorm``, ``rope_kv_write``, ``decode_attention``,
 ``prefill_attention``, ``silu_and_mul``, ``norm_linear``, ``qkv_rope_write``,
-``qkv_decode_attention``, ``linear_residual``, ``gated_linear_residual``, ``mlp_residual`` and
-``argmax``.
+``qkv_decode_attention``, ``linear_residual``, ``gated_linear_residual``, ``mlp_residual``,
+``output_mlp_residual`` and ``argmax``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ _TRITON_MODULES = {
     "linear_residual": "kernels.linear",
     "gated_linear_residual": "kernels.linear",
     "mlp_residual": "kernels.linear",
+    "output_mlp_residual": "kernels.linear",
     "argmax": "kernels.argmax",
 }
 

@@ -10,10 +10,10 @@ the norm kernels (``kernels.linear``).
 
 Every op but the embedding and the lm_head goes through ``ops`` (``engine.backend.get_ops``),
 so the same code runs the plain-torch reference ops or our Triton kernels. The layer is written
-as its projections with their neighbours attached (``qkv_decode_attention``,
-``linear_residual``, ``mlp_residual``): the residual stream is updated in place by the ops that
-end each half of the layer, and the norms are taken by the ops that start them; the ops decide
-what to fuse.
+as its projections with their neighbours attached (``qkv_decode_attention`` and
+``output_mlp_residual``, the rest of the layer after attention): the residual stream is updated
+in place by the ops that end each half of the layer, and the norms are taken by the ops that
+start them; the ops decide what to fuse.
 
 Two entry points, both writing K/V into a ``KVSlab`` ``[B, C, H_kv, D]`` per layer:
 ``prefill`` runs packed prompts; ``decode`` runs one new token per slab row and is CUDA-graph
@@ -128,16 +128,15 @@ class CausalLM(nn.Module):
         """
         ops, c = self.ops, self.config
 
-        def attention(layer_index: int, layer: DecoderLayer, residual: torch.Tensor) -> None:
+        def attention(layer_index: int, layer: DecoderLayer,
+                      residual: torch.Tensor) -> torch.Tensor:
             q, k, v = self._qkv(layer, residual)
             k_cache, v_cache = kv.k[layer_index], kv.v[layer_index]
             ops.rope_kv_write(q, k, v, k_cache, v_cache, positions, self.rope_cos, self.rope_sin,
                               rows)
             # rope_kv_write rotates q in place but k only into the cache: read the rotated k back.
             k_rotated = k_cache[rows.long(), positions.long()].to(k.dtype)
-            out = ops.prefill_attention(q, k_rotated, v, cu_seqlens, max_seqlen)
-            ops.linear_residual(out.reshape(residual.shape[0], c.num_heads * c.head_dim),
-                                layer.o_proj, residual)
+            return ops.prefill_attention(q, k_rotated, v, cu_seqlens, max_seqlen)
 
         residual = self._layers(input_ids, attention)
         last = cu_seqlens[1:].long() - 1
@@ -156,20 +155,18 @@ class CausalLM(nn.Module):
         ops, c = self.ops, self.config
         seq_lens = positions + 1  # 0 on dead rows
 
-        def attention(layer_index: int, layer: DecoderLayer, residual: torch.Tensor) -> None:
+        def attention(layer_index: int, layer: DecoderLayer,
+                      residual: torch.Tensor) -> torch.Tensor:
             k_cache, v_cache = kv.k[layer_index], kv.v[layer_index]
             if c.qk_norm:  # Qwen3 normalises q and k between the projection and RoPE
                 q, k, v = self._qkv(layer, residual)
                 ops.rope_kv_write(q, k, v, k_cache, v_cache, positions, self.rope_cos,
                                   self.rope_sin)
-                out = ops.decode_attention(q, k_cache, v_cache, seq_lens)
-            else:
-                out = ops.qkv_decode_attention(
-                    residual, layer.input_norm, c.rms_norm_eps, layer.qkv_proj, layer.qkv_bias,
-                    c.num_heads, c.num_kv_heads, k_cache, v_cache, positions, seq_lens,
-                    self.rope_cos, self.rope_sin)
-            ops.linear_residual(out.reshape(residual.shape[0], c.num_heads * c.head_dim),
-                                layer.o_proj, residual)
+                return ops.decode_attention(q, k_cache, v_cache, seq_lens)
+            return ops.qkv_decode_attention(
+                residual, layer.input_norm, c.rms_norm_eps, layer.qkv_proj, layer.qkv_bias,
+                c.num_heads, c.num_kv_heads, k_cache, v_cache, positions, seq_lens,
+                self.rope_cos, self.rope_sin)
 
         residual = self._layers(input_ids, attention)
         x = ops.rmsnorm(residual, self.norm, c.rms_norm_eps)
@@ -185,16 +182,18 @@ class CausalLM(nn.Module):
     def _layers(self, input_ids: torch.Tensor, attention) -> torch.Tensor:
         """Embedding and every decoder layer; returns the residual stream [T, hidden].
 
-        ``attention(layer_index, layer, residual)`` adds the attention block's output to
-        ``residual`` in place; the MLP does the same. The final norm is left to the caller,
-        which may only need some tokens.
+        ``attention(layer_index, layer, residual)`` returns the attention heads' output
+        [T, H_q, D] (before the output projection); ``output_mlp_residual`` adds the output
+        projection and then the MLP to ``residual`` in place. The final norm is left to the
+        caller, which may only need some tokens.
         """
-        ops, eps = self.ops, self.config.rms_norm_eps
+        ops, c = self.ops, self.config
         residual = F.embedding(input_ids, self.embed_tokens)
         for i, layer in enumerate(self.layers):
-            attention(i, layer, residual)
-            ops.mlp_residual(residual, layer.post_attention_norm, eps, layer.gate_up_proj,
-                             layer.down_proj)
+            out = attention(i, layer, residual)
+            ops.output_mlp_residual(out.reshape(residual.shape[0], c.num_heads * c.head_dim),
+                                    layer.o_proj, residual, layer.post_attention_norm,
+                                    c.rms_norm_eps, layer.gate_up_proj, layer.down_proj)
         return residual
 
     def _qkv(self, layer: DecoderLayer, residual: torch.Tensor):

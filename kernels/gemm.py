@@ -3,11 +3,13 @@ the layer's neighbouring ops fused and a programmatic dependent launch.
 
     out[M, N] = epilogue(A[M, K] @ W[N, K]^T),  A = prologue(x)
 
-Prologues: PLAIN (A = x) and NORM (RMSNorm without a weight, i.e. one folded into W: the row's
+Prologues: PLAIN (A = x), NORM (RMSNorm without a weight, i.e. one folded into W: the row's
 sum of squares is accumulated from the x tiles the product streams anyway, and 1 / rms(x)
-scales the fp32 accumulator, a per-row scalar that commutes with the product). Epilogues: bias;
-residual add in place (out aliases residual; each element is read and written by one program);
-SWIGLU: W is the fused gate/up projection [2I, K] and the program takes matching gate and up
+scales the fp32 accumulator, a per-row scalar that commutes with the product) and
+PARTIAL_NORM (the same scale, from the per-program partial sums of squares that the launch
+which wrote x left behind: see below). Epilogues: bias; residual add in place (out aliases
+residual; each element is read and written by one program), optionally writing each row's sum
+of squares over the program's features (``row_sumsq``); SWIGLU: W is the fused gate/up projection [2I, K] and the program takes matching gate and up
 rows, so it writes silu(gate) * up [M, I] straight from its two fp32 accumulators — the MLP's
 activation costs neither a kernel nor a round trip of the [M, 2I] product through memory.
 
@@ -29,8 +31,15 @@ The operand feeding the tensor cores must come straight from the pipelined loads
 activation computed in registers (SiLU-and-mul as a prologue of the down projection) had to be
 written back to shared memory every iteration and ran about 3x slower than cuBLAS on the H100,
 hence the SwiGLU epilogue instead. The NORM prologue's sum of squares costs
-a few percent on narrow tiles, so a decode step defers its QKV norm to the RoPE kernel when it
-can (``kernels.linear``).
+a few percent on narrow tiles and more where its registers cost pipeline stages, so a decode
+step defers its QKV norm to the RoPE kernel when it can (``kernels.linear``). The normalised
+product that follows a residual add does better still: the residual's writer already holds every
+new residual value in registers, so each of its programs stores the sum of squares of its tile's
+rows ([programs, M] fp32, a few KB), and the reader sums those partials, a few rows per K step,
+instead of squaring its x tiles: on the H100 the decode step of 64 rows took 2.0% less time
+(1B) and 2.3-3.1% less (8B), of 32 rows (1B) 2.5% less (bench/RESULTS.md). The partials are
+added elementwise in the K loop and summed across them once after it: a sum per step crosses
+warps, a barrier every step, and made the same steps 4% (1B) and 7% (8B) slower.
 
 Numerics: fp32 accumulation (``input_precision="ieee"``: fp32 operands are exact IEEE
 products, no tf32); the normalised activation is not rounded before the product (the scale
@@ -62,7 +71,7 @@ MIN_PROGRAMS = 96
 # ran 1.4-1.7x slower, and a 110 KB budget (two programs per SM) 1.1-1.8x slower.
 SHARED_BYTES, MAX_STAGES, BLOCK_K = 220 * 1024, 8, 128
 
-PLAIN, NORM = 0, 1
+PLAIN, NORM, PARTIAL_NORM = 0, 1, 2
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -114,12 +123,22 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
     return GemmConfig(block_m, block_n, block_k, 4, num_stages, pdl, prefetch_k)
 
 
+def gemm_programs(config: GemmConfig, n: int, swiglu: bool = False) -> int:
+    """Programs along the features: the rows of the ``row_sumsq`` partials a residual-adding
+    launch writes. n: output features (I with ``swiglu``)."""
+    return triton.cdiv(n, config.block_n // 2 if swiglu else config.block_n)
+
+
 def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias: bool,
-                     add_residual: bool, swiglu: bool = False) -> dict:
+                     add_residual: bool, swiglu: bool = False, write_sumsq: bool = False,
+                     num_partials: int = 0) -> dict:
     """Constexprs and launch options of one launch (what the AOT test compiles); n: output
-    features (I with ``swiglu``)."""
+    features (I with ``swiglu``); num_partials: the rows of the partials PARTIAL_NORM reads."""
     tile_n = config.block_n // 2 if swiglu else config.block_n  # output features a program
-    return dict(PROLOGUE=prologue, HAS_BIAS=has_bias, ADD_RESIDUAL=add_residual, SWIGLU=swiglu,
+    steps = triton.cdiv(k, config.block_k)
+    per_step = triton.next_power_of_2(triton.cdiv(num_partials, steps)) if num_partials else 1
+    return dict(PROLOGUE=prologue, HAS_BIAS=has_bias, ADD_RESIDUAL=add_residual,
+                WRITE_SUMSQ=write_sumsq, PARTIALS_PER_STEP=per_step, SWIGLU=swiglu,
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 EVEN_N=n % tile_n == 0, EVEN_K=k % config.block_k == 0, PDL=config.pdl,
                 PREFETCH_K=config.prefetch_k if config.pdl else 0,
@@ -130,31 +149,50 @@ def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prologue: int = PLAIN,
                 bias: torch.Tensor | None = None, eps: float = 0.0,
                 add_residual: bool = False, swiglu: bool = False,
+                row_sumsq: torch.Tensor | None = None,
                 config: GemmConfig | None = None) -> torch.Tensor:
     """out = [out +] prologue(x) @ weight.T [+ bias], or silu(gate) * up of that product with
     ``swiglu``; returns out.
 
     x: [M, K], last dim contiguous, M <= GEMM_MAX_ROWS; weight: [N, K] contiguous (with
     ``swiglu``: the gate rows then the up rows, N = 2I); bias: [N] contiguous or None;
-    NORM: A = RMSNorm(x) with ``eps`` and no weight; out: [M, N] ([M, I] with ``swiglu``)
-    with a contiguous last dim, the residual when ``add_residual``; all x's dtype (fp16 / bf16
-    / fp32). The caller (``kernels.linear``) validates shapes.
+    NORM: A = RMSNorm(x) with ``eps`` and no weight; PARTIAL_NORM: the same, with x's sums of
+    squares read from ``row_sumsq``; out: [M, N] ([M, I] with ``swiglu``) with a contiguous last
+    dim, the residual when ``add_residual``; all x's dtype (fp16 / bf16 / fp32).
+    row_sumsq: fp32 [P, M] contiguous. PARTIAL_NORM reads it (any P >= 1: rows that sum to
+    each x row's sum of squares). With ``add_residual`` (and any prologue but PARTIAL_NORM) it
+    is written, with P = ``gemm_programs(config, N)``: row j holds, for every row of the new
+    out, the sum of squares of the features program j stored.
+    The caller (``kernels.linear``) validates x, weight and out.
     """
     M, (N, K) = x.shape[0], weight.shape
     if swiglu and (bias is not None or add_residual or N % 2):
         raise ValueError("skinny_gemm: swiglu takes an even number of weight rows, no bias and "
                          "no residual")
-    if M == 0:
-        return out
     config = config or gemm_config(M, N, K, weight.dtype, prologue, pdl=has_pdl(x.device))
     features = N // 2 if swiglu else N
-    grid = (triton.cdiv(features, config.block_n // 2 if swiglu else config.block_n),
-            triton.cdiv(M, config.block_m))
+    reads_sumsq = prologue == PARTIAL_NORM
+    writes_sumsq = row_sumsq is not None and not reads_sumsq
+    if writes_sumsq and not add_residual:
+        raise ValueError("skinny_gemm: row_sumsq is written by a residual add only")
+    if reads_sumsq or writes_sumsq:
+        if row_sumsq is None:
+            raise ValueError("skinny_gemm: PARTIAL_NORM needs row_sumsq")
+        rows = gemm_programs(config, features, swiglu) if writes_sumsq else row_sumsq.shape[0]
+        if (row_sumsq.dtype != torch.float32 or row_sumsq.shape != (rows, M) or rows < 1
+                or not row_sumsq.is_contiguous() or row_sumsq.device != x.device):
+            raise ValueError(f"skinny_gemm: row_sumsq must be contiguous fp32 [{rows}, {M}] on "
+                             f"{x.device}, got {row_sumsq.dtype} {tuple(row_sumsq.shape)}")
+    if M == 0:
+        return out
+    grid = (gemm_programs(config, features, swiglu), triton.cdiv(M, config.block_m))
     # Unused pointer arguments get x (never read: their constexpr switches are off).
     _skinny_gemm_kernel[grid](
-        x, weight, bias if bias is not None else x, out, M, features, K, x.stride(0),
-        out.stride(0), eps, launch_pdl=config.pdl,
-        **gemm_launch_meta(config, features, K, prologue, bias is not None, add_residual, swiglu))
+        x, weight, bias if bias is not None else x, out,
+        row_sumsq if row_sumsq is not None else x, M, features, K, x.stride(0),
+        out.stride(0), eps, row_sumsq.shape[0] if reads_sumsq else 0, launch_pdl=config.pdl,
+        **gemm_launch_meta(config, features, K, prologue, bias is not None, add_residual, swiglu,
+                           writes_sumsq, row_sumsq.shape[0] if reads_sumsq else 0))
     return out
 
 
@@ -167,10 +205,22 @@ def _prefetch_to_l2(ptrs):
 
 
 @triton.jit
+def _load_partials(sumsq_ptr, part, offs_m, m_live, M, num_partials, LOAD: tl.constexpr,
+                   PARTS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """fp32 [PARTS, BLOCK_M]: rows ``part`` of the [num_partials, M] partial sums of squares,
+    zero past the last (all zero, and no load, unless LOAD)."""
+    if LOAD:
+        mask = (part < num_partials)[:, None] & m_live[None, :]
+        return tl.load(sumsq_ptr + part[:, None] * M + offs_m[None, :], mask=mask, other=0.0)
+    return tl.zeros([PARTS, BLOCK_M], dtype=tl.float32)
+
+
+@triton.jit
 def _skinny_gemm_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, eps,
-        PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        ADD_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr,
+        x_ptr, w_ptr, bias_ptr, out_ptr, sumsq_ptr, M, N, K, stride_xm, stride_om, eps,
+        num_partials, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ADD_RESIDUAL: tl.constexpr, WRITE_SUMSQ: tl.constexpr, PARTIALS_PER_STEP: tl.constexpr,
+        SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
         EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
         PREFETCH_CHUNK: tl.constexpr):
@@ -179,7 +229,10 @@ def _skinny_gemm_kernel(
 
     x: [M, K], rows ``stride_xm`` apart; W: [N, K] contiguous ([2N, K] with SWIGLU: gate rows
     then up rows); bias: [N]; out: [M, N], rows ``stride_om`` apart, read first
-    when ADD_RESIDUAL. PDL: launched as a programmatic dependent launch (Hopper): release the
+    when ADD_RESIDUAL. sumsq: fp32 [num_partials, M] contiguous, partial sums of squares of
+    x's rows that sum to the whole row's (PARTIAL_NORM reads PARTIALS_PER_STEP of them per K
+    step); with WRITE_SUMSQ (and ADD_RESIDUAL), row j of it gets program j's sums of its
+    rounded output features. PDL: launched as a programmatic dependent launch (Hopper): release the
     next kernel, prefetch PREFETCH_K weight columns into L2, then wait for the previous grid.
     """
     TILE_N: tl.constexpr = BLOCK_N // 2 if SWIGLU else BLOCK_N
@@ -206,7 +259,20 @@ def _skinny_gemm_kernel(
     acc = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
     sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # PARTIAL_NORM: a few partials per K step, each loaded a step before it is added, so the
+    # load's round trip overlaps a step instead of stalling the warps that issue the products;
+    # added elementwise (a sum across the partials would cross warps, a barrier every step)
+    # and summed once after the loop.
+    part = tl.arange(0, PARTIALS_PER_STEP)
+    partials = _load_partials(sumsq_ptr, part, offs_m, m_live, M, num_partials, PROLOGUE == 2,
+                              PARTIALS_PER_STEP, BLOCK_M)
+    partial_sums = tl.zeros([PARTIALS_PER_STEP, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
+        if PROLOGUE == 2:
+            partial_sums += partials
+            part += PARTIALS_PER_STEP
+            partials = _load_partials(sumsq_ptr, part, offs_m, m_live, M, num_partials, True,
+                                      PARTIALS_PER_STEP, BLOCK_M)
         k = k0 + offs_k
         k_live = k < K
         w_mask = n_live[:, None] & k_live[None, :]  # only used where a tile can overhang
@@ -231,7 +297,9 @@ def _skinny_gemm_kernel(
                 w_up = tl.load(up_rows + k[None, :], mask=w_mask, other=0.0)
             acc_up = tl.dot(a, tl.trans(w_up), acc_up, input_precision="ieee")
 
-    if PROLOGUE == 1:
+    if PROLOGUE == 2:
+        sum_sq = tl.sum(partial_sums, axis=0)
+    if PROLOGUE != 0:
         inv_rms = tl.math.rsqrt(sum_sq / K + eps)[:, None]
         acc = acc * inv_rms
         if SWIGLU:
@@ -244,4 +312,9 @@ def _skinny_gemm_kernel(
     out_mask = m_live[:, None] & n_live[None, :]
     if ADD_RESIDUAL:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptrs, out, mask=out_mask)
+    if WRITE_SUMSQ:  # of the values stored, as a NORM prologue reading them back would see
+        squares = tl.where(out_mask, out.to(tl.float32) * out.to(tl.float32), 0.0)
+        tl.store(sumsq_ptr + tl.program_id(0) * M + offs_m, tl.sum(squares, axis=1),
+                 mask=m_live)

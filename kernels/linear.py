@@ -10,7 +10,10 @@ These ops cover every projection of a layer (``kernels.reference`` has their pla
 - ``gated_linear_residual(gate_up, weight, residual)``: residual += (silu(gate) * up) @ W.T —
   the down projection;
 - ``mlp_residual(residual, norm_weight, eps, gate_up_weight, down_weight)``: the whole SwiGLU
-  block, residual += MLP(RMSNorm(residual)).
+  block, residual += MLP(RMSNorm(residual));
+- ``output_mlp_residual(attn, o_weight, residual, norm_weight, eps, gate_up_weight,
+  down_weight)``: the rest of the layer after attention, ``linear_residual`` then
+  ``mlp_residual``, with the MLP's norm taken from the output product's epilogue.
 
 ``norm_weight`` may be None: the model folds each RMSNorm weight into the columns of the
 projection that follows it (``engine.model``), RMSNorm(x) * g @ W.T = RMSNorm(x) @ (W * g).T.
@@ -29,8 +32,10 @@ Three regimes by the number of rows M:
 - ``GEMM_MIN_ROWS`` <= M <= ``GEMM_MAX_ROWS`` (a decode step of 17 to 64 rows) runs
   ``kernels.gemm`` on the tensor cores, as programmatic dependent launches that overlap each
   product's start with the previous kernel's end: the MLP is two launches (gate/up with RMSNorm
-  and SiLU-and-mul fused, then down with the residual add); a folded QKV norm is deferred to the
-  RoPE kernel as below.
+  and SiLU-and-mul fused, then down with the residual add); after the output product, which
+  leaves each row's partial sums of squares behind, the gate/up product's RMSNorm costs only
+  their sum (``kernels.gemm`` PARTIAL_NORM); a folded QKV norm is deferred to the RoPE kernel
+  as below.
 - Other M goes to cuBLAS (``kernels.cublaslt.mm``: in a decode step, the fastest of cuBLASLt's
   algorithms for the shape), which is the better GEMM there, with the residual add as the
   GEMM's own accumulate (beta = 1), which costs no extra kernel or pass. The RMSNorm
@@ -59,7 +64,8 @@ import triton.language as tl
 from kernels import cublaslt
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import NewToken, decode_attention
-from kernels.gemm import GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, skinny_gemm
+from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PARTIAL_NORM, PLAIN, gemm_config,
+                          gemm_programs, skinny_gemm)
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import _check as _check_rope
 from kernels.rope_kv_write import rope_kv_write
@@ -301,13 +307,7 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
     More rows with a folded norm weight: cuBLAS on the raw rows, our SiLU-and-mul kernel with
     the deferred 1 / rms, cuBLAS accumulating into the residual — three launches.
     """
-    _check(residual, gate_up_weight, residual.shape[-1] if residual.dim() == 2 else -1,
-           "mlp_residual")
-    if gate_up_weight.shape[0] % 2 or down_weight.shape != (residual.shape[1],
-                                                            gate_up_weight.shape[0] // 2):
-        raise ValueError(f"mlp_residual: gate_up_weight {tuple(gate_up_weight.shape)} and "
-                         f"down_weight {tuple(down_weight.shape)} do not fit a hidden size of "
-                         f"{residual.shape[1]} (expected [2 I, H] and [H, I])")
+    _check_mlp("mlp_residual", residual, gate_up_weight, down_weight)
     M = residual.shape[0]
     if _takes_skinny_gemm(M):
         _check(residual, down_weight, down_weight.shape[1], "mlp_residual")  # dtype, contiguity
@@ -326,6 +326,50 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
     gate_up = cublaslt.mm(residual, gate_up_weight)  # unnormalised: the 1 / rms comes next
     return cublaslt.mm(silu_and_mul(gate_up, norm_input=residual, eps=eps), down_weight, residual,
                        accumulate=True)
+
+
+def output_mlp_residual(attn: torch.Tensor, o_weight: torch.Tensor, residual: torch.Tensor,
+                        norm_weight: torch.Tensor | None, eps: float,
+                        gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """The rest of a layer after attention, in place: ``linear_residual(attn, o_weight,
+    residual)``, then ``mlp_residual(residual, norm_weight, eps, gate_up_weight,
+    down_weight)``. Returns residual.
+
+    attn: [M, H_q * D]; o_weight: [H, H_q * D] contiguous; the rest as ``mlp_residual``'s.
+
+    ``GEMM_MIN_ROWS`` to ``GEMM_MAX_ROWS`` rows with a folded norm: three ``kernels.gemm``
+    launches. Each program of the output product also stores, per row, the sum of squares of
+    the residual features it wrote ([programs, M] fp32); the gate/up product sums those
+    partials for its 1 / rms (PARTIAL_NORM) instead of squaring the x tiles it streams. Other
+    rows and unfolded norms: the two ops one after the other.
+    """
+    M = residual.shape[0] if residual.dim() == 2 else -1
+    if not (_takes_skinny_gemm(M) and norm_weight is None):
+        linear_residual(attn, o_weight, residual)
+        return mlp_residual(residual, norm_weight, eps, gate_up_weight, down_weight)
+    _check(attn, o_weight, attn.shape[-1] if attn.dim() == 2 else -1, "output_mlp_residual")
+    _check_residual(residual, attn.shape[0], o_weight)
+    _check_mlp("output_mlp_residual", residual, gate_up_weight, down_weight)
+    _check(residual, down_weight, down_weight.shape[1], "output_mlp_residual")
+    hidden = residual.shape[1]
+    # The partials' rows: one per output-product program (its tile does not depend on PDL).
+    programs = gemm_programs(gemm_config(M, hidden, o_weight.shape[1], o_weight.dtype), hidden)
+    sumsq = torch.empty(programs, M, dtype=torch.float32, device=residual.device)
+    skinny_gemm(attn, o_weight, residual, PLAIN, add_residual=True, row_sumsq=sumsq)
+    act = residual.new_empty(M, down_weight.shape[1])
+    skinny_gemm(residual, gate_up_weight, act, PARTIAL_NORM, eps=eps, swiglu=True,
+                row_sumsq=sumsq)
+    return skinny_gemm(act, down_weight, residual, PLAIN, add_residual=True)
+
+
+def _check_mlp(op: str, residual: torch.Tensor, gate_up_weight: torch.Tensor,
+               down_weight: torch.Tensor) -> None:
+    _check(residual, gate_up_weight, residual.shape[-1] if residual.dim() == 2 else -1, op)
+    if gate_up_weight.shape[0] % 2 or down_weight.shape != (residual.shape[1],
+                                                            gate_up_weight.shape[0] // 2):
+        raise ValueError(f"{op}: gate_up_weight {tuple(gate_up_weight.shape)} and "
+                         f"down_weight {tuple(down_weight.shape)} do not fit a hidden size of "
+                         f"{residual.shape[1]} (expected [2 I, H] and [H, I])")
 
 
 def _takes_skinny_gemm(m: int) -> bool:

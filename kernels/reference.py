@@ -196,3 +196,12 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
     norm_weight, eps, gate_up_weight)) @ down_weight.T``; returns residual [M, H]."""
     gate_up = norm_linear(residual, norm_weight, eps, gate_up_weight)
     return gated_linear_residual(gate_up, down_weight, residual)
+
+
+def output_mlp_residual(attn: torch.Tensor, o_weight: torch.Tensor, residual: torch.Tensor,
+                        norm_weight: torch.Tensor | None, eps: float,
+                        gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """The rest of a layer after attention, in place: ``linear_residual(attn, o_weight,
+    residual)``, then ``mlp_residual``; returns residual [M, H]."""
+    linear_residual(attn, o_weight, residual)
+    return mlp_residual(residual, norm_weight, eps, gate_up_weight, down_weight)

@@ -24,27 +24,33 @@ MODELS = [("tiny", 256, 512, 4, 2, 64, False), ("qwen2.5-0.5b", 896, 4864, 14, 2
           ("llama-3.1-8b", 4096, 14336, 32, 8, 128, False)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ROWS = [17, 32, 64]  # GEMM_MIN_ROWS .. GEMM_MAX_ROWS: one 64-row tile
-INT_ARGS = ["M", "N", "K", "stride_xm", "stride_om"]
+INT_ARGS = ["M", "N", "K", "stride_xm", "stride_om", "num_partials"]
 
 
 def distinct_launches() -> list[dict]:
     launches = {}
     for _, hidden, inter, H_q, H_kv, D, bias in MODELS:
-        # (N, K, prologue, bias, residual add, SwiGLU): QKV (raw rows, the norm deferred to
-        # RoPE; or normalised, with Qwen2's bias / in fp16), output + residual, gate/up with
-        # norm and SwiGLU, down + residual.
-        projections = [((H_q + 2 * H_kv) * D, hidden, gemm.PLAIN, False, False, False),
-                       ((H_q + 2 * H_kv) * D, hidden, gemm.NORM, bias, False, False),
-                       (hidden, H_q * D, gemm.PLAIN, False, True, False),
-                       (2 * inter, hidden, gemm.NORM, False, False, True),
-                       (hidden, inter, gemm.PLAIN, False, True, False)]
+        # (N, K, prologue, bias, residual add, SwiGLU, writes sums of squares): QKV (raw rows,
+        # the norm deferred to RoPE; or normalised, with Qwen2's bias / in fp16), output +
+        # residual (with and without the partial sums of squares), gate/up with norm and
+        # SwiGLU (from its x tiles or from the output product's partials), down + residual.
+        projections = [((H_q + 2 * H_kv) * D, hidden, gemm.PLAIN, False, False, False, False),
+                       ((H_q + 2 * H_kv) * D, hidden, gemm.NORM, bias, False, False, False),
+                       (hidden, H_q * D, gemm.PLAIN, False, True, False, False),
+                       (hidden, H_q * D, gemm.PLAIN, False, True, False, True),
+                       (2 * inter, hidden, gemm.NORM, False, False, True, False),
+                       (2 * inter, hidden, gemm.PARTIAL_NORM, False, False, True, False),
+                       (hidden, inter, gemm.PLAIN, False, True, False, False)]
         for dtype_name, dtype in DTYPES.items():
             for m in ROWS:
-                for n, k, prologue, has_bias, add, swiglu in projections:
+                # The partials the gate/up product reads: one per output-product program.
+                partials = gemm.gemm_programs(gemm.gemm_config(m, hidden, H_q * D, dtype), hidden)
+                for n, k, prologue, has_bias, add, swiglu, sumsq in projections:
                     config = gemm.gemm_config(m, n, k, dtype, prologue, pdl=True)
                     features = n // 2 if swiglu else n
-                    meta = gemm.gemm_launch_meta(config, features, k, prologue, has_bias, add,
-                                                 swiglu)
+                    meta = gemm.gemm_launch_meta(
+                        config, features, k, prologue, has_bias, add, swiglu, sumsq,
+                        partials if prologue == gemm.PARTIAL_NORM else 0)
                     launch = {"dtype": dtype_name, "meta": meta}
                     launches[json.dumps(launch, sort_keys=True)] = launch
     return list(launches.values())
@@ -56,10 +62,10 @@ def compile_jobs(launches: list[dict]) -> list[CompileJob]:
         t = "*" + launch["dtype"]
         meta = dict(launch["meta"])
         num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-        signature = {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "out_ptr": t,
+        signature = {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "out_ptr": t, "sumsq_ptr": "*fp32",
                      **{name: "i32" for name in INT_ARGS}, "eps": "fp32",
                      **{name: "constexpr" for name in meta}}
-        aligned = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "N", "K",
+        aligned = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "sumsq_ptr", "N", "K",
                    "stride_xm", "stride_om"]
         jobs.append(CompileJob.of(gemm._skinny_gemm_kernel, signature, meta, num_warps,
                                   num_stages, aligned))
@@ -68,5 +74,5 @@ def compile_jobs(launches: list[dict]) -> list[CompileJob]:
 
 def test_every_gemm_configuration_compiles_without_spills():
     launches = distinct_launches()
-    assert 0 < len(launches) < 160, f"{len(launches)} distinct configurations: too many to compile"
+    assert 0 < len(launches) < 220, f"{len(launches)} distinct configurations: too many to compile"
     compile_and_check(launches, compile_jobs(launches))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import linear, reference
+from kernels import gemm, linear, reference
 from kernels.activation import silu_and_mul
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import rope_kv_write
@@ -156,6 +156,47 @@ def test_mlp_residual_matches_reference(dtype, M, with_norm_weight):
     assert rel_l2(residual, expected) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M", [2, 19, 64])
+@pytest.mark.parametrize("with_norm_weight", [False, True])
+def test_output_mlp_residual_matches_reference(dtype, M, with_norm_weight):
+    """The rest of the layer after attention; 19 and 64 rows with a folded norm take the
+    output product's partial sums of squares into the gate/up product."""
+    residual, norm_weight, eps, gate_up_weight, down_weight = mlp_case(dtype, M, with_norm_weight)
+    attn = rows(M, 64, dtype)
+    o_weight = (torch.randn(residual.shape[1], 64) * 64 ** -0.5).to(dtype)
+    expected = reference.output_mlp_residual(
+        attn.float(), o_weight.float(), residual.float(),
+        None if norm_weight is None else norm_weight.float(), eps, gate_up_weight.float(),
+        down_weight.float())
+    result = linear.output_mlp_residual(attn, o_weight, residual, norm_weight, eps,
+                                        gate_up_weight, down_weight)
+    assert result is residual
+    assert rel_l2(residual, expected) < TOLERANCE[dtype]
+
+
+def test_output_mlp_residual_takes_the_norm_from_the_output_product(monkeypatch):
+    """A folded norm at GEMM_MIN_ROWS..GEMM_MAX_ROWS rows: the output product writes the
+    partials that the gate/up product reads; other cases run the ops one after the other."""
+    prologues = []
+    original = linear.skinny_gemm
+
+    def spy(x, weight, out, prologue=gemm.PLAIN, **kw):
+        prologues.append((prologue, kw.get("row_sumsq") is not None))
+        return original(x, weight, out, prologue, **kw)
+
+    monkeypatch.setattr(linear, "skinny_gemm", spy)
+    residual, _, eps, gate_up_weight, down_weight = mlp_case(torch.float32, 19, False)
+    attn, o_weight = rows(19, 64, torch.float32), torch.randn(residual.shape[1], 64) * 0.125
+    linear.output_mlp_residual(attn, o_weight, residual, None, eps, gate_up_weight, down_weight)
+    assert prologues == [(gemm.PLAIN, True), (gemm.PARTIAL_NORM, True), (gemm.PLAIN, False)]
+    prologues.clear()
+    linear.output_mlp_residual(attn, o_weight, residual, torch.randn(residual.shape[1]), eps,
+                               gate_up_weight, down_weight)
+    assert [p for p, _ in prologues] == [gemm.PLAIN, gemm.PLAIN, gemm.PLAIN]  # rmsnorm first
+    assert not any(sumsq for _, sumsq in prologues)
+
+
 def test_mlp_residual_refuses_mismatched_weights():
     residual, _, eps, gate_up_weight, down_weight = mlp_case(torch.float32, 2, False)
     with pytest.raises(ValueError, match=r"\[2 I, H\] and \[H, I\]"):
@@ -192,7 +233,14 @@ def test_gpu_bf16_decode_layer_ops_with_folded_norms(M, hidden, inter, D):
     gate_up = (torch.randn(2 * inter, hidden, device=dev) * hidden ** -0.5).to(bf16)
     down = (torch.randn(hidden, inter, device=dev) * inter ** -0.5).to(bf16)
     expected = reference.mlp_residual(x.float(), None, EPS, gate_up.float(), down.float())
-    assert rel_l2(linear.mlp_residual(x, None, EPS, gate_up, down), expected) < 1e-2
+    assert rel_l2(linear.mlp_residual(x.clone(), None, EPS, gate_up, down), expected) < 1e-2
+
+    attn = rows(M, H_q * D, bf16, dev)
+    o_weight = (torch.randn(hidden, H_q * D, device=dev) * (H_q * D) ** -0.5).to(bf16)
+    expected = reference.output_mlp_residual(attn.float(), o_weight.float(), x.float(), None, EPS,
+                                             gate_up.float(), down.float())
+    result = linear.output_mlp_residual(attn, o_weight, x, None, EPS, gate_up, down)
+    assert rel_l2(result, expected) < 1e-2
 
 
 def test_bad_norm_input_is_refused():

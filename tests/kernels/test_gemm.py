@@ -1,7 +1,8 @@
 """The skinny tensor-core GEMM (kernels.gemm) against plain torch, through the interpreter.
 
-Every prologue (plain, RMSNorm with and without a weight) and epilogue (bias, residual add in
-place, SwiGLU) on row counts of one and several M tiles, N and K that do and do not divide the
+Every prologue (plain, RMSNorm from the x tiles or from a previous launch's partial sums of
+squares) and epilogue (bias, residual add in place with and without those partials, SwiGLU) on
+row counts of one and several M tiles, N and K that do and do not divide the
 tiles; outputs and the margins of strided buffers are poisoned with NaN first.
 """
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from kernels import gemm, linear, reference
-from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PLAIN, GemmConfig, gemm_config,
-                          skinny_gemm)
+from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PARTIAL_NORM, PLAIN, GemmConfig,
+                          gemm_config, gemm_programs, skinny_gemm)
 from tests.kernels.numerics import assert_margins_untouched, poisoned_view, rel_l2, weights
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -64,6 +65,67 @@ def test_swiglu_epilogue_matches_linear_then_silu_and_mul(dtype, M, I, K, prolog
                else x.float() @ w.float().t())
     assert rel_l2(out, reference.silu_and_mul(gate_up)) < TOLERANCE[dtype]
     assert_margins_untouched(buffer, I)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_residual_epilogue_leaves_each_programs_sums_of_squares(dtype, M, N, K):
+    """Row j of row_sumsq: the sums of squares of the rounded residual features program j
+    stored (N = 40 overhangs SMALL's 16-feature tiles; the overhang adds nothing)."""
+    x = torch.randn(M, K, dtype=dtype) * 2
+    w = weights(N, K, dtype)
+    _, residual = poisoned_view(M, N, dtype, fill=torch.randn(M, N, dtype=dtype))
+    programs = gemm_programs(SMALL, N)
+    sumsq = torch.full((programs, M), float("nan"))
+    skinny_gemm(x, w, residual, PLAIN, add_residual=True, row_sumsq=sumsq, config=SMALL)
+    squares = residual.float() ** 2
+    for j in range(programs):
+        tile = squares[:, j * SMALL.block_n:(j + 1) * SMALL.block_n]
+        torch.testing.assert_close(sumsq[j], tile.sum(dim=1), rtol=1e-5, atol=1e-6)
+
+
+def split_sums_of_squares(x: torch.Tensor, parts: int) -> torch.Tensor:
+    """fp32 [parts, M]: x's rows' sums of squares cut at random columns into ``parts`` pieces
+    (some empty), as the programs of a residual-adding launch leave them."""
+    cuts = torch.sort(torch.randint(0, x.shape[1] + 1, (parts - 1,))).values.tolist()
+    bounds = [0, *cuts, x.shape[1]]
+    squares = x.float() ** 2
+    return torch.stack([squares[:, a:b].sum(dim=1) for a, b in zip(bounds, bounds[1:])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("parts", [1, 5, 64])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_partial_norm_prologue_matches_rmsnorm_then_linear(dtype, M, N, K, parts, swiglu):
+    """1 / rms from partials: one, fewer than the K steps, and more than the K steps take
+    one at a time (several per step, the last step's partly masked)."""
+    x = torch.randn(M, K, dtype=dtype) * 3
+    w = weights(2 * N if swiglu else N, K, dtype)
+    buffer, out = poisoned_view(M, N, dtype)
+    skinny_gemm(x, w, out, PARTIAL_NORM, eps=EPS, swiglu=swiglu,
+                row_sumsq=split_sums_of_squares(x, parts), config=SMALL)
+    expected = reference.norm_linear(x.float(), None, EPS, w.float())
+    if swiglu:
+        expected = reference.silu_and_mul(expected)
+    assert rel_l2(out, expected) < TOLERANCE[dtype]
+    assert_margins_untouched(buffer, N)
+
+
+def test_row_sumsq_of_the_wrong_shape_or_use_is_refused():
+    x, w = torch.randn(4, 64), weights(32, 64, torch.float32)
+    residual = torch.randn(4, 32)
+    programs = gemm_programs(SMALL, 32)
+    with pytest.raises(ValueError, match=rf"row_sumsq must be contiguous fp32 \[{programs}, 4\]"):
+        skinny_gemm(x, w, residual, add_residual=True, row_sumsq=torch.empty(programs + 1, 4),
+                    config=SMALL)
+    with pytest.raises(ValueError, match="row_sumsq must be"):
+        skinny_gemm(x, w, residual, PARTIAL_NORM, row_sumsq=torch.empty(3, 4).double(),
+                    config=SMALL)
+    with pytest.raises(ValueError, match="PARTIAL_NORM needs row_sumsq"):
+        skinny_gemm(x, w, residual, PARTIAL_NORM, config=SMALL)
+    with pytest.raises(ValueError, match="written by a residual add only"):
+        skinny_gemm(x, w, residual, row_sumsq=torch.empty(programs, 4), config=SMALL)
 
 
 @pytest.mark.parametrize("M", [2, 17, GEMM_MAX_ROWS])
