@@ -73,6 +73,9 @@ from kernels.rope_kv_write import rope_kv_write
 # BINDECODE_ROPE_IN_ATTENTION=0 keeps RoPE and the slab write in their own kernel on every decode
 # step (to measure what moving them into the attention kernel gives); read once.
 ROPE_IN_ATTENTION = os.environ.get("BINDECODE_ROPE_IN_ATTENTION") != "0"
+# BINDECODE_PARTIAL_NORM=0 runs output_mlp_residual as its two ops (the gate/up product then
+# squares its x tiles for the norm), to measure what the partial sums give; read once.
+PARTIAL_NORM_AFTER_OUTPUT = os.environ.get("BINDECODE_PARTIAL_NORM") != "0"
 
 GEMV_MAX_ROWS = 1  # rows the GEMV kernel takes (measured: it wins at 1)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -344,7 +347,7 @@ def output_mlp_residual(attn: torch.Tensor, o_weight: torch.Tensor, residual: to
     rows and unfolded norms: the two ops one after the other.
     """
     M = residual.shape[0] if residual.dim() == 2 else -1
-    if not (_takes_skinny_gemm(M) and norm_weight is None):
+    if not (PARTIAL_NORM_AFTER_OUTPUT and _takes_skinny_gemm(M) and norm_weight is None):
         linear_residual(attn, o_weight, residual)
         return mlp_residual(residual, norm_weight, eps, gate_up_weight, down_weight)
     _check(attn, o_weight, attn.shape[-1] if attn.dim() == 2 else -1, "output_mlp_residual")
