@@ -36,8 +36,8 @@ step defers its QKV norm to the RoPE kernel when it can (``kernels.linear``). Th
 product that follows a residual add does better still: the residual's writer already holds every
 new residual value in registers, so each of its programs stores the sum of squares of its tile's
 rows ([programs, M] fp32, a few KB), and the reader sums those partials, a few rows per K step,
-instead of squaring its x tiles: on the H100 the decode step of 64 rows took 2.0% less time
-(1B) and 2.3-3.1% less (8B), of 32 rows (1B) 2.5% less (bench/RESULTS.md). The partials are
+instead of squaring its x tiles: on the H100 the decode steps of 32 and 64 rows took 2.4-2.6%
+less time (1B) and 1.8-1.9% less (8B) (bench/RESULTS.md). The partials are
 added elementwise in the K loop and summed across them once after it: a sum per step crosses
 warps, a barrier every step, and made the same steps 4% (1B) and 7% (8B) slower.
 
