@@ -9,9 +9,10 @@ scales the fp32 accumulator, a per-row scalar that commutes with the product) an
 PARTIAL_NORM (the same scale, from the per-program partial sums of squares that the launch
 which wrote x left behind: see below). Epilogues: bias; residual add in place (out aliases
 residual; each element is read and written by one program), optionally writing each row's sum
-of squares over the program's features (``row_sumsq``); SWIGLU: W is the fused gate/up projection [2I, K] and the program takes matching gate and up
-rows, so it writes silu(gate) * up [M, I] straight from its two fp32 accumulators — the MLP's
-activation costs neither a kernel nor a round trip of the [M, 2I] product through memory.
+of squares over the program's features (``row_sumsq``); SWIGLU: W is the fused gate/up
+projection [2I, K] and the program takes matching gate and up rows, so it writes
+silu(gate) * up [M, I] straight from its two fp32 accumulators — the MLP's activation costs
+neither a kernel nor a round trip of the [M, 2I] product through memory.
 
 At these sizes a projection is a stream over its weight matrix (64 rows: 64 FLOPs per weight
 byte, a tenth of the H100's ridge point), so the kernel is cut to keep every SM streaming
@@ -37,9 +38,9 @@ product that follows a residual add does better still: the residual's writer alr
 new residual value in registers, so each of its programs stores the sum of squares of its tile's
 rows ([programs, M] fp32, a few KB), and the reader sums those partials, a few rows per K step,
 instead of squaring its x tiles: on the H100 the decode steps of 32 and 64 rows took 2.4-2.6%
-less time (1B) and 1.8-1.9% less (8B) (bench/RESULTS.md). The partials are
-added elementwise in the K loop and summed across them once after it: a sum per step crosses
-warps, a barrier every step, and made the same steps 4% (1B) and 7% (8B) slower.
+less time (1B) and 1.8-1.9% less (8B) (bench/RESULTS.md). The partials are added elementwise
+in the K loop and summed across them once after it: a sum per step crosses warps, a barrier
+every step, and made the same steps 4% (1B) and 7% (8B) slower.
 
 Numerics: fp32 accumulation (``input_precision="ieee"``: fp32 operands are exact IEEE
 products, no tf32); the normalised activation is not rounded before the product (the scale
@@ -173,12 +174,13 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
     features = N // 2 if swiglu else N
     reads_sumsq = prologue == PARTIAL_NORM
     writes_sumsq = row_sumsq is not None and not reads_sumsq
+    num_partials = row_sumsq.shape[0] if reads_sumsq and row_sumsq is not None else 0
     if writes_sumsq and not add_residual:
         raise ValueError("skinny_gemm: row_sumsq is written by a residual add only")
     if reads_sumsq or writes_sumsq:
         if row_sumsq is None:
             raise ValueError("skinny_gemm: PARTIAL_NORM needs row_sumsq")
-        rows = gemm_programs(config, features, swiglu) if writes_sumsq else row_sumsq.shape[0]
+        rows = gemm_programs(config, features, swiglu) if writes_sumsq else num_partials
         if (row_sumsq.dtype != torch.float32 or row_sumsq.shape != (rows, M) or rows < 1
                 or not row_sumsq.is_contiguous() or row_sumsq.device != x.device):
             raise ValueError(f"skinny_gemm: row_sumsq must be contiguous fp32 [{rows}, {M}] on "
@@ -190,9 +192,9 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
     _skinny_gemm_kernel[grid](
         x, weight, bias if bias is not None else x, out,
         row_sumsq if row_sumsq is not None else x, M, features, K, x.stride(0),
-        out.stride(0), eps, row_sumsq.shape[0] if reads_sumsq else 0, launch_pdl=config.pdl,
+        out.stride(0), eps, num_partials, launch_pdl=config.pdl,
         **gemm_launch_meta(config, features, K, prologue, bias is not None, add_residual, swiglu,
-                           writes_sumsq, row_sumsq.shape[0] if reads_sumsq else 0))
+                           writes_sumsq, num_partials))
     return out
 
 
