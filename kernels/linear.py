@@ -313,7 +313,6 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
     _check_mlp("mlp_residual", residual, gate_up_weight, down_weight)
     M = residual.shape[0]
     if _takes_skinny_gemm(M):
-        _check(residual, down_weight, down_weight.shape[1], "mlp_residual")  # dtype, contiguity
         if norm_weight is not None:
             _check_vector("norm_weight", norm_weight, residual.shape[1], residual.device)
         act = residual.new_empty(M, down_weight.shape[1])
@@ -325,7 +324,6 @@ def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: 
     if not _defers_norm(residual, norm_weight, None):
         gate_up = norm_linear(residual, norm_weight, eps, gate_up_weight)
         return gated_linear_residual(gate_up, down_weight, residual)
-    _check(residual, down_weight, down_weight.shape[1], "mlp_residual")  # dtype, contiguity
     gate_up = cublaslt.mm(residual, gate_up_weight)  # unnormalised: the 1 / rms comes next
     return cublaslt.mm(silu_and_mul(gate_up, norm_input=residual, eps=eps), down_weight, residual,
                        accumulate=True)
@@ -353,7 +351,6 @@ def output_mlp_residual(attn: torch.Tensor, o_weight: torch.Tensor, residual: to
     _check(attn, o_weight, attn.shape[-1] if attn.dim() == 2 else -1, "output_mlp_residual")
     _check_residual(residual, attn.shape[0], o_weight)
     _check_mlp("output_mlp_residual", residual, gate_up_weight, down_weight)
-    _check(residual, down_weight, down_weight.shape[1], "output_mlp_residual")
     hidden = residual.shape[1]
     # The partials' rows: one per output-product program (its tile does not depend on PDL).
     programs = gemm_programs(gemm_config(M, hidden, o_weight.shape[1], o_weight.dtype), hidden)
@@ -373,6 +370,7 @@ def _check_mlp(op: str, residual: torch.Tensor, gate_up_weight: torch.Tensor,
         raise ValueError(f"{op}: gate_up_weight {tuple(gate_up_weight.shape)} and "
                          f"down_weight {tuple(down_weight.shape)} do not fit a hidden size of "
                          f"{residual.shape[1]} (expected [2 I, H] and [H, I])")
+    _check(residual, down_weight, down_weight.shape[1], op)  # dtype, contiguity
 
 
 def _takes_skinny_gemm(m: int) -> bool:
