@@ -89,7 +89,8 @@ def chain_fns(shape: dict, m: int, variants: tuple[tuple, ...] = ()) -> dict:
             residual.addmm_(gate_up[:, :inter], w["down"].t())
 
     def ours(pdl: bool, changes: tuple = (None, None, None, None)):
-        configs = {name: variant(gemm_config(m, n, k, bf16, prologue, pdl), n, k, *changes)
+        configs = {name: variant(gemm_config(m, n, k, bf16, prologue, pdl,
+                                             swiglu=name == "gate_up"), n, k, *changes)
                    for name, n, k, prologue in (("qkv", qkv_n, h, PLAIN), ("o", h, q, PLAIN),
                                                 ("gate_up", 2 * inter, h, PARTIAL_NORM),
                                                 ("down", h, inter, PLAIN))}
@@ -171,7 +172,7 @@ def run(rows: list[int]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--rows", default="8,16,32,64", help="row counts M, comma-separated")
+    parser.add_argument("--rows", default="2,8,16,32,64", help="row counts M, comma-separated")
     parser.add_argument("--sweep", action="store_true",
                         help="time variants of the launch shapes (K tile, stages, prefetch)")
     parser.add_argument("--variants", default=",".join(VARIANTS),

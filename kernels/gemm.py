@@ -28,6 +28,14 @@ then waits for the previous grid's writes (``gdc_wait``) before it reads activat
 In a 16-layer chain of the 1B shape's products at 64 rows (``bench.gemm_chain``, H100,
 bench/RESULTS.md): cuBLAS 972 us, this kernel 962 us without dependent launches, 897 us with them.
 
+Up to 16 rows (a decode step of 2-16 rows) the tile is computed transposed, out^T = W @ x^T
+(SWAP_AB): Hopper's warpgroup MMA takes 64 rows on its A side and as few as 8 on its B side,
+so the weights go on the A side and the batch rows on the narrow one, instead of a 16-row
+tile on the older mma instructions. A program then covers at least 64 features, too few
+programs for the narrow products, so those split K, and the last piece of each output tile
+to arrive sums the pieces' fp32 partials in piece order and applies the epilogue. In the
+chain at 8 rows: 1B 801 us against cuBLAS's 916, 8B 5012 against 5323 (bench/RESULTS.md).
+
 The operand feeding the tensor cores must come straight from the pipelined loads: an
 activation computed in registers (SiLU-and-mul as a prologue of the down projection) had to be
 written back to shared memory every iteration and ran about 3x slower than cuBLAS on the H100,
@@ -58,11 +66,10 @@ import triton.language as tl
 from kernels.device import has_pdl
 
 # Rows the engine gives this kernel (kernels.linear). In a 16- / 32-layer chain of a step's
-# products (bench.gemm_chain, H100) it beat cuBLAS by 2-9% at 32 and 64 rows, and lost by
-# 30-40% at 8 and 16, where its 16-row tiles run on the older mma instructions. At 128 rows it
+# products (bench.gemm_chain, H100) it beat cuBLAS by 5-14% at 2 to 64 rows. At 128 rows it
 # lost by 17-34% with 128-row tiles on two warpgroups (also with 64 features per program and
 # split K) and with two 64-row tiles (bench/RESULTS.md).
-GEMM_MIN_ROWS, GEMM_MAX_ROWS = 17, 64
+GEMM_MIN_ROWS, GEMM_MAX_ROWS = 2, 64
 PREFETCH_COLUMNS = 256  # weight columns per program prefetched into L2 before the wait
 # A program per BLOCK_N features: the largest tile that still gives this many programs.
 MIN_PROGRAMS = 96
@@ -71,6 +78,16 @@ MIN_PROGRAMS = 96
 # stages by 2.5-3% (bench/results/gemm_sweep_stages_b6e5fff.json); more stages of 64 columns
 # ran 1.4-1.7x slower, and a 110 KB budget (two programs per SM) 1.1-1.8x slower.
 SHARED_BYTES, MAX_STAGES, BLOCK_K = 220 * 1024, 8, 128
+
+# Up to SWAP_AB_ROWS rows the product runs transposed, out^T = W @ x^T: the features fill the
+# 64-row side of Hopper's warpgroup MMA and the rows its narrow side (16). A 16-row tile on the
+# rows' side takes the older mma instructions, which ran 30-40% behind cuBLAS at 8 and 16 rows
+# (bench/RESULTS.md). A program then takes at least SWAP_AB_FEATURES features, and a PLAIN
+# product with too few such tiles splits K into up to MAX_SPLIT_K pieces to keep MIN_PROGRAMS
+# (fewer programs, 64, made the 1B chain 5-8% slower). Transposed 32- and 64-row tiles lost to
+# the 64-row tile in the chain (1% at 32 rows, 6% at 64), so more rows keep it.
+SWAP_AB_ROWS, SWAP_AB_FEATURES, MAX_SPLIT_K = 16, 64, 8
+SPLIT_COUNTERS = 4096  # output tiles a split-K launch may have (one arrival counter each)
 
 PLAIN, NORM, PARTIAL_NORM = 0, 1, 2
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -81,7 +98,8 @@ class GemmConfig:
     """Launch shape of ``_skinny_gemm_kernel``: the tile (rows, features, K columns), warps,
     software-pipeline stages, whether the launch is a programmatic dependent one, and how many
     weight columns of its tile a program prefetches into L2 before it waits (a power-of-two
-    multiple of 64, or 0)."""
+    multiple of 64, or 0); whether the tile is computed transposed (features on the MMA's
+    64-row side); how many programs share one output tile's K loop (1: no split)."""
 
     block_m: int
     block_n: int
@@ -90,10 +108,12 @@ class GemmConfig:
     num_stages: int
     pdl: bool = False
     prefetch_k: int = 0
+    swap_ab: bool = False
+    split_k: int = 1
 
 
 def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAIN,
-                pdl: bool = False) -> GemmConfig:
+                pdl: bool = False, swiglu: bool = False) -> GemmConfig:
     """The launch shape for [M, K] x [N, K]^T in ``dtype``; a pure function.
 
     16-bit: every row in one M tile (16 or 64); BLOCK_N the largest of 128/64/32/16 that
@@ -101,7 +121,9 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
     the 8B ones: 64, 32, 128, 32 — each the fastest alone of a 16-config sweep on the H100);
     BLOCK_K-column K tiles over as many stages as fit SHARED_BYTES (at most MAX_STAGES, 4
     under NORM). With SwiGLU, N is the gate/up weight's 2I and a program takes BLOCK_N / 2
-    gate rows and as many up rows.
+    gate rows and as many up rows. Up to SWAP_AB_ROWS rows the tile is transposed and a
+    program takes SWAP_AB_FEATURES features (twice that with SwiGLU), or 128 where that still
+    leaves MIN_PROGRAMS; a PLAIN product short of MIN_PROGRAMS splits K in a power of two.
     fp32 (parity runs only): IEEE products on CUDA cores, small tiles, no pipeline.
     """
     if m < 1 or n < 1 or k < 1:
@@ -110,18 +132,29 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
         raise ValueError(f"gemm_config: at most {GEMM_MAX_ROWS} rows, got {m}")
     if dtype not in _DTYPES:
         raise ValueError(f"gemm_config: dtype must be fp16/bf16/fp32, got {dtype}")
-    block_m = 16 if m <= 16 else 64
     if dtype == torch.float32:
-        return GemmConfig(block_m, 32, 32, 4, 1, pdl)  # no prefetch: parity runs only
-    block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) >= MIN_PROGRAMS), 16)
+        return GemmConfig(16 if m <= 16 else 64, 32, 32, 4, 1, pdl)  # parity runs only
     block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
+    swap_ab, split_k = m <= SWAP_AB_ROWS, 1
+    block_m = max(16, triton.next_power_of_2(m)) if swap_ab else 16 if m <= 16 else 64
+    if swap_ab:
+        block_n = 2 * SWAP_AB_FEATURES if swiglu or triton.cdiv(n, 128) >= MIN_PROGRAMS \
+            else SWAP_AB_FEATURES
+        if prologue == PLAIN and not swiglu:
+            k_steps = triton.cdiv(k, block_k)
+            while (triton.cdiv(n, block_n) * split_k < MIN_PROGRAMS and split_k < MAX_SPLIT_K
+                   and 2 * split_k <= k_steps):
+                split_k *= 2
+    else:
+        block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) >= MIN_PROGRAMS), 16)
     stage_bytes = (block_m + block_n) * block_k * 2
     # Under NORM the x tile's fp32 copy lives in registers: more stages spill.
     max_stages = 4 if prologue == NORM else MAX_STAGES
     num_stages = max(1, min(max_stages, SHARED_BYTES // stage_bytes))
     # 16-bit weights only (lines of 64 elements).
     prefetch_k = PREFETCH_COLUMNS if pdl else 0
-    return GemmConfig(block_m, block_n, block_k, 4, num_stages, pdl, prefetch_k)
+    return GemmConfig(block_m, block_n, block_k, 4, num_stages, pdl, prefetch_k, swap_ab,
+                      split_k)
 
 
 def gemm_programs(config: GemmConfig, n: int, swiglu: bool = False) -> int:
@@ -140,6 +173,7 @@ def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias
     per_step = triton.next_power_of_2(triton.cdiv(num_partials, steps)) if num_partials else 1
     return dict(PROLOGUE=prologue, HAS_BIAS=has_bias, ADD_RESIDUAL=add_residual,
                 WRITE_SUMSQ=write_sumsq, PARTIALS_PER_STEP=per_step, SWIGLU=swiglu,
+                SWAP_AB=config.swap_ab, SPLIT_K=config.split_k,
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 EVEN_N=n % tile_n == 0, EVEN_K=k % config.block_k == 0, PDL=config.pdl,
                 PREFETCH_K=config.prefetch_k if config.pdl else 0,
@@ -170,7 +204,8 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
     if swiglu and (bias is not None or add_residual or N % 2):
         raise ValueError("skinny_gemm: swiglu takes an even number of weight rows, no bias and "
                          "no residual")
-    config = config or gemm_config(M, N, K, weight.dtype, prologue, pdl=has_pdl(x.device))
+    config = config or gemm_config(M, N, K, weight.dtype, prologue, pdl=has_pdl(x.device),
+                                   swiglu=swiglu)
     features = N // 2 if swiglu else N
     reads_sumsq = prologue == PARTIAL_NORM
     writes_sumsq = row_sumsq is not None and not reads_sumsq
@@ -185,17 +220,48 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
                 or not row_sumsq.is_contiguous() or row_sumsq.device != x.device):
             raise ValueError(f"skinny_gemm: row_sumsq must be contiguous fp32 [{rows}, {M}] on "
                              f"{x.device}, got {row_sumsq.dtype} {tuple(row_sumsq.shape)}")
+    grid = (gemm_programs(config, features, swiglu), triton.cdiv(M, config.block_m),
+            config.split_k)
+    # Unused pointer arguments get x (never read: their constexpr switches are off).
+    partials, counters, k_piece = x, x, K
+    if config.split_k > 1:
+        if swiglu or prologue != PLAIN:
+            raise ValueError("skinny_gemm: split K takes the PLAIN prologue and no SwiGLU")
+        if grid[0] * grid[1] > SPLIT_COUNTERS:
+            raise ValueError(f"skinny_gemm: split K takes at most {SPLIT_COUNTERS} output "
+                             f"tiles, got {grid[0] * grid[1]}")
+        if M:
+            partials = torch.empty(config.split_k, M, features, dtype=torch.float32,
+                                   device=x.device)
+            counters = _split_counters(x.device)
+        k_piece = triton.cdiv(triton.cdiv(K, config.split_k), config.block_k) * config.block_k
     if M == 0:
         return out
-    grid = (gemm_programs(config, features, swiglu), triton.cdiv(M, config.block_m))
-    # Unused pointer arguments get x (never read: their constexpr switches are off).
     _skinny_gemm_kernel[grid](
         x, weight, bias if bias is not None else x, out,
-        row_sumsq if row_sumsq is not None else x, M, features, K, x.stride(0),
-        out.stride(0), eps, num_partials, launch_pdl=config.pdl,
+        row_sumsq if row_sumsq is not None else x, partials, counters, M, features, K,
+        k_piece, x.stride(0), out.stride(0), eps, num_partials, launch_pdl=config.pdl,
         **gemm_launch_meta(config, features, K, prologue, bias is not None, add_residual, swiglu,
                            writes_sumsq, num_partials))
     return out
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> torch.Tensor:
+    """The device's split-K arrival counters: int32 [SPLIT_COUNTERS], zero between launches
+    (the last program of each output tile resets its own), so every launch and CUDA graph
+    shares them; kernels on one stream never run their reductions at once (a dependent
+    launch reaches its reduction only after its wait for the previous grid)."""
+    counters = _counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("skinny_gemm: run a split-K launch once before capturing a CUDA "
+                               "graph; its counters are allocated then")
+        counters = _counters[device] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32,
+                                                   device=device)
+    return counters
 
 
 @triton.jit
@@ -218,29 +284,67 @@ def _load_partials(sumsq_ptr, part, offs_m, m_live, M, num_partials, LOAD: tl.co
 
 
 @triton.jit
+def _sum_split_k(acc, partials_ptr, counter_ptr, offs_m, offs_n, mask, M, N,
+                 SPLIT_K: tl.constexpr):
+    """Publish this program's partial product of its output tile and, in the tile's last
+    program to arrive, return the sum of all SPLIT_K partials, added in piece order (so the
+    result does not depend on which program came last); returns (sum or the partial, is_last).
+
+    partials: fp32 [SPLIT_K, M, N]; counter: one int32 per output tile, zero on entry and
+    reset by the last program.
+    """
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    ptrs = partials_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(ptrs + tl.program_id(2) * M * N, acc, mask=mask)
+    # Every thread's stores come before the release of the counter increment.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+    is_last = arrived == SPLIT_K - 1
+    if is_last:
+        acc = tl.zeros_like(acc)
+        for piece in tl.static_range(SPLIT_K):
+            # .cg: from L2, where the other SMs' partials are (never a stale L1 line).
+            acc += tl.load(ptrs + piece * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
+    return acc, is_last
+
+
+@triton.jit
 def _skinny_gemm_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr, sumsq_ptr, M, N, K, stride_xm, stride_om, eps,
-        num_partials, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        ADD_RESIDUAL: tl.constexpr, WRITE_SUMSQ: tl.constexpr, PARTIALS_PER_STEP: tl.constexpr,
-        SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
-        EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
-        PREFETCH_CHUNK: tl.constexpr):
-    """Grid (cdiv(N, TILE_N), cdiv(M, BLOCK_M)): program (j, i) computes out tile (i, j), with
-    TILE_N = BLOCK_N (BLOCK_N / 2 with SWIGLU).
+        x_ptr, w_ptr, bias_ptr, out_ptr, sumsq_ptr, partials_ptr, counter_ptr, M, N, K,
+        K_PIECE, stride_xm, stride_om, eps, num_partials, PROLOGUE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ADD_RESIDUAL: tl.constexpr, WRITE_SUMSQ: tl.constexpr,
+        PARTIALS_PER_STEP: tl.constexpr, SWIGLU: tl.constexpr, SWAP_AB: tl.constexpr,
+        SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+        PREFETCH_K: tl.constexpr, PREFETCH_CHUNK: tl.constexpr):
+    """Grid (cdiv(N, TILE_N), cdiv(M, BLOCK_M), SPLIT_K): program (j, i, s) computes out tile
+    (i, j) over K columns [s * K_PIECE, (s + 1) * K_PIECE), with TILE_N = BLOCK_N (BLOCK_N / 2
+    with SWIGLU).
 
     x: [M, K], rows ``stride_xm`` apart; W: [N, K] contiguous ([2N, K] with SWIGLU: gate rows
     then up rows); bias: [N]; out: [M, N], rows ``stride_om`` apart, read first
     when ADD_RESIDUAL. sumsq: fp32 [num_partials, M] contiguous, partial sums of squares of
     x's rows that sum to the whole row's (PARTIAL_NORM reads PARTIALS_PER_STEP of them per K
     step); with WRITE_SUMSQ (and ADD_RESIDUAL), row j of it gets program j's sums of its
-    rounded output features. PDL: launched as a programmatic dependent launch (Hopper): release the
-    next kernel, prefetch PREFETCH_K weight columns into L2, then wait for the previous grid.
+    rounded output features. SWAP_AB: the tile is accumulated transposed, [TILE_N, BLOCK_M]
+    = W tile @ x tile^T (TILE_N a multiple of 64), and turned back once after the loop.
+    SPLIT_K > 1 (PLAIN, no SWIGLU; K_PIECE a multiple of BLOCK_K): the pieces meet in fp32
+    ``partials`` [SPLIT_K, M, N] and the last to finish applies the epilogue
+    (``_sum_split_k``); counter: int32 [tiles], zero on entry and on exit.
+    PDL: launched as a programmatic dependent launch (Hopper): release the next kernel,
+    prefetch PREFETCH_K weight columns into L2, then wait for the previous grid.
     """
     TILE_N: tl.constexpr = BLOCK_N // 2 if SWIGLU else BLOCK_N
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * TILE_N + tl.arange(0, TILE_N)
     offs_k = tl.arange(0, BLOCK_K)
+    if SPLIT_K == 1:
+        k_begin = 0
+        k_end = K
+    else:
+        k_begin = tl.program_id(2) * K_PIECE
+        k_end = tl.minimum(K, k_begin + K_PIECE)
     m_live = offs_m < M
     n_live = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
@@ -252,14 +356,18 @@ def _skinny_gemm_kernel(
         # chunks of PREFETCH_CHUNK columns (a few address registers per thread).
         rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * K
         for chunk in range(0, PREFETCH_K, PREFETCH_CHUNK):
-            lines = tl.minimum(chunk + tl.arange(0, PREFETCH_CHUNK // 64) * 64, K - 1)
+            lines = tl.minimum(k_begin + chunk + tl.arange(0, PREFETCH_CHUNK // 64) * 64, K - 1)
             _prefetch_to_l2(rows + lines[None, :])
             if SWIGLU:
                 _prefetch_to_l2(rows + N.to(tl.int64) * K + lines[None, :])
         tl.extra.cuda.gdc_wait()
 
-    acc = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros([TILE_N, BLOCK_M], dtype=tl.float32)
+        acc_up = tl.zeros([TILE_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
     sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
     # PARTIAL_NORM: a few partials per K step, each loaded a step before it is added, so the
     # load's round trip overlaps a step instead of stalling the warps that issue the products;
@@ -269,7 +377,7 @@ def _skinny_gemm_kernel(
     partials = _load_partials(sumsq_ptr, part, offs_m, m_live, M, num_partials, PROLOGUE == 2,
                               PARTIALS_PER_STEP, BLOCK_M)
     partial_sums = tl.zeros([PARTIALS_PER_STEP, BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         if PROLOGUE == 2:
             partial_sums += partials
             part += PARTIALS_PER_STEP
@@ -291,14 +399,29 @@ def _skinny_gemm_kernel(
             w = tl.load(w_rows + k[None, :])
         else:
             w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
-        acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
         if SWIGLU:
             if EVEN_N and EVEN_K:
                 w_up = tl.load(up_rows + k[None, :])
             else:
                 w_up = tl.load(up_rows + k[None, :], mask=w_mask, other=0.0)
-            acc_up = tl.dot(a, tl.trans(w_up), acc_up, input_precision="ieee")
+            if SWAP_AB:
+                acc_up = tl.dot(w_up, tl.trans(a), acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(a, tl.trans(w_up), acc_up, input_precision="ieee")
 
+    if SWAP_AB:  # back to [BLOCK_M, TILE_N] for the epilogue (one shared-memory round trip)
+        acc = tl.trans(acc)
+        if SWIGLU:
+            acc_up = tl.trans(acc_up)
+    out_mask = m_live[:, None] & n_live[None, :]
+    if SPLIT_K > 1:
+        acc, is_last = _sum_split_k(acc, partials_ptr, counter_ptr, offs_m, offs_n, out_mask, M,
+                                    N, SPLIT_K)
+        out_mask = out_mask & is_last  # the other pieces are done
     if PROLOGUE == 2:
         sum_sq = tl.sum(partial_sums, axis=0)
     if PROLOGUE != 0:
@@ -311,12 +434,14 @@ def _skinny_gemm_kernel(
     if SWIGLU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    out_mask = m_live[:, None] & n_live[None, :]
     if ADD_RESIDUAL:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptrs, out, mask=out_mask)
     if WRITE_SUMSQ:  # of the values stored, as a NORM prologue reading them back would see
         squares = tl.where(out_mask, out.to(tl.float32) * out.to(tl.float32), 0.0)
+        rows_stored = m_live
+        if SPLIT_K > 1:
+            rows_stored = rows_stored & is_last
         tl.store(sumsq_ptr + tl.program_id(0) * M + offs_m, tl.sum(squares, axis=1),
-                 mask=m_live)
+                 mask=rows_stored)

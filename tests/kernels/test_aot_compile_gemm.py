@@ -23,8 +23,10 @@ MODELS = [("tiny", 256, 512, 4, 2, 64, False), ("qwen2.5-0.5b", 896, 4864, 14, 2
           ("llama-3.2-1b", 2048, 8192, 32, 8, 64, False),
           ("llama-3.1-8b", 4096, 14336, 32, 8, 128, False)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ROWS = [17, 32, 64]  # GEMM_MIN_ROWS .. GEMM_MAX_ROWS: one 64-row tile
-INT_ARGS = ["M", "N", "K", "stride_xm", "stride_om", "num_partials"]
+# GEMM_MIN_ROWS .. GEMM_MAX_ROWS: the transposed 16-row tile (with and without split K) and one
+# 64-row tile.
+ROWS = [2, 16, 17, 32, 64]
+INT_ARGS = ["M", "N", "K", "K_PIECE", "stride_xm", "stride_om", "num_partials"]
 
 
 def distinct_launches() -> list[dict]:
@@ -46,7 +48,7 @@ def distinct_launches() -> list[dict]:
                 # The partials the gate/up product reads: one per output-product program.
                 partials = gemm.gemm_programs(gemm.gemm_config(m, hidden, H_q * D, dtype), hidden)
                 for n, k, prologue, has_bias, add, swiglu, sumsq in projections:
-                    config = gemm.gemm_config(m, n, k, dtype, prologue, pdl=True)
+                    config = gemm.gemm_config(m, n, k, dtype, prologue, pdl=True, swiglu=swiglu)
                     features = n // 2 if swiglu else n
                     meta = gemm.gemm_launch_meta(
                         config, features, k, prologue, has_bias, add, swiglu, sumsq,
@@ -63,10 +65,11 @@ def compile_jobs(launches: list[dict]) -> list[CompileJob]:
         meta = dict(launch["meta"])
         num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
         signature = {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "out_ptr": t, "sumsq_ptr": "*fp32",
+                     "partials_ptr": "*fp32", "counter_ptr": "*i32",
                      **{name: "i32" for name in INT_ARGS}, "eps": "fp32",
                      **{name: "constexpr" for name in meta}}
-        aligned = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "sumsq_ptr", "N", "K",
-                   "stride_xm", "stride_om"]
+        aligned = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "sumsq_ptr", "partials_ptr",
+                   "counter_ptr", "N", "K", "K_PIECE", "stride_xm", "stride_om"]
         jobs.append(CompileJob.of(gemm._skinny_gemm_kernel, signature, meta, num_warps,
                                   num_stages, aligned))
     return jobs

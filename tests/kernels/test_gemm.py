@@ -8,18 +8,22 @@ tiles; outputs and the margins of strided buffers are poisoned with NaN first.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from kernels import gemm, linear, reference
-from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PARTIAL_NORM, PLAIN, GemmConfig,
-                          gemm_config, gemm_programs, skinny_gemm)
+from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PARTIAL_NORM, PLAIN, SWAP_AB_ROWS,
+                          GemmConfig, gemm_config, gemm_programs, skinny_gemm)
 from tests.kernels.numerics import assert_margins_untouched, poisoned_view, rel_l2, weights
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 EPS = 1e-5
 # Small tiles so the interpreter covers several M, N and K tiles and their overhangs.
 SMALL = GemmConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2)
+# The transposed tile of up to SWAP_AB_ROWS rows, with 32-column K tiles for the same reason.
+SWAPPED = GemmConfig(block_m=16, block_n=64, block_k=32, num_warps=4, num_stages=2, swap_ab=True)
 SHAPES = [(2, 32, 64), (17, 40, 96), (33, 16, 300), (GEMM_MAX_ROWS, 48, 64)]
 
 
@@ -140,21 +144,28 @@ def test_default_config_fp16_model_like_shape(M):
 
 
 def test_linear_ops_route_rows_to_the_kernel(monkeypatch):
-    """One row takes the GEMV kernel, GEMM_MIN_ROWS..GEMM_MAX_ROWS this one, others cuBLAS."""
+    """One row takes the GEMV kernel, GEMM_MIN_ROWS..GEMM_MAX_ROWS this one, others cuBLAS;
+    with SMALL_ROWS_GEMM off (BINDECODE_SMALL_ROWS_GEMM=0), up to SWAP_AB_ROWS rows cuBLAS too."""
     calls = []
     original = linear.skinny_gemm
     monkeypatch.setattr(linear, "skinny_gemm",
                         lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k))
     w = weights(16, 64, torch.float32)
-    for m in (1, 2, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, GEMM_MAX_ROWS, GEMM_MAX_ROWS + 1):
-        expected = torch.randn(m, 16)
-        x = torch.randn(m, 64)
-        result = linear.linear_residual(x, w, expected.clone())
-        assert rel_l2(result, expected + x @ w.t()) < 1e-5
-    assert calls == [GEMM_MIN_ROWS, GEMM_MAX_ROWS]
+    row_counts = (1, GEMM_MIN_ROWS, SWAP_AB_ROWS, SWAP_AB_ROWS + 1, GEMM_MAX_ROWS,
+                  GEMM_MAX_ROWS + 1)
+    for small_rows_gemm in (True, False):
+        monkeypatch.setattr(linear, "SMALL_ROWS_GEMM", small_rows_gemm)
+        calls.clear()
+        for m in row_counts:
+            expected = torch.randn(m, 16)
+            x = torch.randn(m, 64)
+            result = linear.linear_residual(x, w, expected.clone())
+            assert rel_l2(result, expected + x @ w.t()) < 1e-5
+        assert calls == ([GEMM_MIN_ROWS, SWAP_AB_ROWS] if small_rows_gemm else []) + [
+            SWAP_AB_ROWS + 1, GEMM_MAX_ROWS]
 
 
-@pytest.mark.parametrize("m", [GEMM_MIN_ROWS, GEMM_MAX_ROWS])
+@pytest.mark.parametrize("m", [SWAP_AB_ROWS + 1, GEMM_MAX_ROWS])
 @pytest.mark.parametrize("n,k,block_n", [
     (3072, 2048, 32), (2048, 2048, 16), (16384, 2048, 128), (2048, 8192, 16),
     (6144, 4096, 64), (4096, 4096, 32), (28672, 4096, 128), (4096, 14336, 32)])
@@ -171,6 +182,88 @@ def test_config_matches_the_measured_tiles(m, n, k, block_n):
         assert 2 <= c.num_stages <= (4 if prologue == NORM else gemm.MAX_STAGES)
         assert smem <= gemm.SHARED_BYTES
     assert gemm_config(m, n, k, torch.bfloat16) == config  # a pure function
+
+
+@pytest.mark.parametrize("m", [GEMM_MIN_ROWS, 8, SWAP_AB_ROWS])
+@pytest.mark.parametrize("n,k,swiglu,block_n,split_k", [
+    (3072, 2048, False, 64, 2), (2048, 2048, False, 64, 4), (16384, 2048, True, 128, 1),
+    (2048, 8192, False, 64, 4), (6144, 4096, False, 64, 1), (4096, 4096, False, 64, 2),
+    (28672, 4096, True, 128, 1), (4096, 14336, False, 64, 2)])
+def test_config_transposes_few_rows(m, n, k, swiglu, block_n, split_k):
+    """Up to SWAP_AB_ROWS rows the 1B / 8B products get the transposed 16-row tile with 64
+    features per program (64 gate and 64 up rows with SwiGLU), and split K until they fill
+    MIN_PROGRAMS programs; a normalising prologue never splits."""
+    config = gemm_config(m, n, k, torch.bfloat16, swiglu=swiglu)
+    assert config.swap_ab and config.block_m == 16
+    assert (config.block_n, config.split_k) == (block_n, split_k)
+    assert gemm_programs(config, n // 2 if swiglu else n, swiglu) * split_k >= gemm.MIN_PROGRAMS
+    assert (config.block_m + config.block_n) * config.block_k * 2 * config.num_stages \
+        <= gemm.SHARED_BYTES
+    for prologue in (NORM, PARTIAL_NORM):
+        assert gemm_config(m, n, k, torch.bfloat16, prologue, swiglu=swiglu).split_k == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("prologue,swiglu", [(PLAIN, False), (NORM, False), (NORM, True),
+                                             (PARTIAL_NORM, False), (PARTIAL_NORM, True)])
+def test_transposed_tile_matches_every_prologue(dtype, prologue, swiglu):
+    """out^T = W @ x^T on 5 rows of a 16-row tile; N = 100 overhangs the 64-feature tiles
+    (32 gate and 32 up rows a program with SwiGLU) and K = 300 the K tiles."""
+    M, N, K = 5, 100, 300
+    x = torch.randn(M, K, dtype=dtype) * 3
+    w = weights(2 * N if swiglu else N, K, dtype)
+    bias = None if swiglu else torch.randn(N, dtype=dtype)
+    buffer, out = poisoned_view(M, N, dtype)
+    sumsq = split_sums_of_squares(x, 5) if prologue == PARTIAL_NORM else None
+    skinny_gemm(x, w, out, prologue, bias=bias, eps=EPS, swiglu=swiglu, row_sumsq=sumsq,
+                config=SWAPPED)
+    expected = (x.float() @ w.float().t() if prologue == PLAIN
+                else reference.norm_linear(x.float(), None, EPS, w.float()))
+    expected = reference.silu_and_mul(expected) if swiglu else expected + bias.float()
+    assert rel_l2(out, expected) < TOLERANCE[dtype]
+    assert_margins_untouched(buffer, N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split_k", [1, 3, 8])
+def test_split_k_sums_its_pieces(dtype, split_k):
+    """K = 300 in 3 pieces of 128 columns (the last of 44) or in 8 of 64 (the last three
+    empty), with bias, residual add and the partial sums of squares of the summed tile: the
+    same bits on a second run, and the arrival counters back at zero after each."""
+    M, N, K = 5, 100, 300
+    config = dataclasses.replace(SWAPPED, split_k=split_k)
+    x = torch.randn(M, K, dtype=dtype) * 2
+    w, bias = weights(N, K, dtype), torch.randn(N, dtype=dtype)
+    residual_before = torch.randn(M, N, dtype=dtype)
+    runs = []
+    for _ in range(2):
+        buffer, residual = poisoned_view(M, N, dtype, fill=residual_before)
+        sumsq = torch.full((gemm_programs(config, N), M), float("nan"))
+        skinny_gemm(x, w, residual, PLAIN, bias=bias, add_residual=True, row_sumsq=sumsq,
+                    config=config)
+        assert_margins_untouched(buffer, N)
+        if split_k > 1:
+            assert not gemm._split_counters(x.device).any()
+        runs.append((residual.clone(), sumsq))
+    (residual, sumsq), (again, sumsq_again) = runs
+    expected = residual_before.float() + x.float() @ w.float().t() + bias.float()
+    assert rel_l2(residual, expected) < TOLERANCE[dtype]
+    squares = residual.float() ** 2
+    for j in range(sumsq.shape[0]):
+        tile = squares[:, j * config.block_n:(j + 1) * config.block_n]
+        torch.testing.assert_close(sumsq[j], tile.sum(dim=1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(residual, again) and torch.equal(sumsq, sumsq_again)
+
+
+def test_split_k_is_refused_where_the_pieces_cannot_meet():
+    """The pieces meet before the epilogue, after any 1 / rms: a normalising prologue or
+    SwiGLU (a product of two sums) cannot split."""
+    config = dataclasses.replace(SWAPPED, split_k=2)
+    x, w = torch.randn(4, 64), weights(32, 64, torch.float32)
+    for prologue, swiglu in ((NORM, False), (PLAIN, True)):
+        with pytest.raises(ValueError, match="split K takes the PLAIN prologue and no SwiGLU"):
+            skinny_gemm(x, w, torch.empty(4, 16 if swiglu else 32), prologue, swiglu=swiglu,
+                        config=config)
 
 
 def test_bad_sizes_are_refused():
