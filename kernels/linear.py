@@ -29,15 +29,16 @@ Three regimes by the number of rows M:
   end of the K loop, so the kernel multiplies by the RMSNorm weight on load and by 1 / rms(x)
   after the loop (a per-row scalar commutes with the product). A row has no tile of 16 for
   the tensor cores to fill; FMAs keep up with the weight stream (2 FLOP per 2 bytes).
-- ``GEMM_MIN_ROWS`` <= M <= ``GEMM_MAX_ROWS`` (a decode step of 17 to 64 rows) runs
+- ``GEMM_MIN_ROWS`` <= M <= ``GEMM_MAX_ROWS`` (a decode step of 2 to 64 rows) runs
   ``kernels.gemm`` on the tensor cores, as programmatic dependent launches that overlap each
   product's start with the previous kernel's end: the MLP is two launches (gate/up with RMSNorm
   and SiLU-and-mul fused, then down with the residual add); after the output product, which
   leaves each row's partial sums of squares behind, the gate/up product's RMSNorm costs only
-  their sum (``kernels.gemm`` PARTIAL_NORM); a folded QKV norm is deferred to the RoPE kernel
-  as below.
-- Other M goes to cuBLAS (``kernels.cublaslt.mm``: in a decode step, the fastest of cuBLASLt's
-  algorithms for the shape), which is the better GEMM there, with the residual add as the
+  their sum (``kernels.gemm`` PARTIAL_NORM); a folded QKV norm is deferred to the kernel that
+  reads q, k and v next (RoPE, or attention up to ``ROPE_IN_ATTENTION_MAX_ROWS`` rows) as
+  below. Up to 16 rows the kernel's tile is transposed (``kernels.gemm.SWAP_AB_ROWS``).
+- Over 64 rows M goes to cuBLAS (``kernels.cublaslt.mm``: in a decode step, the fastest of
+  cuBLASLt's algorithms for the shape), which is the better GEMM there, with the residual add as the
   GEMM's own accumulate (beta = 1), which costs no extra kernel or pass. The RMSNorm
   before it is deferred when its weight is folded: cuBLAS multiplies the raw rows x, and the
   kernel that reads the product next — RoPE + K/V write after QKV, SiLU-and-mul after gate/up
@@ -64,8 +65,8 @@ import triton.language as tl
 from kernels import cublaslt
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import NewToken, decode_attention
-from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PARTIAL_NORM, PLAIN, gemm_config,
-                          gemm_programs, skinny_gemm)
+from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PARTIAL_NORM, PLAIN,
+                          SWAP_AB_ROWS, gemm_config, gemm_programs, skinny_gemm)
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import _check as _check_rope
 from kernels.rope_kv_write import rope_kv_write
@@ -76,8 +77,12 @@ ROPE_IN_ATTENTION = os.environ.get("BINDECODE_ROPE_IN_ATTENTION") != "0"
 # BINDECODE_PARTIAL_NORM=0 runs output_mlp_residual as its two ops (the gate/up product then
 # squares its x tiles for the norm), to measure what the partial sums give; read once.
 PARTIAL_NORM_AFTER_OUTPUT = os.environ.get("BINDECODE_PARTIAL_NORM") != "0"
+# BINDECODE_SMALL_ROWS_GEMM=0 sends 2 to SWAP_AB_ROWS rows to cuBLAS, as before the transposed
+# tile (to measure what it gives); read once.
+SMALL_ROWS_GEMM = os.environ.get("BINDECODE_SMALL_ROWS_GEMM") != "0"
 
 GEMV_MAX_ROWS = 1  # rows the GEMV kernel takes (measured: it wins at 1)
+ROPE_IN_ATTENTION_MAX_ROWS = 16  # decode steps up to this many rows rotate in attention
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GATED = 2  # the GEMV kernel's third prologue (PLAIN and NORM are kernels.gemm's)
 
@@ -238,16 +243,17 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
     Arguments as ``qkv_rope_write``'s (token t in slab row t, T = the slab's B), plus seq_lens:
     int32 [T] = positions + 1, which the caller computes once per step for all layers (here it
     would be one more kernel per layer). One row keeps the GEMV kernel with RoPE and the slab
-    write in its epilogue. Below ``GEMM_MIN_ROWS`` rows, where cuBLAS runs the projection, RoPE
-    and the write move into the attention kernel (``NewToken``), which saves that kernel's
-    launch: on the H100, B = 8 decode steps 0.9% (1B) and 2.3% (8B) shorter. From
-    ``GEMM_MIN_ROWS`` rows it is not a clear gain — the rotation, the write and the deferred
-    1 / rms (a load of the row) delay every attention program's first tile — and those keep
-    ``qkv_rope_write``: measured side by side, B = 64 steps as fast either way, B = 128 / 256
-    between 1.2% faster (1B, B = 128) and 0.9% slower (8B, B = 256) (bench/RESULTS.md).
+    write in its epilogue. Up to ``ROPE_IN_ATTENTION_MAX_ROWS`` rows RoPE and the write move
+    into the attention kernel (``NewToken``), which saves that kernel's launch: on the H100,
+    B = 8 decode steps 0.9% (1B) and 2.3% (8B) shorter with cuBLAS projections, and with ours
+    (transposed tiles, dependent launches) 1B tied and 8B 0.7% shorter. With more rows it is
+    not a clear gain — the rotation, the write and the deferred 1 / rms (a load of the row)
+    delay every attention program's first tile — and those keep ``qkv_rope_write``: measured
+    side by side, B = 64 steps as fast either way, B = 128 / 256 between 1.2% faster (1B,
+    B = 128) and 0.9% slower (8B, B = 256) (bench/RESULTS.md).
     """
     rows = x.shape[0] if x.dim() == 2 else -1
-    if not (ROPE_IN_ATTENTION and GEMV_MAX_ROWS < rows < GEMM_MIN_ROWS):
+    if not (ROPE_IN_ATTENTION and GEMV_MAX_ROWS < rows <= ROPE_IN_ATTENTION_MAX_ROWS):
         q = qkv_rope_write(x, norm_weight, eps, weight, bias, num_q_heads, num_kv_heads,
                            k_cache, v_cache, positions, cos, sin)
         return decode_attention(q, k_cache, v_cache, seq_lens)
@@ -375,7 +381,7 @@ def _check_mlp(op: str, residual: torch.Tensor, gate_up_weight: torch.Tensor,
 
 def _takes_skinny_gemm(m: int) -> bool:
     """Whether m rows run ``kernels.gemm`` (else the GEMV kernel or cuBLAS)."""
-    return GEMM_MIN_ROWS <= m <= GEMM_MAX_ROWS
+    return GEMM_MIN_ROWS <= m <= GEMM_MAX_ROWS and (SMALL_ROWS_GEMM or m > SWAP_AB_ROWS)
 
 
 def _defers_norm(x: torch.Tensor, norm_weight: torch.Tensor | None,

@@ -12,7 +12,7 @@ import json
 import torch
 
 from kernels.aot import CompileJob
-from kernels.gemm import GEMM_MIN_ROWS
+from kernels.linear import ROPE_IN_ATTENTION_MAX_ROWS
 from tests.kernels.aot_checks import compile_and_check
 
 # (H_q, H_kv, D): the CPU test model, Qwen2.5-0.5B, Llama-3.2-1B, Llama-3.1-8B.
@@ -44,7 +44,7 @@ def distinct_launches() -> list[dict]:
                     config = da.decode_config(B, C, H_q, H_kv, D, dtype, NUM_SMS)
                     # On the H100 every launch is a programmatic dependent one.
                     entries = [("attention", da.attention_launch_meta(config, H_q, H_kv, D, True))]
-                    if 1 < B < GEMM_MIN_ROWS and dtype_name in NEW_TOKEN_DTYPES:
+                    if 1 < B <= ROPE_IN_ATTENTION_MAX_ROWS and dtype_name in NEW_TOKEN_DTYPES:
                         hidden = DEFERRED_NORM_HIDDEN[H_q, H_kv, D] if dtype_name == "bf16" else 0
                         entries.append(("attention", da.attention_launch_meta(
                             config, H_q, H_kv, D, True, new_token=True, norm_hidden=hidden)))

@@ -106,7 +106,7 @@ def qkv_case(dtype, T, with_bias=False, hidden=96, heads=(4, 2), D=32):
                                                (torch.float16, 19, False), (torch.float32, 19, True)])
 def test_qkv_rope_write_with_a_folded_norm(dtype, T, with_bias):
     """One token: the GEMV kernel normalising without a weight. More tokens: the raw rows'
-    product (cuBLAS, or kernels.gemm from GEMM_MIN_ROWS rows) and the deferred scale in
+    product (kernels.gemm from GEMM_MIN_ROWS rows) and the deferred scale in
     rope_kv_write (fp32), or the norm first (a bias, fp16: the norm kernel, or kernels.gemm's
     NORM prologue)."""
     case = qkv_case(dtype, T, with_bias)
@@ -121,8 +121,10 @@ def test_qkv_rope_write_with_a_folded_norm(dtype, T, with_bias):
 
 
 def test_deferral_is_taken_only_where_it_is_exact(monkeypatch):
-    """Several rows with a folded norm in fp32 / bf16: no norm kernel. With a norm weight, a
-    QKV bias or fp16 (whose raw products may overflow): the norm kernel runs first."""
+    """Several rows on cuBLAS (4, with the small-rows GEMM off) with a folded norm in fp32 /
+    bf16: no norm kernel. With a norm weight, a QKV bias or fp16 (whose raw products may
+    overflow): the norm kernel runs first."""
+    monkeypatch.setattr(linear, "SMALL_ROWS_GEMM", False)
     calls = []
     original = linear.rmsnorm
     monkeypatch.setattr(linear, "rmsnorm", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -160,8 +162,9 @@ def test_mlp_residual_matches_reference(dtype, M, with_norm_weight):
 @pytest.mark.parametrize("M", [2, 19, 64])
 @pytest.mark.parametrize("with_norm_weight", [False, True])
 def test_output_mlp_residual_matches_reference(dtype, M, with_norm_weight):
-    """The rest of the layer after attention; 19 and 64 rows with a folded norm take the
-    output product's partial sums of squares into the gate/up product."""
+    """The rest of the layer after attention; with a folded norm, 2 (the transposed tile in
+    fp16), 19 and 64 rows take the output product's partial sums of squares into the gate/up
+    product."""
     residual, norm_weight, eps, gate_up_weight, down_weight = mlp_case(dtype, M, with_norm_weight)
     attn = rows(M, 64, dtype)
     o_weight = (torch.randn(residual.shape[1], 64) * 64 ** -0.5).to(dtype)
@@ -280,9 +283,9 @@ def test_qkv_decode_attention_matches_the_composition(dtype, T, with_bias):
     assert torch.equal(case["k_cache"][~live], before_k[~live])
 
 
-def test_qkv_decode_attention_moves_rope_into_attention_below_the_gemm_rows(monkeypatch):
-    """2 to 16 rows: no RoPE kernel, the attention kernel gets the new token. One row (the GEMV
-    epilogue) and GEMM_MIN_ROWS rows and up: the RoPE kernel, plain attention."""
+def test_qkv_decode_attention_moves_rope_into_attention_for_few_rows(monkeypatch):
+    """2 to ROPE_IN_ATTENTION_MAX_ROWS rows: no RoPE kernel, the attention kernel gets the new
+    token. One row (the GEMV epilogue) and more rows: the RoPE kernel, plain attention."""
     rope_calls, new_tokens = [], []
     original_rope, original_attention = linear.rope_kv_write, linear.decode_attention
     monkeypatch.setattr(linear, "rope_kv_write",
@@ -290,7 +293,8 @@ def test_qkv_decode_attention_moves_rope_into_attention_below_the_gemm_rows(monk
     monkeypatch.setattr(linear, "decode_attention", lambda *a, new_token=None, **k: (
         new_tokens.append(new_token is not None) or original_attention(*a, new_token=new_token,
                                                                        **k)))
-    for T, folded in ((4, True), (linear.GEMM_MIN_ROWS, False), (1, False)):
+    top = linear.ROPE_IN_ATTENTION_MAX_ROWS
+    for T, folded in ((2, True), (top, True), (top + 1, False), (1, False)):
         rope_calls.clear(), new_tokens.clear()
         case = qkv_case(torch.float32, T)
         case["k_cache"], case["v_cache"] = case["k_cache"][:T], case["v_cache"][:T]
