@@ -1,7 +1,7 @@
 """End-to-end decode throughput against the roofline, with transformers' ``generate`` beside it.
 
 DESIGN.md "Canonical benchmarks", End-to-end: ``dummy:llama-3.2-1b`` and ``dummy:llama-3.1-8b``,
-bf16, B in {1, 8, 64, 128, 256}, prompt 512, 256 generated tokens, greedy. Per model and B:
+bf16, B in {1, 2, 8, 16, 64, 128, 256}, prompt 512, 256 generated tokens, greedy. Per model and B:
 
 - decode-step time: median over the run's decode steps, timed with CUDA events around each
   of the engine's graph replays (``BatchRunner.decode``), prefill excluded;
@@ -17,7 +17,7 @@ Baseline, same run: transformers' ``generate`` with ``cache_implementation="stat
 (``disable_compile``) and, with ``--hf-compile``, with transformers' automatic compilation.
 
     python -m bench.engine [--out DIR] [--models dummy:llama-3.2-1b,dummy:llama-3.1-8b]
-        [--batch-sizes 1,8,64,128,256] [--hf-compile] [--smoke]
+        [--batch-sizes 1,2,8,16,64,128,256] [--hf-compile] [--smoke]
 
 ``--smoke`` runs the same code on ``dummy:tiny`` on the CPU with tiny sizes (the CI test).
 """
@@ -43,7 +43,7 @@ class EngineBenchConfig:
     """What ``run`` measures. ``hf_batch_size`` 0 skips the transformers baseline."""
 
     models: list[str] = field(default_factory=lambda: ["dummy:llama-3.2-1b", "dummy:llama-3.1-8b"])
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 64, 128, 256])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 8, 16, 64, 128, 256])
     prompt_len: int = 512
     new_tokens: int = 256
     hf_batch_size: int = 128
