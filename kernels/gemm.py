@@ -135,8 +135,8 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
     if dtype == torch.float32:
         return GemmConfig(16 if m <= 16 else 64, 32, 32, 4, 1, pdl)  # parity runs only
     block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
+    block_m = 16 if m <= 16 else 64
     swap_ab, split_k = m <= SWAP_AB_ROWS, 1
-    block_m = max(16, triton.next_power_of_2(m)) if swap_ab else 16 if m <= 16 else 64
     if swap_ab:
         block_n = 2 * SWAP_AB_FEATURES if swiglu or triton.cdiv(n, 128) >= MIN_PROGRAMS \
             else SWAP_AB_FEATURES
