@@ -81,7 +81,9 @@ PARTIAL_NORM_AFTER_OUTPUT = os.environ.get("BINDECODE_PARTIAL_NORM") != "0"
 # tile (to measure what it gives); read once.
 SMALL_ROWS_GEMM = os.environ.get("BINDECODE_SMALL_ROWS_GEMM") != "0"
 
-GEMV_MAX_ROWS = 1  # rows the GEMV kernel takes (measured: it wins at 1)
+# Rows the GEMV kernel takes. Against the transposed kernels.gemm tile at one row, B = 1 steps
+# measured 0.9% shorter for the 8B shape and 2.7% longer for the 1B one (bench/RESULTS.md).
+GEMV_MAX_ROWS = 1
 ROPE_IN_ATTENTION_MAX_ROWS = 16  # decode steps up to this many rows rotate in attention
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GATED = 2  # the GEMV kernel's third prologue (PLAIN and NORM are kernels.gemm's)
