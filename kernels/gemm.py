@@ -132,10 +132,10 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, prologue: int = PLAI
         raise ValueError(f"gemm_config: at most {GEMM_MAX_ROWS} rows, got {m}")
     if dtype not in _DTYPES:
         raise ValueError(f"gemm_config: dtype must be fp16/bf16/fp32, got {dtype}")
-    if dtype == torch.float32:
-        return GemmConfig(16 if m <= 16 else 64, 32, 32, 4, 1, pdl)  # parity runs only
-    block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
     block_m = 16 if m <= 16 else 64
+    if dtype == torch.float32:
+        return GemmConfig(block_m, 32, 32, 4, 1, pdl)  # no prefetch: parity runs only
+    block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
     swap_ab, split_k = m <= SWAP_AB_ROWS, 1
     if swap_ab:
         block_n = 2 * SWAP_AB_FEATURES if swiglu or triton.cdiv(n, 128) >= MIN_PROGRAMS \
@@ -284,6 +284,18 @@ def _load_partials(sumsq_ptr, part, offs_m, m_live, M, num_partials, LOAD: tl.co
 
 
 @triton.jit
+def _accumulate(a, w, acc, SWAP_AB: tl.constexpr):
+    """acc + a @ w^T (a: [BLOCK_M, BLOCK_K] x tile, w: [TILE_N, BLOCK_K] weight tile, acc:
+    fp32 [BLOCK_M, TILE_N]), or with SWAP_AB its transpose acc + w @ a^T (acc [TILE_N,
+    BLOCK_M]), which puts the features on the MMA's 64-row side."""
+    if SWAP_AB:
+        acc = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _sum_split_k(acc, partials_ptr, counter_ptr, offs_m, offs_n, mask, M, N,
                  SPLIT_K: tl.constexpr):
     """Publish this program's partial product of its output tile and, in the tile's last
@@ -399,19 +411,13 @@ def _skinny_gemm_kernel(
             w = tl.load(w_rows + k[None, :])
         else:
             w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
-        if SWAP_AB:
-            acc = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        acc = _accumulate(a, w, acc, SWAP_AB)
         if SWIGLU:
             if EVEN_N and EVEN_K:
                 w_up = tl.load(up_rows + k[None, :])
             else:
                 w_up = tl.load(up_rows + k[None, :], mask=w_mask, other=0.0)
-            if SWAP_AB:
-                acc_up = tl.dot(w_up, tl.trans(a), acc_up, input_precision="ieee")
-            else:
-                acc_up = tl.dot(a, tl.trans(w_up), acc_up, input_precision="ieee")
+            acc_up = _accumulate(a, w_up, acc_up, SWAP_AB)
 
     if SWAP_AB:  # back to [BLOCK_M, TILE_N] for the epilogue (one shared-memory round trip)
         acc = tl.trans(acc)
