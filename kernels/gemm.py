@@ -265,7 +265,7 @@ def _split_counters(device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def _prefetch_to_l2(ptrs):
+def prefetch_to_l2(ptrs):
     """Ask the memory system to bring the 128-byte lines at ``ptrs`` into L2 (no registers
     are filled, nothing waits). The returned zeros are unused."""
     return tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l", [ptrs],
@@ -369,9 +369,9 @@ def _skinny_gemm_kernel(
         rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * K
         for chunk in range(0, PREFETCH_K, PREFETCH_CHUNK):
             lines = tl.minimum(k_begin + chunk + tl.arange(0, PREFETCH_CHUNK // 64) * 64, K - 1)
-            _prefetch_to_l2(rows + lines[None, :])
+            prefetch_to_l2(rows + lines[None, :])
             if SWIGLU:
-                _prefetch_to_l2(rows + N.to(tl.int64) * K + lines[None, :])
+                prefetch_to_l2(rows + N.to(tl.int64) * K + lines[None, :])
         tl.extra.cuda.gdc_wait()
 
     if SWAP_AB:

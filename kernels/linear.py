@@ -28,7 +28,10 @@ Three regimes by the number of rows M:
   through memory). The norm needs the whole row's sum of squares, which is only known at the
   end of the K loop, so the kernel multiplies by the RMSNorm weight on load and by 1 / rms(x)
   after the loop (a per-row scalar commutes with the product). A row has no tile of 16 for
-  the tensor cores to fill; FMAs keep up with the weight stream (2 FLOP per 2 bytes).
+  the tensor cores to fill; FMAs keep up with the weight stream (2 FLOP per 2 bytes). On
+  Hopper each launch is a programmatic dependent one, as ``kernels.gemm``'s are: its programs
+  start while the previous kernel drains, ask the L2 for their first weight columns, and wait
+  on the device before they read the activation.
 - ``GEMM_MIN_ROWS`` <= M <= ``GEMM_MAX_ROWS`` (a decode step of 2 to 64 rows) runs
   ``kernels.gemm`` on the tensor cores, as programmatic dependent launches that overlap each
   product's start with the previous kernel's end: the MLP is two launches (gate/up with RMSNorm
@@ -65,8 +68,9 @@ import triton.language as tl
 from kernels import cublaslt
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import NewToken, decode_attention
+from kernels.device import has_pdl
 from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PARTIAL_NORM, PLAIN,
-                          SWAP_AB_ROWS, gemm_config, gemm_programs, skinny_gemm)
+                          SWAP_AB_ROWS, gemm_config, gemm_programs, prefetch_to_l2, skinny_gemm)
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import _check as _check_rope
 from kernels.rope_kv_write import rope_kv_write
@@ -80,11 +84,17 @@ PARTIAL_NORM_AFTER_OUTPUT = os.environ.get("BINDECODE_PARTIAL_NORM") != "0"
 # BINDECODE_SMALL_ROWS_GEMM=0 sends 2 to SWAP_AB_ROWS rows to cuBLAS, as before the transposed
 # tile (to measure what it gives); read once.
 SMALL_ROWS_GEMM = os.environ.get("BINDECODE_SMALL_ROWS_GEMM") != "0"
+# BINDECODE_GEMV_PDL=0 launches the one-row GEMV kernels as plain launches, as before they were
+# programmatic dependent ones (to measure what that gives); read once.
+GEMV_PDL = os.environ.get("BINDECODE_GEMV_PDL") != "0"
 
 # Rows the GEMV kernel takes. Against the transposed kernels.gemm tile at one row, B = 1 steps
 # measured 0.9% shorter for the 8B shape and 2.7% longer for the 1B one (bench/RESULTS.md).
 GEMV_MAX_ROWS = 1
 ROPE_IN_ATTENTION_MAX_ROWS = 16  # decode steps up to this many rows rotate in attention
+# Weight columns of each of its rows a GEMV program asks the L2 for before it waits on the
+# previous kernel, when launched as a programmatic dependent launch (16-bit weights).
+GEMV_PREFETCH_K = 1024
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GATED = 2  # the GEMV kernel's third prologue (PLAIN and NORM are kernels.gemm's)
 
@@ -92,15 +102,19 @@ GATED = 2  # the GEMV kernel's third prologue (PLAIN and NORM are kernels.gemm's
 @dataclass(frozen=True)
 class GemvConfig:
     """Launch shape of ``_gemv_kernel``: output features per program, the K tile, warps and
-    software-pipeline stages."""
+    software-pipeline stages; whether the launch is a programmatic dependent one, and how many
+    weight columns of each of its rows a program prefetches into L2 before it waits (a
+    multiple of 64, or 0)."""
 
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    pdl: bool = False
+    prefetch_k: int = 0
 
 
-def gemv_config(n: int, k: int, dtype: torch.dtype) -> GemvConfig:
+def gemv_config(n: int, k: int, dtype: torch.dtype, pdl: bool = False) -> GemvConfig:
     """The launch shape for an [N, K] weight of ``dtype``; a pure function.
 
     8 output features per program and K tiles of up to 1024: with 4 warps each thread loads
@@ -110,9 +124,13 @@ def gemv_config(n: int, k: int, dtype: torch.dtype) -> GemvConfig:
     (``python -m bench.kernel_linear --sweep``): best or within 3% of best on every projection
     of Llama-3.2-1B and Llama-3.1-8B; 1024 tiles beat 512 by up to 14% on the down projections.
     The loop's loads feed no tensor-core product, so there is no multi-stage pipeline to ask for.
+    ``pdl``: a programmatic dependent launch, which prefetches the first GEMV_PREFETCH_K
+    columns (at most the first K tile) of 16-bit weights.
     """
-    return GemvConfig(block_n=8, block_k=min(1024, max(16, triton.next_power_of_2(k))),
-                      num_warps=4, num_stages=1)
+    block_k = min(1024, max(16, triton.next_power_of_2(k)))
+    prefetch_k = min(GEMV_PREFETCH_K, block_k) if pdl and dtype != torch.float32 else 0
+    return GemvConfig(block_n=8, block_k=block_k, num_warps=4, num_stages=1, pdl=pdl,
+                      prefetch_k=prefetch_k // 64 * 64)
 
 
 def gemv_launch_meta(config: GemvConfig, n: int, k: int, prologue: int, has_bias: bool,
@@ -121,7 +139,19 @@ def gemv_launch_meta(config: GemvConfig, n: int, k: int, prologue: int, has_bias
     return dict(PROLOGUE=prologue, HAS_NORM_WEIGHT=has_norm_weight, HAS_BIAS=has_bias,
                 ADD_RESIDUAL=add_residual, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
+                PDL=config.pdl, PREFETCH_K=config.prefetch_k,
                 num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def qkv_rope_launch_meta(config: GemvConfig, hidden: int, head_dim: int,
+                         has_norm_weight: bool, has_bias: bool) -> dict:
+    """Constexprs and launch options of one ``_qkv_rope_kernel`` launch (what the AOT test
+    compiles)."""
+    return dict(HAS_NORM_WEIGHT=has_norm_weight, HAS_BIAS=has_bias, HALF=head_dim // 2,
+                BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                EVEN_K=hidden % config.block_k == 0, PDL=config.pdl,
+                PREFETCH_K=config.prefetch_k, num_warps=config.num_warps,
+                num_stages=config.num_stages)
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
@@ -212,7 +242,7 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
                       eps=eps)
         return q
     head_dim = k_cache.shape[-1]
-    config = gemv_config(weight.shape[0], weight.shape[1], weight.dtype)
+    config = gemv_config(weight.shape[0], weight.shape[1], weight.dtype, _gemv_pdl(x.device))
     _check(x, weight, weight.shape[1], "qkv_rope_write")
     if norm_weight is not None:
         _check_vector("norm_weight", norm_weight, weight.shape[1], x.device)
@@ -222,15 +252,13 @@ def qkv_rope_write(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
     # The unfused path's checks cover the RoPE operands (q, k, v views of the right shapes).
     _check_rope(q, q.new_empty(1, num_kv_heads, head_dim), q.new_empty(1, num_kv_heads, head_dim),
                 k_cache, v_cache, positions, cos, sin, None)
-    half = head_dim // 2
     _qkv_rope_kernel[(weight.shape[0] // config.block_n,)](
         x, weight, bias if bias is not None else x,
         norm_weight if norm_weight is not None else x, q, k_cache, v_cache, positions,
         cos, sin, weight.shape[1], eps, k_cache.stride(1), k_cache.stride(2), num_q_heads,
-        num_kv_heads, HAS_NORM_WEIGHT=norm_weight is not None, HAS_BIAS=bias is not None,
-        HALF=half, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        EVEN_K=weight.shape[1] % config.block_k == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_kv_heads, launch_pdl=config.pdl,
+        **qkv_rope_launch_meta(config, weight.shape[1], head_dim, norm_weight is not None,
+                               bias is not None))
     return q
 
 
@@ -394,12 +422,17 @@ def _defers_norm(x: torch.Tensor, norm_weight: torch.Tensor | None,
             and x.dtype != torch.float16)
 
 
+def _gemv_pdl(device: torch.device) -> bool:
+    """Whether the GEMV kernels launch as programmatic dependent launches on ``device``."""
+    return GEMV_PDL and has_pdl(device)
+
+
 def _gemv(x, weight, out, prologue: int, bias=None, norm_weight=None, eps: float = 0.0,
           residual=None, config: GemvConfig | None = None) -> torch.Tensor:
     M, (N, K) = x.shape[0], weight.shape
     if M == 0:
         return out
-    config = config or gemv_config(N, K, weight.dtype)
+    config = config or gemv_config(N, K, weight.dtype, _gemv_pdl(x.device))
     # Rows vary fastest, so the programs that share a weight slice run together and all but
     # the first read it from L2.
     grid = (M, triton.cdiv(N, config.block_n))
@@ -409,9 +442,27 @@ def _gemv(x, weight, out, prologue: int, bias=None, norm_weight=None, eps: float
         norm_weight if norm_weight is not None else x,
         residual if residual is not None else x, out,
         N, K, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), eps,
-        **gemv_launch_meta(config, N, K, prologue, bias is not None, residual is not None,
+        launch_pdl=config.pdl, **gemv_launch_meta(config, N, K, prologue, bias is not None, residual is not None,
                            norm_weight is not None))
     return out
+
+
+@triton.jit
+def _wait_for_previous_grid(w_ptr, offs_n, n_live, K, PDL: tl.constexpr,
+                            PREFETCH_K: tl.constexpr):
+    """As a programmatic dependent launch (PDL): let the next kernel launch, ask the L2 for the
+    first PREFETCH_K columns of the weight rows ``offs_n`` (weights never depend on the
+    previous kernel), then wait for the previous grid's writes. Nothing without PDL.
+
+    W: [N, K] contiguous; PREFETCH_K a multiple of 64 (one address per 128-byte line of 16-bit
+    weights), clamped into the row."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        if PREFETCH_K > 0:
+            rows = w_ptr + tl.where(n_live, offs_n, 0).to(tl.int64)[:, None] * K
+            lines = tl.minimum(tl.arange(0, PREFETCH_K // 64) * 64, K - 1)
+            prefetch_to_l2(rows + lines[None, :])
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -471,17 +522,20 @@ def _gemv_kernel(
         N, K, stride_xm, stride_rm, stride_om, eps,
         PROLOGUE: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
         ADD_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+        PREFETCH_K: tl.constexpr):
     """out[m, n] = residual[m, n] + bias[n] + sum_k A[m, k] * W[n, k] for one row m and one
     BLOCK_N slice of n; the grid is (M, cdiv(N, BLOCK_N)).
 
     x: [M, K] ([M, 2K] for GATED), rows ``stride_xm`` apart; W: [N, K] contiguous; A as in
     ``_row_times_weight``. bias [N], residual [M, N] and out [M, N] (out may alias residual:
     each element is read and written by the same program). fp32 accumulation.
+    PDL: a programmatic dependent launch (``_wait_for_previous_grid``).
     """
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_live = offs_n < N
+    _wait_for_previous_grid(w_ptr, offs_n, n_live, K, PDL, PREFETCH_K)
     y = _row_times_weight(x_ptr + m.to(tl.int64) * stride_xm, w_ptr, norm_w_ptr, offs_n, n_live,
                           K, eps, PROLOGUE, HAS_NORM_WEIGHT, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K)
     if HAS_BIAS:
@@ -498,7 +552,8 @@ def _qkv_rope_kernel(
         x_ptr, w_ptr, bias_ptr, norm_w_ptr, q_ptr, k_cache_ptr, v_cache_ptr, positions_ptr,
         cos_ptr, sin_ptr, K, eps, stride_cache_slot, stride_cache_head, num_q_heads,
         num_kv_heads, HAS_NORM_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+        PREFETCH_K: tl.constexpr):
     """One token's QKV projection with RMSNorm, RoPE and the K/V write: q, k, v =
     RMSNorm(x) (* norm_w) @ W.T (+ bias); q and k rotated (rotate-half) at positions[0]; q to q_ptr,
     k and v into row 0 of the slab at slot positions[0] (nothing written to the slab when
@@ -509,6 +564,7 @@ def _qkv_rope_kernel(
     strides (k and v alike); cos, sin: fp32 [max_positions, HALF].
     Each program takes BLOCK_N / 2 rotation pairs (features i and i + HALF of one head;
     HALF % (BLOCK_N / 2) == 0), so both halves of a pair are in its registers.
+    PDL: a programmatic dependent launch (``_wait_for_previous_grid``).
     """
     PAIRS: tl.constexpr = BLOCK_N // 2
     first = tl.program_id(0) * PAIRS  # first pair index over all heads
@@ -516,6 +572,7 @@ def _qkv_rope_kernel(
     i = first % HALF + tl.arange(0, PAIRS)
     lane = tl.arange(0, BLOCK_N)
     offs_n = head * 2 * HALF + first % HALF + lane % PAIRS + (lane // PAIRS) * HALF
+    _wait_for_previous_grid(w_ptr, offs_n, offs_n >= 0, K, PDL, PREFETCH_K)
     y = _row_times_weight(x_ptr, w_ptr, norm_w_ptr, offs_n, offs_n >= 0, K, eps, 1,
                           HAS_NORM_WEIGHT, BLOCK_N, BLOCK_K, True, EVEN_K)
     if HAS_BIAS:

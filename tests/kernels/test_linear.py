@@ -7,6 +7,8 @@ poisoned with NaN first: the kernel must write exactly its [M, N] block.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -115,6 +117,20 @@ def test_gemv_config_fills_the_gpu(n, k):
     assert per_thread_bytes >= 64 or config.block_k >= k
     assert 16 <= config.block_k <= 1024 and config.block_k & (config.block_k - 1) == 0
     assert gemv_config(n, k, torch.bfloat16) == config  # a pure function
+    assert not config.pdl and config.prefetch_k == 0
+
+
+@pytest.mark.parametrize("k", [96, 2048, 8192])
+def test_gemv_config_prefetches_whole_lines_of_the_first_k_tile_under_pdl(k):
+    """A dependent launch prefetches its rows' first columns, in whole 128-byte lines of 16-bit
+    weights and never past the first K tile; fp32 weights (parity runs) prefetch nothing."""
+    for dtype in (torch.bfloat16, torch.float16):
+        config = gemv_config(4096, k, dtype, pdl=True)
+        assert config.pdl and 0 < config.prefetch_k <= min(linear.GEMV_PREFETCH_K,
+                                                            config.block_k)
+        assert config.prefetch_k % 64 == 0
+        assert dataclasses.replace(config, pdl=False, prefetch_k=0) == gemv_config(4096, k, dtype)
+    assert gemv_config(4096, k, torch.float32, pdl=True).prefetch_k == 0
 
 
 def test_bad_inputs_are_refused_with_clear_errors():
@@ -151,6 +167,51 @@ def test_gpu_bf16_model_projections(M, N, K):
     residual = torch.randn(M, N, dtype=bf16, device=dev)
     expected = reference.linear_residual(x[:, :K].float(), w.float(), residual.float())
     assert rel_l2(linear_residual(x[:, :K], w, residual), expected) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden,inter", [(2048, 8192), (4096, 14336), (896, 4864)])
+def test_gpu_one_row_layers_in_a_graph(hidden, inter):
+    """The one-row GEMV kernels as programmatic dependent launches (L2 prefetch, then the wait)
+    on model shapes: two layers' projections, each reading what the one before wrote (QKV-sized
+    norm_linear, the output projection's residual add, the MLP's norm + gate/up and SiLU-and-mul
+    + down), captured in a CUDA graph; bf16 against fp32 references of each step."""
+    dev, bf16 = "cuda", torch.bfloat16
+    assert linear.gemv_config(hidden, inter, bf16, linear._gemv_pdl(torch.device(dev))).pdl
+    layers = [dict(qkv=(torch.randn(3 * hidden, hidden, device=dev) * hidden ** -0.5).to(bf16),
+                   o=(torch.randn(hidden, 3 * hidden, device=dev) * (3 * hidden) ** -0.5).to(bf16),
+                   gate_up=(torch.randn(2 * inter, hidden, device=dev) * hidden ** -0.5).to(bf16),
+                   down=(torch.randn(hidden, inter, device=dev) * inter ** -0.5).to(bf16))
+              for _ in range(2)]
+    start = torch.randn(1, hidden, dtype=bf16, device=dev)
+    residual = start.clone()
+    qkvs = [torch.full((1, 3 * hidden), float("nan"), dtype=bf16, device=dev) for _ in layers]
+    after_o = [torch.full((1, hidden), float("nan"), dtype=bf16, device=dev) for _ in layers]
+
+    def step():
+        residual.copy_(start)
+        for layer, qkv, snapshot in zip(layers, qkvs, after_o):
+            norm_linear(residual, None, EPS, layer["qkv"], out=qkv)
+            linear_residual(qkv, layer["o"], residual)
+            snapshot.copy_(residual)
+            linear.mlp_residual(residual, None, EPS, layer["gate_up"], layer["down"])
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for t in (residual, *qkvs, *after_o):
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    layer_input = start.float()
+    for layer, qkv, snapshot in zip(layers, qkvs, after_o):
+        w = {name: t.float() for name, t in layer.items()}
+        assert rel_l2(qkv, reference.norm_linear(layer_input, None, EPS, w["qkv"])) < 1e-2
+        assert rel_l2(snapshot, layer_input + qkv.float() @ w["o"].t()) < 1e-2
+        gate_up = reference.norm_linear(snapshot.float(), None, EPS, w["gate_up"])
+        layer_input = snapshot.float() + reference.silu_and_mul(gate_up) @ w["down"].t()
+    assert rel_l2(residual, layer_input) < 1e-2
 
 
 def rope_case(dtype, T=1, hidden=96, heads=(4, 2), D=32, with_bias=True, cache_dtype=None,
