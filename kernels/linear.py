@@ -93,8 +93,10 @@ GEMV_PDL = os.environ.get("BINDECODE_GEMV_PDL") != "0"
 GEMV_MAX_ROWS = 1
 ROPE_IN_ATTENTION_MAX_ROWS = 16  # decode steps up to this many rows rotate in attention
 # Weight columns of each of its rows a GEMV program asks the L2 for before it waits on the
-# previous kernel, when launched as a programmatic dependent launch (16-bit weights).
-GEMV_PREFETCH_K = 1024
+# previous kernel, when launched as a programmatic dependent launch (16-bit weights). B = 1
+# steps on the H100 with 0 / 64 / 128 / 256 / 512 / 1024 columns: 1B 1.126 / 1.120 / 1.117 /
+# 1.112 / 1.108 / 1.131 ms, 8B 5.439 / 5.422 / 5.411 / 5.395 / 5.368 / 5.421 (bench/RESULTS.md).
+GEMV_PREFETCH_K = 512
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GATED = 2  # the GEMV kernel's third prologue (PLAIN and NORM are kernels.gemm's)
 
