@@ -8,7 +8,7 @@ live positions per row (prompt 512 plus the bench's mean generated length so far
 skewed (lengths uniform in [66, 531]). Reported per call: the graph's median time over the
 layer count, and the live K/V bytes' share of the copy bandwidth.
 
-    python -m bench.attention_layers [--out DIR] [--head-dims 64,128]
+    python -m bench.attention_layers [--out DIR] [--head-dims 64,128] [--batch-sizes 1,2,8]
 """
 
 from __future__ import annotations
@@ -40,10 +40,16 @@ def candidates(default) -> dict:
             "64-pos, 2 warps, 3 stages": replace(default, block_n=64, num_warps=2, **piped),
             "32-pos, 1 warp, 3 stages": replace(default, block_n=32, num_warps=1, **piped),
             "32-pos, 2 warps, 3 stages": replace(default, block_n=32, num_warps=2, **piped),
-            "two splits": replace(default, num_splits=2, merge_pdl=True)}
+            "two splits": replace(default, num_splits=2, merge_pdl=True),
+            "splits x2": replace(default, num_splits=min(64, 2 * default.num_splits),
+                                 merge_pdl=True),
+            "splits x4": replace(default, num_splits=min(64, 4 * default.num_splits),
+                                 merge_pdl=True),
+            "splits x4, unpipelined": replace(default, num_splits=min(64, 4 * default.num_splits),
+                                              merge_pdl=True, num_stages=1, evict_first=True)}
 
 
-def run(head_dims=(64, 128)) -> dict:
+def run(head_dims=(64, 128), shapes=SHAPES) -> dict:
     from kernels.decode_attention import decode_attention, decode_config
     from kernels.device import sm_count
 
@@ -52,7 +58,7 @@ def run(head_dims=(64, 128)) -> dict:
     gen = torch.Generator().manual_seed(0)
     bf16 = torch.bfloat16
     for head_dim in head_dims:
-        for batch, skewed in SHAPES:
+        for batch, skewed in shapes:
             q = torch.randn(batch, H_Q, head_dim, dtype=bf16, device="cuda")
             caches = [(torch.randn(batch, CAPACITY, H_KV, head_dim, dtype=bf16, device="cuda"),
                        torch.randn(batch, CAPACITY, H_KV, head_dim, dtype=bf16, device="cuda"))
@@ -94,12 +100,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--head-dims", default="64,128",
                         help="comma-separated head dims: 64 (Llama-3.2-1B), 128 (Llama-3.1-8B)")
+    parser.add_argument("--batch-sizes", default=None,
+                        help="comma-separated B, uniform lengths only (default: "
+                             + ", ".join(f"{b}{' skewed' if s else ''}" for b, s in SHAPES) + ")")
+    parser.add_argument("--name", default="attention_layers", help="stem of the JSON file")
     args = parser.parse_args()
     head_dims = tuple(int(d) for d in args.head_dims.split(","))
     unknown = set(head_dims) - set(LAYERS)
     if unknown:
         parser.error(f"--head-dims takes {sorted(LAYERS)}, got {sorted(unknown)}")
-    write_json(args.out / "attention_layers.json", run(head_dims))
+    shapes = SHAPES
+    if args.batch_sizes:
+        shapes = [(int(b), False) for b in args.batch_sizes.split(",")]
+        if any(b < 1 for b, _ in shapes):
+            parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+    write_json(args.out / f"{args.name}.json", run(head_dims, shapes))
 
 
 if __name__ == "__main__":

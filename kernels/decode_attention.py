@@ -50,6 +50,12 @@ LOG2_E = 1.4426950408889634
 # Tuning knobs of ``decode_config`` (the benchmark's --sweep shows what to set them to).
 PROGRAMS_PER_SM_TARGET = 2  # split until B * H_kv * splits reaches this many programs per SM
 MIN_SPLIT_POSITIONS = 128  # a split shorter than this many positions is mostly overhead
+# ... except in short slabs (C <= SHORT_SLAB), where only small batches reach the limit and a
+# step's attention is a few microseconds of latency: in the decode step (bench.attention_layers,
+# 531 live positions of 1024, H100) splits of 64 instead of 128 took B = 1 from 7.0 to 5.5 µs a
+# layer (D = 128) and 5.3 to 5.1 (D = 64), B = 2 from 7.6 to 6.5 and 6.1 to 5.6
+# (bench/RESULTS.md).
+SHORT_SLAB_MIN_SPLIT_POSITIONS = 64
 MAX_SPLITS = 64
 # 64 x 128 bf16 tiles over two warps take 254 registers a thread: four programs fit an SM.
 SMALL_TILE_PROGRAMS_PER_SM = 4
@@ -115,14 +121,19 @@ class NewToken:
     eps: float = 0.0
 
 
+def min_split_positions(capacity: int) -> int:
+    """The fewest positions a full-length split of a ``capacity``-position slab may span."""
+    return SHORT_SLAB_MIN_SPLIT_POSITIONS if capacity <= SHORT_SLAB else MIN_SPLIT_POSITIONS
+
+
 def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int,
                   head_dim: int, dtype: torch.dtype, num_sms: int = H100_NUM_SMS) -> DecodeConfig:
     """The launch configuration for a slab of shape (batch, capacity); a pure function.
 
     It never sees ``seq_lens``: the grid it implies must serve every batch of the same shape.
     Splits grow (powers of two) until B * H_kv * splits reaches ``PROGRAMS_PER_SM_TARGET``
-    programs per SM, limited so that a full-length split still spans ``MIN_SPLIT_POSITIONS``
-    positions and a whole tile. dtype is the cache's.
+    programs per SM, limited so that a full-length split still spans
+    ``min_split_positions(capacity)`` positions and a whole tile. dtype is the cache's.
     """
     _check_head_shape(num_q_heads, num_kv_heads, head_dim)
     if dtype not in SUPPORTED_DTYPES:
@@ -151,7 +162,7 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
         block_n, num_warps, num_stages = 64, 2, 2  # may grow to 128 below
 
     rows = batch * num_kv_heads
-    max_splits = min(MAX_SPLITS, max(1, capacity // max(MIN_SPLIT_POSITIONS, block_n)))
+    max_splits = min(MAX_SPLITS, max(1, capacity // max(min_split_positions(capacity), block_n)))
     num_splits = 1
     while rows * num_splits < PROGRAMS_PER_SM_TARGET * num_sms and num_splits * 2 <= max_splits:
         num_splits *= 2

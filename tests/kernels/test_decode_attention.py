@@ -321,15 +321,19 @@ def test_decode_config_fills_the_machine():
     cfg = lambda B, C, H_kv=8: da.decode_config(B, C, 32, H_kv, 128, torch.bfloat16, 132)
     # One row, 8 KV heads: must split to use more than 8 of 132 SMs.
     assert cfg(1, 8192).num_splits * 8 >= 2 * 132
+    # A B = 1 decode step of a short slab: splits of 64 positions (16 at C = 1024).
+    assert cfg(1, 1024).num_splits == 16 and cfg(1, 768).num_splits == 8
     # Enough (row, head) pairs already: no split, no merge pass.
     assert cfg(256, 1024).num_splits == 1
     for B in (1, 2, 4, 8, 16, 32, 64, 128, 256):
         for C in (256, 1024, 4096, 32768):
             c = cfg(B, C)
             assert c.num_splits & (c.num_splits - 1) == 0 and 1 <= c.num_splits <= da.MAX_SPLITS
-            # A full-length split spans MIN_SPLIT_POSITIONS and a tile (or it is the only one).
-            assert c.num_splits == 1 or C // c.num_splits >= max(da.MIN_SPLIT_POSITIONS,
-                                                                 c.block_n)
+            # A full-length split spans min_split_positions(C) and a tile (or it is the only
+            # one): 64 positions in short slabs, 128 in longer ones.
+            min_split = da.min_split_positions(C)
+            assert min_split == (64 if C <= da.SHORT_SLAB else da.MIN_SPLIT_POSITIONS)
+            assert c.num_splits == 1 or C // c.num_splits >= max(min_split, c.block_n)
             assert c == cfg(B, C)  # pure
             # One row has nothing to order; past MAX_SORTED_ROWS the sort costs more than it saves.
             assert not c.longest_first or 2 <= B <= da.MAX_SORTED_ROWS
