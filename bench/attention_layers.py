@@ -28,8 +28,14 @@ SHAPES = [(16, False), (32, False), (64, False), (64, True), (128, False), (256,
 
 def candidates(default) -> dict:
     """decode_config's choice and the tile / pipeline alternatives around it."""
+    from kernels.decode_attention import MAX_SPLITS
+
     replace = dataclasses.replace
     piped = dict(num_stages=3, evict_first=False)
+
+    def more(factor: int) -> int:  # splits: the default's times factor, at most MAX_SPLITS
+        return min(MAX_SPLITS, factor * default.num_splits)
+
     return {"default": default,
             "128-pos, 2 warps, 2 stages": replace(default, block_n=128, num_warps=2,
                                                   num_stages=2, evict_first=False),
@@ -41,12 +47,10 @@ def candidates(default) -> dict:
             "32-pos, 1 warp, 3 stages": replace(default, block_n=32, num_warps=1, **piped),
             "32-pos, 2 warps, 3 stages": replace(default, block_n=32, num_warps=2, **piped),
             "two splits": replace(default, num_splits=2, merge_pdl=True),
-            "splits x2": replace(default, num_splits=min(64, 2 * default.num_splits),
-                                 merge_pdl=True),
-            "splits x4": replace(default, num_splits=min(64, 4 * default.num_splits),
-                                 merge_pdl=True),
-            "splits x4, unpipelined": replace(default, num_splits=min(64, 4 * default.num_splits),
-                                              merge_pdl=True, num_stages=1, evict_first=True)}
+            "splits x2": replace(default, num_splits=more(2), merge_pdl=True),
+            "splits x4": replace(default, num_splits=more(4), merge_pdl=True),
+            "splits x4, unpipelined": replace(default, num_splits=more(4), merge_pdl=True,
+                                              num_stages=1, evict_first=True)}
 
 
 def run(head_dims=(64, 128), shapes=SHAPES) -> dict:

@@ -273,6 +273,15 @@ def prefetch_to_l2(ptrs):
 
 
 @triton.jit
+def prefetch_columns_to_l2(rows, first, K, COLUMNS: tl.constexpr):
+    """Ask the L2 for columns [first, first + COLUMNS) of the 16-bit weight rows ``rows``
+    ([R, 1] pointers to rows of length K): one address per 128-byte line, clamped into the
+    row (a tile may overhang it). COLUMNS: a multiple of 64."""
+    lines = tl.minimum(first + tl.arange(0, COLUMNS // 64) * 64, K - 1)
+    prefetch_to_l2(rows + lines[None, :])
+
+
+@triton.jit
 def _load_partials(sumsq_ptr, part, offs_m, m_live, M, num_partials, LOAD: tl.constexpr,
                    PARTS: tl.constexpr, BLOCK_M: tl.constexpr):
     """fp32 [PARTS, BLOCK_M]: rows ``part`` of the [num_partials, M] partial sums of squares,
@@ -368,10 +377,10 @@ def _skinny_gemm_kernel(
         # chunks of PREFETCH_CHUNK columns (a few address registers per thread).
         rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * K
         for chunk in range(0, PREFETCH_K, PREFETCH_CHUNK):
-            lines = tl.minimum(k_begin + chunk + tl.arange(0, PREFETCH_CHUNK // 64) * 64, K - 1)
-            prefetch_to_l2(rows + lines[None, :])
+            prefetch_columns_to_l2(rows, k_begin + chunk, K, PREFETCH_CHUNK)
             if SWIGLU:
-                prefetch_to_l2(rows + N.to(tl.int64) * K + lines[None, :])
+                prefetch_columns_to_l2(rows + N.to(tl.int64) * K, k_begin + chunk, K,
+                                       PREFETCH_CHUNK)
         tl.extra.cuda.gdc_wait()
 
     if SWAP_AB:

@@ -70,7 +70,8 @@ from kernels.activation import silu_and_mul
 from kernels.decode_attention import NewToken, decode_attention
 from kernels.device import has_pdl
 from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, NORM, PARTIAL_NORM, PLAIN,
-                          SWAP_AB_ROWS, gemm_config, gemm_programs, prefetch_to_l2, skinny_gemm)
+                          SWAP_AB_ROWS, gemm_config, gemm_programs, prefetch_columns_to_l2,
+                          skinny_gemm)
 from kernels.rmsnorm import rmsnorm
 from kernels.rope_kv_write import _check as _check_rope
 from kernels.rope_kv_write import rope_kv_write
@@ -457,14 +458,12 @@ def _wait_for_previous_grid(w_ptr, offs_n, n_live, K, PDL: tl.constexpr,
     first PREFETCH_K columns of the weight rows ``offs_n`` (weights never depend on the
     previous kernel), then wait for the previous grid's writes. Nothing without PDL.
 
-    W: [N, K] contiguous; PREFETCH_K a multiple of 64 (one address per 128-byte line of 16-bit
-    weights), clamped into the row."""
+    W: [N, K] contiguous, 16-bit when PREFETCH_K > 0 (a multiple of 64)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         if PREFETCH_K > 0:
             rows = w_ptr + tl.where(n_live, offs_n, 0).to(tl.int64)[:, None] * K
-            lines = tl.minimum(tl.arange(0, PREFETCH_K // 64) * 64, K - 1)
-            prefetch_to_l2(rows + lines[None, :])
+            prefetch_columns_to_l2(rows, 0, K, PREFETCH_K)
         tl.extra.cuda.gdc_wait()
 
 
