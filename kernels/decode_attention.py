@@ -20,7 +20,7 @@ once, so that kernel's weight prefetch overlaps the attention; with splits, the 
 are scheduled while the attention grid drains and wait for its results, which hides the second
 launch.
 
-Many short splits (a few tiles each) load K and V straight to registers with an L2
+Many short splits (at most two tiles each) load K and V straight to registers with an L2
 evict-first hint instead of through a software pipeline (see ``decode_config``). Given the new
 token unrotated (``NewToken``), the kernel also does RoPE and the slab write: every program
 rotates its q, and the program whose split holds the new slot writes the rotated k and v there
@@ -59,9 +59,7 @@ SHORT_SLAB_MIN_SPLIT_POSITIONS = 64
 MAX_SPLITS = 64
 # 64 x 128 bf16 tiles over two warps take 254 registers a thread: four programs fit an SM.
 SMALL_TILE_PROGRAMS_PER_SM = 4
-# Splits of at most this many tiles load unpipelined (see decode_config): four tiles of 64 or
-# 128 positions, two of 32 (32-position tiles on one warp need their three-stage pipeline).
-SHORT_SPLIT_TILES, SHORT_SPLIT_SMALL_TILES = 4, 2
+SHORT_SPLIT_TILES = 2  # splits of at most this many tiles load unpipelined (see decode_config)
 LONG_SLAB = 2048  # positions from which D = 128 slabs take 128 x 128 tiles (see decode_config)
 SHORT_SLAB = 1024  # positions up to which slabs may take 32-position tiles (see decode_config)
 SHORT_SLAB_MAX_PROGRAMS_PER_SM = 8  # D = 128 short slabs take them up to this many per SM
@@ -197,17 +195,14 @@ def decode_config(batch: int, capacity: int, num_q_heads: int, num_kv_heads: int
         longest_first = False  # one wave: every program starts at once, order is moot
     block_n = min(block_n, max(16, triton.next_power_of_2(capacity)))
     evict_first = False
-    short_split_tiles = SHORT_SPLIT_TILES if block_n >= 64 else SHORT_SPLIT_SMALL_TILES
     if (dtype != torch.float32 and num_splits > 1 and programs >= PROGRAMS_PER_SM_TARGET * num_sms
-            and capacity <= short_split_tiles * block_n * num_splits):
-        # Many short splits (a few tiles each, enough of them to fill the GPU): load straight
-        # to registers, which keeps the evict-first hint that Triton drops from pipelined
-        # copies, so the K/V stream replaces itself in the L2 instead of evicting (and writing
-        # back) what the L2 held. On the H100 sweeps this took (1, 8192) from 25.5 to 22.6 µs
-        # and (16, 2048) from 65.1 to 62.3 µs (four tiles a split), and was as fast or faster
-        # on every such shape; the hint is the gain (unpipelined without it is slower). Fewer
-        # programs than the GPU holds (one row of 1024), 32-position tiles in splits of four
-        # and splits of 16 tiles stay faster pipelined (bench/RESULTS.md).
+            and capacity <= SHORT_SPLIT_TILES * block_n * num_splits):
+        # Many short splits (each at most two tiles, enough of them to fill the GPU): load
+        # straight to registers, which keeps the evict-first hint that Triton drops from
+        # pipelined copies, so the K/V stream replaces itself in the L2 instead of evicting
+        # (and writing back) what the L2 held. On the H100 sweep this took (1, 8192) from 25.5
+        # to 22.6 µs and was as fast or faster on every such shape; with fewer programs than
+        # the GPU holds (one row of 1024) the pipelined loop stays faster (bench/RESULTS.md).
         num_stages, evict_first = 1, True
     return DecodeConfig(block_n, num_splits, num_warps, num_stages, longest_first,
                         merge_pdl=num_splits > 1, evict_first=evict_first)
