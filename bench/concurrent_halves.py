@@ -71,13 +71,11 @@ def run_one(model, batch: int, context: int, rounds: int) -> dict:
     arena.k.normal_()
     arena.v.normal_()
     slab = arena.slab(batch, CAPACITY)
-    half = batch // 2
-    halves = [KVSlab(k=[k[rows] for k in slab.k], v=[v[rows] for v in slab.v])
-              for rows in (slice(0, half), slice(half, batch))]
+    rows = (slice(0, batch // 2), slice(batch // 2, batch))
+    halves = [KVSlab(k=[k[r] for k in slab.k], v=[v[r] for v in slab.v]) for r in rows]
     ids = torch.randint(0, c.vocab_size, (batch,), device="cuda")
     # Every step writes slot context - 1 and attends over 0 .. context - 1.
     positions = torch.full((batch,), context - 1, dtype=torch.int32, device="cuda")
-    rows = (slice(0, half), slice(half, batch))
     outputs = {}
 
     def one_batch():
