@@ -8,12 +8,13 @@ RMSNorm(x) @ (W * g).T, and a norm without a weight is a per-row scalar 1 / rms(
 may apply after the product instead of before it — which lets a decode step of many rows skip
 the norm kernels (``kernels.linear``).
 
-Every op but the embedding and the lm_head goes through ``ops`` (``engine.backend.get_ops``),
-so the same code runs the plain-torch reference ops or our Triton kernels. The layer is written
-as its projections with their neighbours attached (``qkv_decode_attention`` and
-``output_mlp_residual``, the rest of the layer after attention): the residual stream is updated
-in place by the ops that end each half of the layer, and the norms are taken by the ops that
-start them; the ops decide what to fuse.
+Every op but the embedding and the lm_head's logits goes through ``ops``
+(``engine.backend.get_ops``), so the same code runs the plain-torch reference ops or our Triton
+kernels. The layer is written as its projections with their neighbours attached
+(``qkv_decode_attention`` and ``output_mlp_residual``, the rest of the layer after attention):
+the residual stream is updated in place by the ops that end each half of the layer, and the
+norms are taken by the ops that start them; the ops decide what to fuse. A greedy decode step
+ends in ``ops.lm_head_argmax``, which may pick each row's token without writing its logits.
 
 Two entry points, both writing K/V into a ``KVSlab`` ``[B, C, H_kv, D]`` per layer:
 ``prefill`` runs packed prompts; ``decode`` runs one new token per slab row and is CUDA-graph
@@ -152,6 +153,21 @@ class CausalLM(nn.Module):
         Attention covers slots ``0 .. positions[b]``. Returns fp32 [B, V].
         CUDA-graph capturable with the Triton backend: fixed shapes, no host syncs.
         """
+        return self._logits(self._decode_hidden(input_ids, positions, kv))
+
+    @torch.no_grad()
+    def decode_greedy(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVSlab,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        """``decode``, then each row's argmax (ties: the lowest id), through
+        ``ops.lm_head_argmax``, which may never write the logits. Arguments as ``decode``'s;
+        out: optional int64 [B], which may be ``input_ids`` itself (read before it is written).
+        Returns int64 [B]: each row's greedy token."""
+        x = self._decode_hidden(input_ids, positions, kv)
+        return self.ops.lm_head_argmax(x, self.lm_head, out=out)
+
+    def _decode_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       kv: KVSlab) -> torch.Tensor:
+        """Every layer of a decode step and the final norm: [B, hidden], the lm_head's input."""
         ops, c = self.ops, self.config
         seq_lens = positions + 1  # 0 on dead rows
 
@@ -169,8 +185,7 @@ class CausalLM(nn.Module):
                 self.rope_cos, self.rope_sin)
 
         residual = self._layers(input_ids, attention)
-        x = ops.rmsnorm(residual, self.norm, c.rms_norm_eps)
-        return self._logits(x)
+        return ops.rmsnorm(residual, self.norm, c.rms_norm_eps)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits [T, V] of normalised x [T, hidden]."""

@@ -255,15 +255,21 @@ class BatchRunner:
 
     def _step(self, buf: _StepBuffers, slab: KVSlab, kind: tuple) -> None:
         """One decode step, all on the device: feed, sample, advance live positions."""
-        with decode_blas(buf.tokens.device):
-            logits = self.model.decode(buf.tokens, buf.positions, slab)
-        # The sampled token goes to the next slot, which is also its RNG position.
-        rng_positions = buf.positions.long() + 1 if kind[0] == SAMPLE else None
-        tokens, logprobs = self._pick(logits, kind, buf.temperature, buf.top_k, buf.top_p,
-                                      buf.seeds, rng_positions)
-        buf.tokens.copy_(tokens)
-        if logprobs is not None:
-            buf.logprobs.copy_(logprobs)
+        if kind == GREEDY:
+            # The tokens go straight into the next step's input (read at the step's start),
+            # and the head may skip the logits altogether (ops.lm_head_argmax).
+            with decode_blas(buf.tokens.device):
+                self.model.decode_greedy(buf.tokens, buf.positions, slab, out=buf.tokens)
+        else:
+            with decode_blas(buf.tokens.device):
+                logits = self.model.decode(buf.tokens, buf.positions, slab)
+            # The sampled token goes to the next slot, which is also its RNG position.
+            rng_positions = buf.positions.long() + 1 if kind[0] == SAMPLE else None
+            tokens, logprobs = self._pick(logits, kind, buf.temperature, buf.top_k, buf.top_p,
+                                          buf.seeds, rng_positions)
+            buf.tokens.copy_(tokens)
+            if logprobs is not None:
+                buf.logprobs.copy_(logprobs)
         buf.positions.add_((buf.positions >= 0).to(buf.positions.dtype))  # dead rows stay -1
 
     def _capture(self, key, buf: _StepBuffers, kind: tuple) -> None:

@@ -12,7 +12,9 @@ residual; each element is read and written by one program), optionally writing e
 of squares over the program's features (``row_sumsq``); SWIGLU: W is the fused gate/up
 projection [2I, K] and the program takes matching gate and up rows, so it writes
 silu(gate) * up [M, I] straight from its two fp32 accumulators — the MLP's activation costs
-neither a kernel nor a round trip of the [M, 2I] product through memory.
+neither a kernel nor a round trip of the [M, 2I] product through memory; ROW_ARGMAX
+(``skinny_gemm_row_argmax``, the greedy LM head): each program stores, per row, only the maximum
+of its fp32 tile and the first feature holding it, so the [M, V] logits are never written.
 
 At these sizes a projection is a stream over its weight matrix (64 rows: 64 FLOPs per weight
 byte, a tenth of the H100's ridge point), so the kernel is cut to keep every SM streaming
@@ -165,15 +167,16 @@ def gemm_programs(config: GemmConfig, n: int, swiglu: bool = False) -> int:
 
 def gemm_launch_meta(config: GemmConfig, n: int, k: int, prologue: int, has_bias: bool,
                      add_residual: bool, swiglu: bool = False, write_sumsq: bool = False,
-                     num_partials: int = 0) -> dict:
+                     num_partials: int = 0, row_argmax: bool = False) -> dict:
     """Constexprs and launch options of one launch (what the AOT test compiles); n: output
-    features (I with ``swiglu``); num_partials: the rows of the partials PARTIAL_NORM reads."""
+    features (I with ``swiglu``); num_partials: the rows of the partials PARTIAL_NORM reads;
+    row_argmax: the ``skinny_gemm_row_argmax`` epilogue instead of a stored product."""
     tile_n = config.block_n // 2 if swiglu else config.block_n  # output features a program
     steps = triton.cdiv(k, config.block_k)
     per_step = triton.next_power_of_2(triton.cdiv(num_partials, steps)) if num_partials else 1
     return dict(PROLOGUE=prologue, HAS_BIAS=has_bias, ADD_RESIDUAL=add_residual,
                 WRITE_SUMSQ=write_sumsq, PARTIALS_PER_STEP=per_step, SWIGLU=swiglu,
-                SWAP_AB=config.swap_ab, SPLIT_K=config.split_k,
+                ROW_ARGMAX=row_argmax, SWAP_AB=config.swap_ab, SPLIT_K=config.split_k,
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 EVEN_N=n % tile_n == 0, EVEN_K=k % config.block_k == 0, PDL=config.pdl,
                 PREFETCH_K=config.prefetch_k if config.pdl else 0,
@@ -239,11 +242,43 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
         return out
     _skinny_gemm_kernel[grid](
         x, weight, bias if bias is not None else x, out,
-        row_sumsq if row_sumsq is not None else x, partials, counters, M, features, K,
+        row_sumsq if row_sumsq is not None else x, partials, counters, x, M, features, K,
         k_piece, x.stride(0), out.stride(0), eps, num_partials, launch_pdl=config.pdl,
         **gemm_launch_meta(config, features, K, prologue, bias is not None, add_residual, swiglu,
                            writes_sumsq, num_partials))
     return out
+
+
+def skinny_gemm_row_argmax(x: torch.Tensor, weight: torch.Tensor, best: torch.Tensor,
+                           first: torch.Tensor, config: GemmConfig | None = None) -> None:
+    """Per row of x @ weight.T (fp32), each program's maximum over its features and the first
+    feature holding it: the first stage of a greedy LM head that never writes the logits
+    (``kernels.lm_head`` reduces over the programs). A NaN counts as the maximum (the first
+    NaN wins), as in ``torch.argmax``.
+
+    x: [M, K], last dim contiguous, M <= GEMM_MAX_ROWS; weight: [N, K] contiguous, x's dtype;
+    best: fp32 [M, P] and first: int32 [M, P], contiguous, P = ``gemm_programs(config, N)``:
+    column j gets program j's maximum and its feature index. The caller validates x and weight.
+    """
+    M, (N, K) = x.shape[0], weight.shape
+    config = config or gemm_config(M, N, K, weight.dtype, pdl=has_pdl(x.device))
+    if config.split_k != 1:
+        raise ValueError("skinny_gemm_row_argmax: split K is not supported")
+    programs = gemm_programs(config, N)
+    for name, t, dtype in (("best", best, torch.float32), ("first", first, torch.int32)):
+        if (t.dtype != dtype or t.shape != (M, programs) or not t.is_contiguous()
+                or t.device != x.device):
+            raise ValueError(f"skinny_gemm_row_argmax: {name} must be contiguous {dtype} "
+                             f"[{M}, {programs}] on {x.device}, got {t.dtype} {tuple(t.shape)}")
+    if N >= 2 ** 31 - 1:
+        raise ValueError(f"skinny_gemm_row_argmax: {N} features are too many for int32 indices")
+    if M == 0:
+        return
+    grid = (programs, triton.cdiv(M, config.block_m), 1)
+    _skinny_gemm_kernel[grid](
+        x, weight, x, best, x, x, x, first, M, N, K, K, x.stride(0), programs, 0.0, 0,
+        launch_pdl=config.pdl,
+        **gemm_launch_meta(config, N, K, PLAIN, False, False, row_argmax=True))
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -331,11 +366,28 @@ def _sum_split_k(acc, partials_ptr, counter_ptr, offs_m, offs_n, mask, M, N,
 
 
 @triton.jit
+def _tile_row_argmax(acc, live, offs_n, N):
+    """Per row of the fp32 tile acc [BLOCK_M, TILE_N] (features offs_n [TILE_N], ``live``
+    masking the tile's overhang): the maximum and the first feature holding it, both [BLOCK_M].
+    A NaN counts as larger than any number and the first NaN wins, as in ``torch.argmax``."""
+    values = tl.where(live, acc, float("-inf"))
+    is_nan = values != values
+    first_nan = tl.min(tl.where(is_nan, offs_n[None, :], N), axis=1)
+    values = tl.where(is_nan, float("-inf"), values)
+    best = tl.max(values, axis=1)
+    # Overhanging lanes hold -inf too, but their indices come after every real one.
+    first = tl.min(tl.where(values == best[:, None], offs_n[None, :], N), axis=1)
+    has_nan = first_nan < N
+    return tl.where(has_nan, float("nan"), best), tl.where(has_nan, first_nan, first)
+
+
+@triton.jit
 def _skinny_gemm_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr, sumsq_ptr, partials_ptr, counter_ptr, M, N, K,
-        K_PIECE, stride_xm, stride_om, eps, num_partials, PROLOGUE: tl.constexpr,
+        x_ptr, w_ptr, bias_ptr, out_ptr, sumsq_ptr, partials_ptr, counter_ptr, idx_ptr, M, N,
+        K, K_PIECE, stride_xm, stride_om, eps, num_partials, PROLOGUE: tl.constexpr,
         HAS_BIAS: tl.constexpr, ADD_RESIDUAL: tl.constexpr, WRITE_SUMSQ: tl.constexpr,
-        PARTIALS_PER_STEP: tl.constexpr, SWIGLU: tl.constexpr, SWAP_AB: tl.constexpr,
+        PARTIALS_PER_STEP: tl.constexpr, SWIGLU: tl.constexpr, ROW_ARGMAX: tl.constexpr,
+        SWAP_AB: tl.constexpr,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
         PREFETCH_K: tl.constexpr, PREFETCH_CHUNK: tl.constexpr):
@@ -353,6 +405,9 @@ def _skinny_gemm_kernel(
     SPLIT_K > 1 (PLAIN, no SWIGLU; K_PIECE a multiple of BLOCK_K): the pieces meet in fp32
     ``partials`` [SPLIT_K, M, N] and the last to finish applies the epilogue
     (``_sum_split_k``); counter: int32 [tiles], zero on entry and on exit.
+    ROW_ARGMAX (PLAIN, no bias, residual or SWIGLU, SPLIT_K = 1): nothing is stored but, at
+    column j of out (fp32) and idx (int32), both [M, stride_om], each row's maximum over
+    program j's features and the first feature holding it (``_tile_row_argmax``).
     PDL: launched as a programmatic dependent launch (Hopper): release the next kernel,
     prefetch PREFETCH_K weight columns into L2, then wait for the previous grid.
     """
@@ -448,15 +503,21 @@ def _skinny_gemm_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)[None, :]
     if SWIGLU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    if ADD_RESIDUAL:
-        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    out = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptrs, out, mask=out_mask)
-    if WRITE_SUMSQ:  # of the values stored, as a NORM prologue reading them back would see
-        squares = tl.where(out_mask, out.to(tl.float32) * out.to(tl.float32), 0.0)
-        rows_stored = m_live
-        if SPLIT_K > 1:
-            rows_stored = rows_stored & is_last
-        tl.store(sumsq_ptr + tl.program_id(0) * M + offs_m, tl.sum(squares, axis=1),
-                 mask=rows_stored)
+    if ROW_ARGMAX:
+        best, first = _tile_row_argmax(acc, out_mask, offs_n, N)
+        at = offs_m.to(tl.int64) * stride_om + tl.program_id(0)
+        tl.store(out_ptr + at, best, mask=m_live)
+        tl.store(idx_ptr + at, first, mask=m_live)
+    else:
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        if ADD_RESIDUAL:
+            acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        out = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptrs, out, mask=out_mask)
+        if WRITE_SUMSQ:  # of the values stored, as a NORM prologue reading them back would see
+            squares = tl.where(out_mask, out.to(tl.float32) * out.to(tl.float32), 0.0)
+            rows_stored = m_live
+            if SPLIT_K > 1:
+                rows_stored = rows_stored & is_last
+            tl.store(sumsq_ptr + tl.program_id(0) * M + offs_m, tl.sum(squares, axis=1),
+                     mask=rows_stored)

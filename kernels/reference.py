@@ -190,6 +190,14 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's greedy token: argmax of the logits of x [M, K] @ weight [V, K].T, computed
+    as ``engine.model.CausalLM`` does off the GPU (in x's dtype, then fp32). Returns int64 [M]
+    (into ``out`` when given)."""
+    return torch.argmax(torch.nn.functional.linear(x, weight).float(), dim=-1, out=out)
+
+
 def mlp_residual(residual: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
                  gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
     """The SwiGLU MLP block in place: ``residual += silu_and_mul(norm_linear(residual,

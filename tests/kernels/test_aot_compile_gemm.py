@@ -3,7 +3,7 @@ programmatic-dependent-launch prologue, without register spills and within the s
 of a block; prints registers and shared memory (pytest -s).
 
 Configurations come from ``gemm_config`` / ``gemm_launch_meta`` for each served model's four
-projections at every row count the kernel takes, compiled with the alignment facts the launcher
+projections and its greedy LM head (``kernels.lm_head``) at every row count the kernel takes, compiled with the alignment facts the launcher
 specialises on (16-byte aligned pointers, sizes and strides divisible by 16), so the software
 pipeline compiled here is the one that runs.
 """
@@ -18,11 +18,13 @@ from kernels import gemm
 from kernels.aot import CompileJob
 from tests.kernels.aot_checks import compile_and_check
 
-# (name, hidden, intermediate, H_q, H_kv, D, qkv bias)
-MODELS = [("tiny", 256, 512, 4, 2, 64, False), ("qwen2.5-0.5b", 896, 4864, 14, 2, 64, True),
-          ("llama-3.2-1b", 2048, 8192, 32, 8, 64, False),
-          ("llama-3.1-8b", 4096, 14336, 32, 8, 128, False)]
+# (name, hidden, intermediate, H_q, H_kv, D, qkv bias, vocabulary)
+MODELS = [("tiny", 256, 512, 4, 2, 64, False, 512),
+          ("qwen2.5-0.5b", 896, 4864, 14, 2, 64, True, 151936),
+          ("llama-3.2-1b", 2048, 8192, 32, 8, 64, False, 128256),
+          ("llama-3.1-8b", 4096, 14336, 32, 8, 128, False, 128256)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LM_HEAD_DTYPES = ("bf16", "fp16")  # kernels.lm_head fuses the argmax for 16-bit weights only
 # GEMM_MIN_ROWS .. GEMM_MAX_ROWS: the transposed 16-row tile (with and without split K) and one
 # 64-row tile.
 ROWS = [2, 16, 17, 32, 64]
@@ -31,7 +33,7 @@ INT_ARGS = ["M", "N", "K", "K_PIECE", "stride_xm", "stride_om", "num_partials"]
 
 def distinct_launches() -> list[dict]:
     launches = {}
-    for _, hidden, inter, H_q, H_kv, D, bias in MODELS:
+    for _, hidden, inter, H_q, H_kv, D, bias, vocab in MODELS:
         # (N, K, prologue, bias, residual add, SwiGLU, writes sums of squares): QKV (raw rows,
         # the norm deferred to RoPE; or normalised, with Qwen2's bias / in fp16), output +
         # residual (with and without the partial sums of squares), gate/up with norm and
@@ -55,6 +57,12 @@ def distinct_launches() -> list[dict]:
                         partials if prologue == gemm.PARTIAL_NORM else 0)
                     launch = {"dtype": dtype_name, "meta": meta}
                     launches[json.dumps(launch, sort_keys=True)] = launch
+                if dtype_name in LM_HEAD_DTYPES:  # the greedy head: PLAIN with ROW_ARGMAX
+                    config = gemm.gemm_config(m, vocab, hidden, dtype, pdl=True)
+                    meta = gemm.gemm_launch_meta(config, vocab, hidden, gemm.PLAIN, False, False,
+                                                 row_argmax=True)
+                    launch = {"dtype": dtype_name, "meta": meta}
+                    launches[json.dumps(launch, sort_keys=True)] = launch
     return list(launches.values())
 
 
@@ -64,12 +72,16 @@ def compile_jobs(launches: list[dict]) -> list[CompileJob]:
         t = "*" + launch["dtype"]
         meta = dict(launch["meta"])
         num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-        signature = {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "out_ptr": t, "sumsq_ptr": "*fp32",
-                     "partials_ptr": "*fp32", "counter_ptr": "*i32",
-                     **{name: "i32" for name in INT_ARGS}, "eps": "fp32",
+        # ROW_ARGMAX stores fp32 maxima where the product would go, and int32 indices.
+        out = "*fp32" if meta["ROW_ARGMAX"] else t
+        signature = {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "out_ptr": out,
+                     "sumsq_ptr": "*fp32", "partials_ptr": "*fp32", "counter_ptr": "*i32",
+                     "idx_ptr": "*i32", **{name: "i32" for name in INT_ARGS}, "eps": "fp32",
                      **{name: "constexpr" for name in meta}}
+        # stride_om is the programs' count under ROW_ARGMAX (1002 for a 128k vocabulary).
         aligned = ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "sumsq_ptr", "partials_ptr",
-                   "counter_ptr", "N", "K", "K_PIECE", "stride_xm", "stride_om"]
+                   "counter_ptr", "idx_ptr", "N", "K", "K_PIECE", "stride_xm",
+                   *([] if meta["ROW_ARGMAX"] else ["stride_om"])]
         jobs.append(CompileJob.of(gemm._skinny_gemm_kernel, signature, meta, num_warps,
                                   num_stages, aligned))
     return jobs

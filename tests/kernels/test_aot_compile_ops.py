@@ -19,10 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from kernels.activation import _silu_and_mul_kernel, silu_launch
 from kernels.aot import compile_for_h100
 from kernels.argmax import _chunk_argmax_kernel, _reduce_chunks_kernel, argmax_launch
+from kernels.gemm import GEMM_MAX_ROWS, GEMM_MIN_ROWS, gemm_config, gemm_programs
+from kernels.lm_head import reduce_launch_meta
 from kernels.rmsnorm import _rmsnorm_kernel, rmsnorm_launch
 from kernels.rope_kv_write import _rope_kv_write_kernel, rope_launch
 
@@ -110,7 +113,25 @@ def configurations() -> dict[tuple, tuple]:
         add(_reduce_chunks_kernel,
             dict(chunk_max_ptr="*fp32", chunk_idx_ptr="*i32", out_ptr="*i64"),
             launch.reduce_constexprs, 1, f"{model.name} V={model.vocab}")
+        for meta in lm_head_reduce_launches(model):
+            meta = dict(meta)
+            num_warps = meta.pop("num_warps")
+            add(_reduce_chunks_kernel,
+                dict(chunk_max_ptr="*fp32", chunk_idx_ptr="*i32", out_ptr="*i64"),
+                meta, num_warps, f"{model.name} greedy head {meta['BLOCK_CHUNKS']} programs")
     return found
+
+
+def lm_head_reduce_launches(model: ModelShape) -> list[dict]:
+    """The greedy LM head's second stage (``kernels.lm_head``) at every row count the fused
+    head takes (16-bit weights: both dtypes give the same tiles)."""
+    metas = []
+    for rows in range(GEMM_MIN_ROWS, GEMM_MAX_ROWS + 1):
+        config = gemm_config(rows, model.vocab, model.hidden, torch.bfloat16)
+        meta = reduce_launch_meta(gemm_programs(config, model.vocab))
+        if meta not in metas:
+            metas.append(meta)
+    return metas
 
 
 CONFIGS = configurations()
@@ -160,8 +181,11 @@ def test_every_model_shape_is_covered():
     # Per shape at least: bf16 x {bf16, fp32 cache} + fp16 x {fp16, fp32 cache}, with and
     # without rows.
     assert names.count("_rope_kv_write_kernel") >= len(rope_shapes) * 8
-    assert names.count("_reduce_chunks_kernel") == len(
-        {argmax_launch(m.vocab).reduce_constexprs["BLOCK_CHUNKS"] for m in MODELS})
+    reduce_shapes = {(argmax_launch(m.vocab).reduce_constexprs["BLOCK_CHUNKS"], 1)
+                     for m in MODELS}
+    reduce_shapes |= {(meta["BLOCK_CHUNKS"], meta["num_warps"])
+                      for m in MODELS for meta in lm_head_reduce_launches(m)}
+    assert names.count("_reduce_chunks_kernel") == len(reduce_shapes)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""The greedy LM head: each row's argmax over x @ W.T in fp32, without writing the logits.
+
+A greedy decode step needs one token per row, not the [B, V] fp32 logits, yet the unfused head
+writes them (cuBLASLt from its fp32 accumulator: 33 MB at B = 64 with a 128k vocabulary) and
+reads them back for the argmax (``kernels.argmax``): a store, a second kernel and a round trip
+through memory on top of the weight stream. From ``GEMM_MIN_ROWS`` to ``GEMM_MAX_ROWS`` rows on
+a GPU with 16-bit weights the product runs on ``kernels.gemm``'s skinny tile instead, whose
+ROW_ARGMAX epilogue keeps, per row, only the maximum of each program's fp32 tile and the first
+feature holding it ([M, P], P programs: 1002 for a 128k vocabulary), and ``kernels.argmax``'s
+second stage picks the first program holding each row's maximum. Ties therefore resolve to the
+lowest id and a NaN counts as the maximum (the first NaN wins), as with ``torch.argmax`` over the
+logits. Other shapes and dtypes compute the fp32 logits and take ``kernels.argmax``.
+
+The two paths round alike: both take the maximum over fp32 accumulators of the same 16-bit
+operands; only the order of the K sums differs, so a near tie may break differently.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels import cublaslt
+from kernels.argmax import _reduce_chunks_kernel, argmax
+from kernels.device import has_pdl
+from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, GemmConfig, gemm_config, gemm_programs,
+                          skinny_gemm_row_argmax)
+
+# BINDECODE_FUSED_ARGMAX=0 keeps the unfused head (fp32 logits, then kernels.argmax) on every
+# greedy step, to measure what the fusion gives; read once.
+FUSED_ARGMAX = os.environ.get("BINDECODE_FUSED_ARGMAX") != "0"
+_INDEX_LIMIT = 2 ** 31 - 1  # above any int32 feature index
+
+
+def fuses_argmax(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``lm_head_argmax`` takes the fused path for these operands."""
+    return (FUSED_ARGMAX and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and GEMM_MIN_ROWS <= x.shape[0] <= GEMM_MAX_ROWS)
+
+
+def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's greedy token: the first index of the maximum of x @ weight.T in fp32.
+
+    x: [M, K] (the final-normed hidden rows), last dim contiguous; weight: [V, K] contiguous,
+    x's dtype and device; out: optional int64 [M] (may alias memory x was computed from: it is
+    written last). Returns int64 [M].
+    """
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"lm_head_argmax: x {tuple(x.shape)} and weight {tuple(weight.shape)} "
+                         f"must be [M, K] and [V, K]")
+    if weight.shape[0] == 0 or x.stride(-1) != 1 or not weight.is_contiguous():
+        raise ValueError("lm_head_argmax: needs V > 0, x with a contiguous last dim and a "
+                         "contiguous weight")
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise ValueError(f"lm_head_argmax: x is {x.dtype} on {x.device}, weight {weight.dtype} "
+                         f"on {weight.device}")
+    M = x.shape[0]
+    if out is None:
+        out = torch.empty(M, dtype=torch.int64, device=x.device)
+    elif out.shape != (M,) or out.dtype != torch.int64 or out.device != x.device:
+        raise ValueError(f"lm_head_argmax: out must be int64 [{M}] on {x.device}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    if not fuses_argmax(x, weight):
+        return argmax(_logits(x, weight), out=out)
+    return fused_lm_head_argmax(x, weight, out)
+
+
+def fused_lm_head_argmax(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                         config: GemmConfig | None = None) -> torch.Tensor:
+    """The fused path of ``lm_head_argmax`` on any device and dtype (the interpreter runs it on
+    the CPU), for 1 to ``GEMM_MAX_ROWS`` rows; arguments as there, already validated, ``config``
+    a ``kernels.gemm`` tile without split K (default ``gemm_config``'s). Returns out."""
+    (M, K), V = x.shape, weight.shape[0]
+    config = config or gemm_config(M, V, K, weight.dtype, pdl=has_pdl(x.device))
+    programs = gemm_programs(config, V)
+    best = torch.empty(M, programs, dtype=torch.float32, device=x.device)
+    first = torch.empty(M, programs, dtype=torch.int32, device=x.device)
+    skinny_gemm_row_argmax(x, weight, best, first, config)
+    if M:
+        _reduce_chunks_kernel[(M,)](best, first, out, programs, **reduce_launch_meta(programs))
+    return out
+
+
+def reduce_launch_meta(programs: int) -> dict:
+    """Constexprs and warps of the second stage over ``programs`` partial maxima per row."""
+    block = triton.next_power_of_2(programs)
+    return dict(BLOCK_CHUNKS=block, INDEX_LIMIT=_INDEX_LIMIT,
+                num_warps=max(1, min(8, block // 256)))
+
+
+def _logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 [M, V], as ``engine.model.CausalLM`` computes them."""
+    if x.is_cuda and x.dtype != torch.float32:
+        return cublaslt.mm(x, weight, out_dtype=torch.float32)
+    return F.linear(x, weight).float()
