@@ -3,8 +3,8 @@
 A greedy decode step needs one token per row, not the [B, V] fp32 logits, yet the unfused head
 writes them (cuBLASLt from its fp32 accumulator: 33 MB at B = 64 with a 128k vocabulary) and
 reads them back for the argmax (``kernels.argmax``): a store, a second kernel and a round trip
-through memory on top of the weight stream. From ``GEMM_MIN_ROWS`` to ``GEMM_MAX_ROWS`` rows on
-a GPU with 16-bit weights the product runs on ``kernels.gemm``'s skinny tile instead, whose
+through memory on top of the weight stream. From 1 to ``GEMM_MAX_ROWS`` rows on a GPU with
+16-bit weights the product runs on ``kernels.gemm``'s skinny tile instead, whose
 ROW_ARGMAX epilogue keeps, per row, only the maximum of each program's fp32 tile and the first
 feature holding it ([M, P], P programs: 1002 for a 128k vocabulary), and ``kernels.argmax``'s
 second stage picks the first program holding each row's maximum. Ties therefore resolve to the
@@ -17,6 +17,7 @@ operands; only the order of the K sums differs, so a near tie may break differen
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -26,7 +27,7 @@ import triton
 from kernels import cublaslt
 from kernels.argmax import _reduce_chunks_kernel, argmax
 from kernels.device import has_pdl
-from kernels.gemm import (GEMM_MAX_ROWS, GEMM_MIN_ROWS, GemmConfig, gemm_config, gemm_programs,
+from kernels.gemm import (GEMM_MAX_ROWS, GemmConfig, gemm_config, gemm_programs,
                           skinny_gemm_row_argmax)
 
 # BINDECODE_FUSED_ARGMAX=0 keeps the unfused head (fp32 logits, then kernels.argmax) on every
@@ -38,7 +39,7 @@ _INDEX_LIMIT = 2 ** 31 - 1  # above any int32 feature index
 def fuses_argmax(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``lm_head_argmax`` takes the fused path for these operands."""
     return (FUSED_ARGMAX and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and GEMM_MIN_ROWS <= x.shape[0] <= GEMM_MAX_ROWS)
+            and 1 <= x.shape[0] <= GEMM_MAX_ROWS)
 
 
 def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor,
@@ -73,9 +74,9 @@ def fused_lm_head_argmax(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
                          config: GemmConfig | None = None) -> torch.Tensor:
     """The fused path of ``lm_head_argmax`` on any device and dtype (the interpreter runs it on
     the CPU), for 1 to ``GEMM_MAX_ROWS`` rows; arguments as there, already validated, ``config``
-    a ``kernels.gemm`` tile without split K (default ``gemm_config``'s). Returns out."""
+    a ``kernels.gemm`` tile without split K (default ``head_config``'s). Returns out."""
     (M, K), V = x.shape, weight.shape[0]
-    config = config or gemm_config(M, V, K, weight.dtype, pdl=has_pdl(x.device))
+    config = config or head_config(M, V, K, weight.dtype, pdl=has_pdl(x.device))
     programs = gemm_programs(config, V)
     best = torch.empty(M, programs, dtype=torch.float32, device=x.device)
     first = torch.empty(M, programs, dtype=torch.int32, device=x.device)
@@ -83,6 +84,14 @@ def fused_lm_head_argmax(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     if M:
         _reduce_chunks_kernel[(M,)](best, first, out, programs, **reduce_launch_meta(programs))
     return out
+
+
+def head_config(m: int, vocab: int, hidden: int, dtype: torch.dtype,
+                pdl: bool = False) -> GemmConfig:
+    """The fused head's tile: ``gemm_config``'s for the product, never split along K (each
+    program's maxima need its whole K loop). Only small vocabularies (``dummy:tiny``'s 512)
+    would otherwise split."""
+    return dataclasses.replace(gemm_config(m, vocab, hidden, dtype, pdl=pdl), split_k=1)
 
 
 def reduce_launch_meta(programs: int) -> dict:

@@ -192,3 +192,22 @@ def test_cuda_graphs_give_the_same_tokens_as_eager():
         if not eager:
             assert len(runner.graphs) == 2  # the sampled kind, then greedy after the retire
     assert results[0] == results[1]
+
+
+@pytest.mark.gpu
+def test_greedy_steps_pick_the_same_tokens_with_and_without_the_fused_head(monkeypatch):
+    """bf16 greedy decode steps (B = 4, dummy:tiny's 512-token vocabulary, CUDA graphs) with
+    the LM head's argmax fused (kernels.lm_head) and with fp32 logits then argmax."""
+    from kernels import lm_head
+
+    gpu_model = load_model("dummy:tiny", torch.bfloat16, "cuda", backend="triton")
+    prompts = _random_prompts([5, 17, 9, 30], seed=8)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(lm_head, "FUSED_ARGMAX", fused)
+        runner = BatchRunner(gpu_model, _arena(gpu_model, 4 * 64, "cuda", torch.bfloat16))
+        runner.begin(4, 64)
+        runner.prefill([0, 1, 2, 3], prompts, [GREEDY] * 4).result()
+        results.append([runner.decode().result()[0] for _ in range(24)])
+        assert len(runner.graphs) == 1
+    assert results[0] == results[1]

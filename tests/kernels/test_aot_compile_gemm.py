@@ -16,6 +16,7 @@ import torch
 
 from kernels import gemm
 from kernels.aot import CompileJob
+from kernels.lm_head import head_config
 from tests.kernels.aot_checks import compile_and_check
 
 # (name, hidden, intermediate, H_q, H_kv, D, qkv bias, vocabulary)
@@ -24,7 +25,9 @@ MODELS = [("tiny", 256, 512, 4, 2, 64, False, 512),
           ("llama-3.2-1b", 2048, 8192, 32, 8, 64, False, 128256),
           ("llama-3.1-8b", 4096, 14336, 32, 8, 128, False, 128256)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-LM_HEAD_DTYPES = ("bf16", "fp16")  # kernels.lm_head fuses the argmax for 16-bit weights only
+# kernels.lm_head fuses the argmax for 16-bit weights only; its one-row launches are the
+# transposed 16-row tile's.
+LM_HEAD_DTYPES = ("bf16", "fp16")
 # GEMM_MIN_ROWS .. GEMM_MAX_ROWS: the transposed 16-row tile (with and without split K) and one
 # 64-row tile.
 ROWS = [2, 16, 17, 32, 64]
@@ -58,7 +61,7 @@ def distinct_launches() -> list[dict]:
                     launch = {"dtype": dtype_name, "meta": meta}
                     launches[json.dumps(launch, sort_keys=True)] = launch
                 if dtype_name in LM_HEAD_DTYPES:  # the greedy head: PLAIN with ROW_ARGMAX
-                    config = gemm.gemm_config(m, vocab, hidden, dtype, pdl=True)
+                    config = head_config(m, vocab, hidden, dtype, pdl=True)
                     meta = gemm.gemm_launch_meta(config, vocab, hidden, gemm.PLAIN, False, False,
                                                  row_argmax=True)
                     launch = {"dtype": dtype_name, "meta": meta}

@@ -24,8 +24,8 @@ import torch
 from kernels.activation import _silu_and_mul_kernel, silu_launch
 from kernels.aot import compile_for_h100
 from kernels.argmax import _chunk_argmax_kernel, _reduce_chunks_kernel, argmax_launch
-from kernels.gemm import GEMM_MAX_ROWS, GEMM_MIN_ROWS, gemm_config, gemm_programs
-from kernels.lm_head import reduce_launch_meta
+from kernels.gemm import GEMM_MAX_ROWS, gemm_programs
+from kernels.lm_head import head_config, reduce_launch_meta
 from kernels.rmsnorm import _rmsnorm_kernel, rmsnorm_launch
 from kernels.rope_kv_write import _rope_kv_write_kernel, rope_launch
 
@@ -126,8 +126,8 @@ def lm_head_reduce_launches(model: ModelShape) -> list[dict]:
     """The greedy LM head's second stage (``kernels.lm_head``) at every row count the fused
     head takes (16-bit weights: both dtypes give the same tiles)."""
     metas = []
-    for rows in range(GEMM_MIN_ROWS, GEMM_MAX_ROWS + 1):
-        config = gemm_config(rows, model.vocab, model.hidden, torch.bfloat16)
+    for rows in range(1, GEMM_MAX_ROWS + 1):
+        config = head_config(rows, model.vocab, model.hidden, torch.bfloat16)
         meta = reduce_launch_meta(gemm_programs(config, model.vocab))
         if meta not in metas:
             metas.append(meta)

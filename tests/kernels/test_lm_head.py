@@ -9,6 +9,7 @@ vocabularies, inside a CUDA graph.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -16,8 +17,9 @@ import torch
 
 from kernels import argmax as argmax_kernels
 from kernels import gemm, reference
-from kernels.gemm import GEMM_MAX_ROWS, GemmConfig, gemm_programs, skinny_gemm_row_argmax
-from kernels.lm_head import fused_lm_head_argmax, fuses_argmax, lm_head_argmax
+from kernels.gemm import (GEMM_MAX_ROWS, GemmConfig, gemm_config, gemm_programs,
+                          skinny_gemm_row_argmax)
+from kernels.lm_head import fused_lm_head_argmax, fuses_argmax, head_config, lm_head_argmax
 from tests.kernels.numerics import weights
 
 # Small tiles, so a few hundred features span many programs and an overhanging last one.
@@ -128,8 +130,21 @@ def test_bad_inputs_are_refused():
                                GemmConfig(16, 64, 32, 4, 2, swap_ab=True, split_k=2))
 
 
+def test_head_tiles_never_split_k():
+    """A small vocabulary leaves too few programs, and gemm_config would split K."""
+    assert gemm_config(2, 512, 256, torch.bfloat16).split_k > 1
+    for m in (1, 2, 16, 17, GEMM_MAX_ROWS):
+        config = head_config(m, 512, 256, torch.bfloat16)
+        assert config.split_k == 1
+        assert config == dataclasses.replace(gemm_config(m, 512, 256, torch.bfloat16), split_k=1)
+    x, w = torch.randn(2, 256, dtype=torch.float16), weights(512, 256, torch.float16)
+    out = fused_lm_head_argmax(x, w, torch.empty(2, dtype=torch.int64),
+                               head_config(2, 512, 256, torch.float16))
+    assert_greedy(out, fp32_logits(x, w))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [2, 8, 16, 17, 32, 64])
+@pytest.mark.parametrize("M", [1, 2, 8, 16, 17, 32, 64])
 @pytest.mark.parametrize("V,K", [(128256, 2048), (151936, 896)])
 def test_gpu_bf16_head_in_a_graph(M, V, K):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
