@@ -4,17 +4,17 @@
 #
 #   BINDECODE_COMMIT=$(git rev-parse HEAD) bash bench/gpu_check.sh [STAGE ...]
 #
-# STAGE is any of: tests kernels l2flush linear chain persistent layers engine profile e2e serve
-# (default: all but linear, whose sweep only retunes kernels.linear, and persistent, a design
-# study). Wheels for packages the GPU image
-# lacks (FastAPI, uvicorn, pydantic) are taken from .whl/ when present.
+# STAGE is any of: tests kernels l2flush linear chain lmhead persistent layers engine profile e2e
+# serve (default: all but linear, whose sweep only retunes kernels.linear, and persistent, a
+# design study). Wheels for packages the GPU image lacks (FastAPI, uvicorn, pydantic) are taken
+# from .whl/ when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 RES=$OUT/results
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 BINDECODE_COMMIT=${BINDECODE_COMMIT:-unknown}
-stages=${*:-tests kernels l2flush chain layers engine profile e2e serve}
+stages=${*:-tests kernels l2flush chain lmhead layers engine profile e2e serve}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -39,6 +39,7 @@ for stage in $stages; do
     l2flush) run l2_flush python3 -m bench.l2_flush --out "$RES" ;;
     linear)  run kernel_linear python3 -m bench.kernel_linear --sweep ;;
     chain)   run gemm_chain python3 -m bench.gemm_chain --out "$RES" ;;
+    lmhead)  run lm_head python3 -m bench.lm_head --out "$RES" ;;
     persistent) run persistent_chain python3 -m bench.persistent_chain --out "$RES" \
                --variants "x6w16,x8w12,x6w16 chunk-waits,x6w16 no-x-loads,x6w16 weights-only,x6w16 weights-only no-mma"
                run persistent_trace python3 -m bench.persistent_trace --out "$RES" \

@@ -14,7 +14,8 @@ Each is a CUDA graph timed with ``triton.testing.do_bench`` (L2 flushed before e
 interleaved over rounds (median). Reports µs and the weight bytes' rate as % of the copy
 bandwidth measured in the same run; writes ``lm_head.json`` and ``lm_head.png``.
 
-    python -m bench.lm_head [--rows 1,2,8,16,32,64] [--rounds 5] [--out DIR]
+    python -m bench.lm_head [--heads llama-3.2-1b,llama-3.1-8b] [--rows 1,2,8,16,32,64]
+                            [--rounds 5] [--out DIR]
     python -m bench.lm_head --replot bench/results/lm_head.json
 """
 
@@ -122,7 +123,8 @@ def plot(payload: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--heads", default=",".join(HEADS), help=f"of {', '.join(HEADS)}")
+    parser.add_argument("--heads", default=",".join(HEADS),
+                        help=f"of {', '.join(HEADS)}, or VOCAB:HIDDEN")
     parser.add_argument("--rows", default="1,2,8,16,32,64")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -135,16 +137,21 @@ def main(argv=None) -> None:
         return
     from kernels.gemm import GEMM_MAX_ROWS
 
-    heads = [h for h in args.heads.split(",") if h]
-    rows = [int(m) for m in args.rows.split(",") if m]
-    if any(h not in HEADS for h in heads) or not all(1 <= m <= GEMM_MAX_ROWS for m in rows):
-        parser.error(f"heads among {', '.join(HEADS)}; rows in [1, {GEMM_MAX_ROWS}]")
+    try:
+        heads = {h: HEADS.get(h) or tuple(int(n) for n in h.split(":"))
+                 for h in args.heads.split(",") if h}
+        rows = [int(m) for m in args.rows.split(",") if m]
+    except ValueError:
+        heads, rows = {}, []
+    if (not heads or any(len(shape) != 2 or min(shape) < 1 for shape in heads.values())
+            or not rows or not all(1 <= m <= GEMM_MAX_ROWS for m in rows)):
+        parser.error(f"heads among {', '.join(HEADS)} or VOCAB:HIDDEN; rows in "
+                     f"[1, {GEMM_MAX_ROWS}]")
     if not torch.cuda.is_available():
         raise SystemExit("bench.lm_head needs a CUDA GPU")
     copy_gbps = copy_bandwidth_gbps()
     out_rows = []
-    for head in heads:
-        vocab, hidden = HEADS[head]
+    for head, (vocab, hidden) in heads.items():
         weight_bytes = vocab * hidden * 2
         for row in run_head(vocab, hidden, rows, args.rounds):
             row.update(head=head, vocab=vocab, hidden=hidden, weight_pct_copy={
