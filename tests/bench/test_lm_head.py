@@ -4,13 +4,13 @@ benchmark itself on a small head on the GPU."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from bench.lm_head import VARIANTS, main
+from tests.bench.replot import assert_replots
 
 SAVED = Path(__file__).resolve().parents[2] / "bench" / "results" / "lm_head.json"
 
@@ -28,10 +28,7 @@ def test_saved_run_replots_and_holds_every_variant(tmp_path):
     for row in payload["rows"]:
         assert set(row["us"]) == set(VARIANTS) == set(row["weight_pct_copy"])
         assert row["same_tokens"] <= row["rows"]
-    copy = tmp_path / SAVED.name
-    shutil.copy(SAVED, copy)
-    main(["--replot", str(copy)])
-    assert copy.with_suffix(".png").stat().st_size > 10_000
+    assert_replots(SAVED, main, tmp_path)
 
 
 @pytest.mark.gpu
