@@ -2,8 +2,9 @@
 
 A single program per row would leave most SMs idle at small batch sizes (one row of a 152k
 vocabulary is 600 KB), so stage 1 splits every row into chunks and records each chunk's
-maximum and the first index reaching it; stage 2 picks, per row, the first chunk holding the
-row maximum. Ties therefore resolve to the lowest index, as ``torch.argmax`` does, and NaN
+maximum and the first index reaching it; stage 2 (``reduce_chunks``, which the greedy LM head
+of ``kernels.lm_head`` also runs over its programs' maxima) picks, per row, the first chunk
+holding the row maximum. Ties therefore resolve to the lowest index, as ``torch.argmax`` does, and NaN
 counts as larger than any number, as there: a row holding NaN (a model that overflowed) picks
 its first NaN, which is still a token id, so the step's next embedding lookup stays in range.
 """
@@ -63,23 +64,39 @@ def _reduce_chunks_kernel(chunk_max_ptr, chunk_idx_ptr, out_ptr, num_chunks,
 
 @dataclass(frozen=True)
 class ArgmaxLaunch:
-    """Compile-time parameters of both stages for one vocabulary size."""
+    """Compile-time parameters of stage 1 for one vocabulary size."""
 
     chunk: int
     num_chunks: int
     chunk_warps: int
-    reduce_constexprs: dict
 
 
 def argmax_launch(vocab: int) -> ArgmaxLaunch:
     """4096-element chunks (16 fp32 per thread at 8 warps): a 128k vocabulary gives 32 chunks
     per row, enough programs to fill the GPU even for a single row."""
     chunk = 4096
-    num_chunks = triton.cdiv(vocab, chunk)
+    return ArgmaxLaunch(chunk, triton.cdiv(vocab, chunk), chunk_warps=8)
+
+
+def reduce_launch_meta(num_chunks: int) -> dict:
+    """Constexprs and warps of stage 2 over ``num_chunks`` partial maxima per row (one warp up
+    to 256 of them)."""
+    block = triton.next_power_of_2(num_chunks)
     # INDEX_LIMIT exceeds any real index; int32 indices cover vocabularies below 2**31.
-    reduce_constexprs = dict(BLOCK_CHUNKS=triton.next_power_of_2(num_chunks),
-                             INDEX_LIMIT=2 ** 31 - 1)
-    return ArgmaxLaunch(chunk, num_chunks, chunk_warps=8, reduce_constexprs=reduce_constexprs)
+    return dict(BLOCK_CHUNKS=block, INDEX_LIMIT=2 ** 31 - 1,
+                num_warps=max(1, min(8, block // 256)))
+
+
+def reduce_chunks(chunk_max: torch.Tensor, chunk_idx: torch.Tensor,
+                  out: torch.Tensor) -> torch.Tensor:
+    """Stage 2 alone: per row, the first index among chunks holding the row's maximum (NaN
+    first). chunk_max: fp32 and chunk_idx: int32 [B, n], contiguous, each chunk's maximum and
+    the first index holding it, chunks in index order; out: int64 [B]. Returns out."""
+    B, num_chunks = chunk_max.shape
+    if B:
+        _reduce_chunks_kernel[(B,)](chunk_max, chunk_idx, out, num_chunks,
+                                    **reduce_launch_meta(num_chunks))
+    return out
 
 
 def argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,6 +128,4 @@ def argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     _chunk_argmax_kernel[(B, launch.num_chunks)](
         logits, chunk_max, chunk_idx, vocab, logits.stride(0), launch.num_chunks,
         CHUNK=launch.chunk, num_warps=launch.chunk_warps)
-    _reduce_chunks_kernel[(B,)](chunk_max, chunk_idx, out, launch.num_chunks,
-                                **launch.reduce_constexprs, num_warps=1)
-    return out
+    return reduce_chunks(chunk_max, chunk_idx, out)

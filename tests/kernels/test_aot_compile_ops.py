@@ -23,9 +23,10 @@ import torch
 
 from kernels.activation import _silu_and_mul_kernel, silu_launch
 from kernels.aot import compile_for_h100
-from kernels.argmax import _chunk_argmax_kernel, _reduce_chunks_kernel, argmax_launch
+from kernels.argmax import (_chunk_argmax_kernel, _reduce_chunks_kernel, argmax_launch,
+                            reduce_launch_meta)
 from kernels.gemm import GEMM_MAX_ROWS, gemm_programs
-from kernels.lm_head import head_config, reduce_launch_meta
+from kernels.lm_head import head_config
 from kernels.rmsnorm import _rmsnorm_kernel, rmsnorm_launch
 from kernels.rope_kv_write import _rope_kv_write_kernel, rope_launch
 
@@ -110,15 +111,12 @@ def configurations() -> dict[tuple, tuple]:
         add(_chunk_argmax_kernel,
             dict(logits_ptr="*fp32", chunk_max_ptr="*fp32", chunk_idx_ptr="*i32"),
             dict(CHUNK=launch.chunk), launch.chunk_warps, f"V={model.vocab}")
-        add(_reduce_chunks_kernel,
-            dict(chunk_max_ptr="*fp32", chunk_idx_ptr="*i32", out_ptr="*i64"),
-            launch.reduce_constexprs, 1, f"{model.name} V={model.vocab}")
-        for meta in lm_head_reduce_launches(model):
+        for meta in [reduce_launch_meta(launch.num_chunks), *lm_head_reduce_launches(model)]:
             meta = dict(meta)
             num_warps = meta.pop("num_warps")
             add(_reduce_chunks_kernel,
                 dict(chunk_max_ptr="*fp32", chunk_idx_ptr="*i32", out_ptr="*i64"),
-                meta, num_warps, f"{model.name} greedy head {meta['BLOCK_CHUNKS']} programs")
+                meta, num_warps, f"{model.name} V={model.vocab} {meta['BLOCK_CHUNKS']} chunks")
     return found
 
 
@@ -181,10 +179,9 @@ def test_every_model_shape_is_covered():
     # Per shape at least: bf16 x {bf16, fp32 cache} + fp16 x {fp16, fp32 cache}, with and
     # without rows.
     assert names.count("_rope_kv_write_kernel") >= len(rope_shapes) * 8
-    reduce_shapes = {(argmax_launch(m.vocab).reduce_constexprs["BLOCK_CHUNKS"], 1)
-                     for m in MODELS}
-    reduce_shapes |= {(meta["BLOCK_CHUNKS"], meta["num_warps"])
-                      for m in MODELS for meta in lm_head_reduce_launches(m)}
+    reduce_shapes = {(meta["BLOCK_CHUNKS"], meta["num_warps"]) for m in MODELS
+                     for meta in [reduce_launch_meta(argmax_launch(m.vocab).num_chunks),
+                                  *lm_head_reduce_launches(m)]}
     assert names.count("_reduce_chunks_kernel") == len(reduce_shapes)
 
 
