@@ -189,10 +189,7 @@ class CausalLM(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits [T, V] of normalised x [T, hidden]."""
-        if x.is_cuda and x.dtype != torch.float32:
-            # cuBLAS writes fp32 from its fp32 accumulator: no 16-bit logits, no conversion pass.
-            return cublaslt.mm(x, self.lm_head, out_dtype=torch.float32)
-        return F.linear(x, self.lm_head).float()
+        return cublaslt.logits(x, self.lm_head)
 
     def _layers(self, input_ids: torch.Tensor, attention) -> torch.Tensor:
         """Embedding and every decoder layer; returns the residual stream [T, hidden].

@@ -262,6 +262,15 @@ def mm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, *
     return out
 
 
+def logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [M, V] of x [M, K] and the lm_head weight [V, K]. On CUDA in 16 bits the
+    product writes fp32 from its fp32 accumulator (``mm``): no 16-bit logits, no conversion
+    pass; elsewhere torch's product in x's dtype, then fp32."""
+    if x.is_cuda and x.dtype != torch.float32:
+        return mm(x, weight, out_dtype=torch.float32)
+    return torch.nn.functional.linear(x, weight).float()
+
+
 def _torch_mm(x, weight, out, accumulate):
     if accumulate:
         return out.addmm_(x, weight.t())

@@ -26,7 +26,6 @@ import dataclasses
 import os
 
 import torch
-import torch.nn.functional as F
 
 from kernels import cublaslt
 from kernels.argmax import argmax, reduce_chunks
@@ -69,7 +68,7 @@ def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor,
         raise ValueError(f"lm_head_argmax: out must be int64 [{M}] on {x.device}, got "
                          f"{out.dtype} {tuple(out.shape)}")
     if not fuses_argmax(x, weight):
-        return argmax(_logits(x, weight), out=out)
+        return argmax(cublaslt.logits(x, weight), out=out)
     return fused_lm_head_argmax(x, weight, out)
 
 
@@ -93,10 +92,3 @@ def head_config(m: int, vocab: int, hidden: int, dtype: torch.dtype,
     program's maxima need its whole K loop). Only small vocabularies (``dummy:tiny``'s 512)
     would otherwise split."""
     return dataclasses.replace(gemm_config(m, vocab, hidden, dtype, pdl=pdl), split_k=1)
-
-
-def _logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fp32 [M, V], as ``engine.model.CausalLM`` computes them."""
-    if x.is_cuda and x.dtype != torch.float32:
-        return cublaslt.mm(x, weight, out_dtype=torch.float32)
-    return F.linear(x, weight).float()

@@ -193,7 +193,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Each row's greedy token: argmax of the logits of x [M, K] @ weight [V, K].T, computed
-    as ``engine.model.CausalLM`` does off the GPU (in x's dtype, then fp32). Returns int64 [M]
+    as ``kernels.cublaslt.logits`` does off the GPU (in x's dtype, then fp32). Returns int64 [M]
     (into ``out`` when given)."""
     return torch.argmax(torch.nn.functional.linear(x, weight).float(), dim=-1, out=out)
 
