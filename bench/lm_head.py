@@ -113,7 +113,9 @@ def plot(payload: dict, path: Path) -> None:
         ax.bar([x + i * width for x in range(len(rows))],
                [r["weight_pct_copy"][name] for r in rows], width, label=name)
     ax.set_xticks([x + width for x in range(len(rows))])
-    ax.set_xticklabels([f"{r['head']}\nM={r['rows']}" for r in rows], fontsize=7)
+    # "llama-3.2-1b" -> "1b": the full names overlap under twelve bars.
+    ax.set_xticklabels([f"{r['head'].rsplit('-', 1)[-1]}\nM={r['rows']}" for r in rows],
+                       fontsize=8)
     ax.set_ylabel("weight bytes / time (% of copy bandwidth)")
     ax.set_ylim(50, 105)
     ax.set_title("Greedy LM head: fp32 logits + argmax against the fused head")
