@@ -4,9 +4,10 @@ A single program per row would leave most SMs idle at small batch sizes (one row
 vocabulary is 600 KB), so stage 1 splits every row into chunks and records each chunk's
 maximum and the first index reaching it; stage 2 (``reduce_chunks``, which the greedy LM head
 of ``kernels.lm_head`` also runs over its programs' maxima) picks, per row, the first chunk
-holding the row maximum. Ties therefore resolve to the lowest index, as ``torch.argmax`` does, and NaN
-counts as larger than any number, as there: a row holding NaN (a model that overflowed) picks
-its first NaN, which is still a token id, so the step's next embedding lookup stays in range.
+holding the row maximum. Ties therefore resolve to the lowest index, as ``torch.argmax`` does,
+and NaN counts as larger than any number, as there: a row holding NaN (a model that overflowed)
+picks its first NaN, which is still a token id, so the step's next embedding lookup stays in
+range.
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
 
 
 def skinny_gemm_row_argmax(x: torch.Tensor, weight: torch.Tensor, best: torch.Tensor,
-                           first: torch.Tensor, config: GemmConfig | None = None) -> None:
+                           first: torch.Tensor, config: GemmConfig) -> None:
     """Per row of x @ weight.T (fp32), each program's maximum over its features and the first
     feature holding it: the first stage of a greedy LM head that never writes the logits
     (``kernels.lm_head`` reduces over the programs). A NaN counts as the maximum (the first
@@ -258,10 +258,10 @@ def skinny_gemm_row_argmax(x: torch.Tensor, weight: torch.Tensor, best: torch.Te
 
     x: [M, K], last dim contiguous, M <= GEMM_MAX_ROWS; weight: [N, K] contiguous, x's dtype;
     best: fp32 [M, P] and first: int32 [M, P], contiguous, P = ``gemm_programs(config, N)``:
-    column j gets program j's maximum and its feature index. The caller validates x and weight.
+    column j gets program j's maximum and its feature index; config: a tile without split K
+    (``kernels.lm_head.head_config``). The caller validates x and weight.
     """
     M, (N, K) = x.shape[0], weight.shape
-    config = config or gemm_config(M, N, K, weight.dtype, pdl=has_pdl(x.device))
     if config.split_k != 1:
         raise ValueError("skinny_gemm_row_argmax: split K is not supported")
     programs = gemm_programs(config, N)

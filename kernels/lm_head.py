@@ -38,8 +38,9 @@ from kernels.gemm import (GEMM_MAX_ROWS, GemmConfig, gemm_config, gemm_programs,
 FUSED_ARGMAX = os.environ.get("BINDECODE_FUSED_ARGMAX") != "0"
 
 
-def fuses_argmax(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``lm_head_argmax`` takes the fused path for these operands."""
+def fuses_argmax(x: torch.Tensor) -> bool:
+    """Whether ``lm_head_argmax`` takes the fused path for hidden rows x (its weight has x's
+    dtype and device)."""
     return (FUSED_ARGMAX and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
             and 1 <= x.shape[0] <= GEMM_MAX_ROWS)
 
@@ -67,7 +68,7 @@ def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor,
     elif out.shape != (M,) or out.dtype != torch.int64 or out.device != x.device:
         raise ValueError(f"lm_head_argmax: out must be int64 [{M}] on {x.device}, got "
                          f"{out.dtype} {tuple(out.shape)}")
-    if not fuses_argmax(x, weight):
+    if not fuses_argmax(x):
         return argmax(cublaslt.logits(x, weight), out=out)
     return fused_lm_head_argmax(x, weight, out)
 
