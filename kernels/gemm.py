@@ -223,16 +223,16 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
                 or not row_sumsq.is_contiguous() or row_sumsq.device != x.device):
             raise ValueError(f"skinny_gemm: row_sumsq must be contiguous fp32 [{rows}, {M}] on "
                              f"{x.device}, got {row_sumsq.dtype} {tuple(row_sumsq.shape)}")
-    grid = (gemm_programs(config, features, swiglu), triton.cdiv(M, config.block_m),
+    grid = (gemm_programs(config, features, swiglu) * triton.cdiv(M, config.block_m), 1,
             config.split_k)
     # Unused pointer arguments get x (never read: their constexpr switches are off).
     partials, counters, k_piece = x, x, K
     if config.split_k > 1:
         if swiglu or prologue != PLAIN:
             raise ValueError("skinny_gemm: split K takes the PLAIN prologue and no SwiGLU")
-        if grid[0] * grid[1] > SPLIT_COUNTERS:
+        if grid[0] > SPLIT_COUNTERS:
             raise ValueError(f"skinny_gemm: split K takes at most {SPLIT_COUNTERS} output "
-                             f"tiles, got {grid[0] * grid[1]}")
+                             f"tiles, got {grid[0]}")
         if M:
             partials = torch.empty(config.split_k, M, features, dtype=torch.float32,
                                    device=x.device)
@@ -274,7 +274,7 @@ def skinny_gemm_row_argmax(x: torch.Tensor, weight: torch.Tensor, best: torch.Te
         raise ValueError(f"skinny_gemm_row_argmax: {N} features are too many for int32 indices")
     if M == 0:
         return
-    grid = (programs, triton.cdiv(M, config.block_m), 1)
+    grid = (programs * triton.cdiv(M, config.block_m), 1, 1)
     _skinny_gemm_kernel[grid](
         x, weight, x, best, x, x, x, first, M, N, K, K, x.stride(0), programs, 0.0, 0,
         launch_pdl=config.pdl,
@@ -349,7 +349,7 @@ def _sum_split_k(acc, partials_ptr, counter_ptr, offs_m, offs_n, mask, M, N,
     partials: fp32 [SPLIT_K, M, N]; counter: one int32 per output tile, zero on entry and
     reset by the last program.
     """
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tile = tl.program_id(0)
     ptrs = partials_ptr + offs_m[:, None] * N + offs_n[None, :]
     tl.store(ptrs + tl.program_id(2) * M * N, acc, mask=mask)
     # Every thread's stores come before the release of the counter increment.
@@ -391,9 +391,9 @@ def _skinny_gemm_kernel(
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
         PREFETCH_K: tl.constexpr, PREFETCH_CHUNK: tl.constexpr):
-    """Grid (cdiv(N, TILE_N), cdiv(M, BLOCK_M), SPLIT_K): program (j, i, s) computes out tile
-    (i, j) over K columns [s * K_PIECE, (s + 1) * K_PIECE), with TILE_N = BLOCK_N (BLOCK_N / 2
-    with SWIGLU).
+    """Grid (cdiv(N, TILE_N) * cdiv(M, BLOCK_M), 1, SPLIT_K): program (j * cdiv(M, BLOCK_M) + i,
+    0, s) computes out tile (i, j) over K columns [s * K_PIECE, (s + 1) * K_PIECE), with
+    TILE_N = BLOCK_N (BLOCK_N / 2 with SWIGLU).
 
     x: [M, K], rows ``stride_xm`` apart; W: [N, K] contiguous ([2N, K] with SWIGLU: gate rows
     then up rows); bias: [N]; out: [M, N], rows ``stride_om`` apart, read first
@@ -412,8 +412,13 @@ def _skinny_gemm_kernel(
     prefetch PREFETCH_K weight columns into L2, then wait for the previous grid.
     """
     TILE_N: tl.constexpr = BLOCK_N // 2 if SWIGLU else BLOCK_N
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * TILE_N + tl.arange(0, TILE_N)
+    # The M tiles of one weight tile are neighbours in launch order, so they run side by side
+    # and share its stream through the L2 instead of reading the weights once per M tile.
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    tile_m = tl.program_id(0) % m_tiles
+    tile_n = tl.program_id(0) // m_tiles
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * TILE_N + tl.arange(0, TILE_N)
     offs_k = tl.arange(0, BLOCK_K)
     if SPLIT_K == 1:
         k_begin = 0
@@ -505,7 +510,7 @@ def _skinny_gemm_kernel(
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if ROW_ARGMAX:
         best, first = _tile_row_argmax(acc, out_mask, offs_n, N)
-        at = offs_m.to(tl.int64) * stride_om + tl.program_id(0)
+        at = offs_m.to(tl.int64) * stride_om + tile_n
         tl.store(out_ptr + at, best, mask=m_live)
         tl.store(idx_ptr + at, first, mask=m_live)
     else:
@@ -519,5 +524,5 @@ def _skinny_gemm_kernel(
             rows_stored = m_live
             if SPLIT_K > 1:
                 rows_stored = rows_stored & is_last
-            tl.store(sumsq_ptr + tl.program_id(0) * M + offs_m, tl.sum(squares, axis=1),
+            tl.store(sumsq_ptr + tile_n * M + offs_m, tl.sum(squares, axis=1),
                      mask=rows_stored)
