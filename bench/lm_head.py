@@ -7,14 +7,15 @@ and row count, side by side in one run:
   ``kernels.lm_head``: cuBLASLt writes the fp32 logits (its fastest candidate for the shape, as
   in the engine), then ``kernels.argmax`` reads them back;
 - ``fused``: ``kernels.lm_head.fused_lm_head_argmax`` — the skinny GEMM's ROW_ARGMAX epilogue
-  and the reduction over its programs, no logits;
+  and the reduction over its programs, no logits (timed at every row count; the JSON's
+  ``engine_fuses`` says whether a greedy step of that shape takes it);
 - ``weight read``: one streaming read of the weight matrix, the pace any head could at best keep.
 
 Each is a CUDA graph timed with ``triton.testing.do_bench`` (L2 flushed before each call),
 interleaved over rounds (median). Reports µs and the weight bytes' rate as % of the copy
 bandwidth measured in the same run; writes ``lm_head.json`` and ``lm_head.png``.
 
-    python -m bench.lm_head [--heads llama-3.2-1b,llama-3.1-8b] [--rows 1,2,8,16,32,64]
+    python -m bench.lm_head [--heads llama-3.2-1b,llama-3.1-8b] [--rows 1,2,8,16,32,64,128,256]
                             [--rounds 5] [--out DIR]
     python -m bench.lm_head --replot bench/results/lm_head.json
 """
@@ -107,18 +108,21 @@ def plot(payload: dict, path: Path) -> None:
 
     plt = _pyplot()
     rows = payload["rows"]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(max(9, 0.75 * len(rows)), 4.5))
     width = 0.8 / len(VARIANTS)
     for i, name in enumerate(VARIANTS):
         ax.bar([x + i * width for x in range(len(rows))],
                [r["weight_pct_copy"][name] for r in rows], width, label=name)
     ax.set_xticks([x + width for x in range(len(rows))])
-    # "llama-3.2-1b" -> "1b": the full names overlap under twelve bars.
-    ax.set_xticklabels([f"{r['head'].rsplit('-', 1)[-1]}\nM={r['rows']}" for r in rows],
+    # "llama-3.2-1b" -> "1b": the full names overlap under twelve bars. "*": a greedy step of
+    # that shape keeps the logits (kernels.lm_head.fused_head_wins).
+    ax.set_xticklabels([f"{r['head'].rsplit('-', 1)[-1]}\nM={r['rows']}"
+                        + ("" if r.get("engine_fuses", True) else "*") for r in rows],
                        fontsize=8)
     ax.set_ylabel("weight bytes / time (% of copy bandwidth)")
     ax.set_ylim(50, 105)
-    ax.set_title("Greedy LM head: fp32 logits + argmax against the fused head")
+    ax.set_title("Greedy LM head: fp32 logits + argmax against the fused head"
+                 " (*: the engine keeps the logits)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(VARIANTS))
     _save(fig, path)
 
@@ -127,7 +131,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--heads", default=",".join(HEADS),
                         help=f"of {', '.join(HEADS)}, or VOCAB:HIDDEN")
-    parser.add_argument("--rows", default="1,2,8,16,32,64")
+    parser.add_argument("--rows", default="1,2,8,16,32,64,128,256")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--replot", type=Path, help="draw the PNG of a saved JSON and exit")
@@ -137,7 +141,7 @@ def main(argv=None) -> None:
 
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return
-    from kernels.gemm import GEMM_MAX_ROWS
+    from kernels.lm_head import HEAD_MAX_ROWS, fused_head_wins
 
     try:
         heads = {h: HEADS.get(h) or tuple(int(n) for n in h.split(":"))
@@ -146,9 +150,9 @@ def main(argv=None) -> None:
     except ValueError:
         heads, rows = {}, []
     if (not heads or any(len(shape) != 2 or min(shape) < 1 for shape in heads.values())
-            or not rows or not all(1 <= m <= GEMM_MAX_ROWS for m in rows)):
+            or not rows or not all(1 <= m <= HEAD_MAX_ROWS for m in rows)):
         parser.error(f"heads among {', '.join(HEADS)} or VOCAB:HIDDEN; rows in "
-                     f"[1, {GEMM_MAX_ROWS}]")
+                     f"[1, {HEAD_MAX_ROWS}]")
     if not torch.cuda.is_available():
         raise SystemExit("bench.lm_head needs a CUDA GPU")
     copy_gbps = copy_bandwidth_gbps()
@@ -156,7 +160,8 @@ def main(argv=None) -> None:
     for head, (vocab, hidden) in heads.items():
         weight_bytes = vocab * hidden * 2
         for row in run_head(vocab, hidden, rows, args.rounds):
-            row.update(head=head, vocab=vocab, hidden=hidden, weight_pct_copy={
+            row.update(head=head, vocab=vocab, hidden=hidden,
+                       engine_fuses=fused_head_wins(row["rows"], hidden), weight_pct_copy={
                 name: 100 * weight_bytes / (us * 1e-6) / 1e9 / copy_gbps
                 for name, us in row["us"].items()})
             out_rows.append(row)

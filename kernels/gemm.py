@@ -14,7 +14,8 @@ projection [2I, K] and the program takes matching gate and up rows, so it writes
 silu(gate) * up [M, I] straight from its two fp32 accumulators — the MLP's activation costs
 neither a kernel nor a round trip of the [M, 2I] product through memory; ROW_ARGMAX
 (``skinny_gemm_row_argmax``, the greedy LM head): each program stores, per row, only the maximum
-of its fp32 tile and the first feature holding it, so the [M, V] logits are never written.
+of its fp32 tile and the first feature holding it, so the [M, V] logits are never written
+(the head also runs past GEMM_MAX_ROWS, on ``kernels.lm_head``'s 128-row tiles).
 
 At these sizes a projection is a stream over its weight matrix (64 rows: 64 FLOPs per weight
 byte, a tenth of the H100's ridge point), so the kernel is cut to keep every SM streaming
@@ -256,8 +257,8 @@ def skinny_gemm_row_argmax(x: torch.Tensor, weight: torch.Tensor, best: torch.Te
     (``kernels.lm_head`` reduces over the programs). A NaN counts as the maximum (the first
     NaN wins), as in ``torch.argmax``.
 
-    x: [M, K], last dim contiguous, M <= GEMM_MAX_ROWS; weight: [N, K] contiguous, x's dtype;
-    best: fp32 [M, P] and first: int32 [M, P], contiguous, P = ``gemm_programs(config, N)``:
+    x: [M, K], last dim contiguous, any M (the tile's M tiles of one weight tile run side by
+    side); weight: [N, K] contiguous, x's dtype; best: fp32 [M, P] and first: int32 [M, P], contiguous, P = ``gemm_programs(config, N)``:
     column j gets program j's maximum and its feature index; config: a tile without split K
     (``kernels.lm_head.head_config``). The caller validates x and weight.
     """

@@ -15,7 +15,7 @@ from tests.bench.replot import assert_replots
 SAVED = Path(__file__).resolve().parents[2] / "bench" / "results" / "lm_head.json"
 
 
-@pytest.mark.parametrize("args", [["--rows", "0"], ["--rows", "65"], ["--heads", "llama-9"],
+@pytest.mark.parametrize("args", [["--rows", "0"], ["--rows", "257"], ["--heads", "llama-9"],
                                   ["--heads", "1000:0"], ["--rows", "x"]])
 def test_bad_arguments_are_refused(args):
     with pytest.raises(SystemExit):
@@ -34,9 +34,9 @@ def test_saved_run_replots_and_holds_every_variant(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_small_head_runs_and_agrees(tmp_path):
-    main(["--heads", "20000:512", "--rows", "1,17", "--rounds", "1", "--out", str(tmp_path)])
+    main(["--heads", "20000:512", "--rows", "1,17,200", "--rounds", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "lm_head.json").read_text())["rows"]
-    assert [r["rows"] for r in rows] == [1, 17]
+    assert [r["rows"] for r in rows] == [1, 17, 200]
     for row in rows:
         # A token that differs must be a near tie of the fp32 logits.
         assert row["same_tokens"] == row["rows"] or row["max_logit_gap"] < 1e-3

@@ -16,7 +16,7 @@ import torch
 
 from kernels import gemm
 from kernels.aot import CompileJob
-from kernels.lm_head import head_config
+from kernels.lm_head import HEAD_MAX_ROWS, MEMORY_BOUND_ROWS, fused_head_wins, head_config
 from tests.kernels.aot_checks import compile_and_check
 
 # (name, hidden, intermediate, H_q, H_kv, D, qkv bias, vocabulary)
@@ -31,6 +31,8 @@ LM_HEAD_DTYPES = ("bf16", "fp16")
 # GEMM_MIN_ROWS .. GEMM_MAX_ROWS: the transposed 16-row tile (with and without split K) and one
 # 64-row tile.
 ROWS = [2, 16, 17, 32, 64]
+# The head's rows past GEMM_MAX_ROWS: the 128-row tile of 128 and of 256 features.
+HEAD_ROWS = [MEMORY_BOUND_ROWS, HEAD_MAX_ROWS]
 INT_ARGS = ["M", "N", "K", "K_PIECE", "stride_xm", "stride_om", "num_partials"]
 
 
@@ -60,12 +62,17 @@ def distinct_launches() -> list[dict]:
                         partials if prologue == gemm.PARTIAL_NORM else 0)
                     launch = {"dtype": dtype_name, "meta": meta}
                     launches[json.dumps(launch, sort_keys=True)] = launch
-                if dtype_name in LM_HEAD_DTYPES:  # the greedy head: PLAIN with ROW_ARGMAX
-                    config = head_config(m, vocab, hidden, dtype, pdl=True)
-                    meta = gemm.gemm_launch_meta(config, vocab, hidden, gemm.PLAIN, False, False,
-                                                 row_argmax=True)
-                    launch = {"dtype": dtype_name, "meta": meta}
-                    launches[json.dumps(launch, sort_keys=True)] = launch
+            if dtype_name not in LM_HEAD_DTYPES:
+                continue
+            # The greedy head (PLAIN with ROW_ARGMAX), past GEMM_MAX_ROWS too.
+            for m in [*ROWS, *HEAD_ROWS]:
+                if not fused_head_wins(m, hidden):
+                    continue
+                config = head_config(m, vocab, hidden, dtype, pdl=True)
+                meta = gemm.gemm_launch_meta(config, vocab, hidden, gemm.PLAIN, False, False,
+                                             row_argmax=True)
+                launch = {"dtype": dtype_name, "meta": meta}
+                launches[json.dumps(launch, sort_keys=True)] = launch
     return list(launches.values())
 
 

@@ -17,9 +17,11 @@ import torch
 
 from kernels import argmax as argmax_kernels
 from kernels import gemm, reference
-from kernels.gemm import (GEMM_MAX_ROWS, GemmConfig, gemm_config, gemm_programs,
+from kernels.gemm import (GEMM_MAX_ROWS, SHARED_BYTES, GemmConfig, gemm_config, gemm_programs,
                           skinny_gemm_row_argmax)
-from kernels.lm_head import fused_lm_head_argmax, fuses_argmax, head_config, lm_head_argmax
+from kernels.lm_head import (HEAD_MAX_ROWS, MEMORY_BOUND_ROWS, WIDE_MAX_HIDDEN,
+                             fused_head_wins, fused_lm_head_argmax, fuses_argmax, head_config,
+                             lm_head_argmax)
 from tests.kernels.numerics import weights
 
 # Small tiles, so a few hundred features span many programs and an overhanging last one.
@@ -45,8 +47,9 @@ def assert_greedy(tokens: torch.Tensor, logits: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("config", [SMALL, SWAPPED], ids=["tile", "transposed"])
-def test_each_program_leaves_its_rows_maximum_and_first_index(dtype, config):
-    M, V, K = 5, 200, 96  # V = 12.5 tiles of 16 (3.1 of 64): the last program overhangs
+@pytest.mark.parametrize("M", [5, 37])  # 37: three M tiles of 16, the last overhanging
+def test_each_program_leaves_its_rows_maximum_and_first_index(dtype, config, M):
+    V, K = 200, 96  # V = 12.5 tiles of 16 (3.1 of 64): the last program overhangs
     x, w = torch.randn(M, K, dtype=dtype), weights(V, K, dtype)
     programs = gemm_programs(config, V)
     best = torch.full((M, programs), float("nan"))
@@ -64,7 +67,8 @@ def test_each_program_leaves_its_rows_maximum_and_first_index(dtype, config):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,config", [(1, SWAPPED), (2, SWAPPED), (16, SWAPPED), (17, WIDE),
-                                      (GEMM_MAX_ROWS, WIDE), (3, SMALL)])
+                                      (GEMM_MAX_ROWS, WIDE), (3, SMALL), (40, SMALL),
+                                      (GEMM_MAX_ROWS + 6, WIDE)])
 @pytest.mark.parametrize("V", [256, 333])
 def test_head_picks_the_argmax_of_the_fp32_logits(dtype, M, config, V):
     K = 64
@@ -130,6 +134,30 @@ def test_bad_inputs_are_refused():
                                GemmConfig(16, 64, 32, 4, 2, swap_ab=True, split_k=2))
 
 
+def test_past_the_skinny_rows_the_head_takes_128_row_tiles():
+    for m, block_n, stages in ((GEMM_MAX_ROWS + 1, 128, 6), (MEMORY_BOUND_ROWS, 128, 6),
+                               (MEMORY_BOUND_ROWS + 1, 256, 4), (HEAD_MAX_ROWS, 256, 4)):
+        config = head_config(m, 128256, 2048, torch.bfloat16, pdl=True)
+        assert (config.block_m, config.block_n, config.num_warps) == (128, block_n, 8)
+        assert config.num_stages == stages and config.split_k == 1 and not config.swap_ab
+        assert config.prefetch_k > 0
+        # The pipeline fits the shared memory kernels.gemm budgets.
+        assert (config.block_m + config.block_n) * config.block_k * 2 * stages <= SHARED_BYTES
+    # fp32 (the interpreter's tests) repeats gemm_config's 64-row tile along M.
+    assert head_config(200, 300, 64, torch.float32) == head_config(64, 300, 64, torch.float32)
+
+
+def test_the_fused_head_takes_wide_batches_only_where_it_wins():
+    """Up to MEMORY_BOUND_ROWS any hidden size; past them only small hidden sizes, where the
+    logits' round trip costs more than the fused tile loses to cuBLAS on the tensor cores."""
+    assert all(fused_head_wins(m, 4096) for m in (1, 64, 65, MEMORY_BOUND_ROWS))
+    assert not fused_head_wins(MEMORY_BOUND_ROWS + 1, 4096)
+    assert fused_head_wins(HEAD_MAX_ROWS, WIDE_MAX_HIDDEN)
+    assert fused_head_wins(HEAD_MAX_ROWS, 896)
+    assert not fused_head_wins(HEAD_MAX_ROWS + 1, 896)
+    assert not fused_head_wins(0, 896)
+
+
 def test_head_tiles_never_split_k():
     """A small vocabulary leaves too few programs, and gemm_config would split K."""
     assert gemm_config(2, 512, 256, torch.bfloat16).split_k > 1
@@ -144,7 +172,7 @@ def test_head_tiles_never_split_k():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 2, 8, 16, 17, 32, 64])
+@pytest.mark.parametrize("M", [1, 2, 8, 16, 17, 32, 64, 65, 128, 129, 256])
 @pytest.mark.parametrize("V,K", [(128256, 2048), (151936, 896)])
 def test_gpu_bf16_head_in_a_graph(M, V, K):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -181,3 +209,13 @@ def test_gpu_head_runs_compiled():
         assert isinstance(kernel, JITFunction), f"{kernel} is not a compiled Triton kernel"
         compiled = kernel.device_caches[device][0]
         assert all(c.n_regs > 0 and c.n_spills == 0 for c in compiled.values())
+
+
+@pytest.mark.gpu
+def test_gpu_wide_batch_of_a_large_hidden_size_keeps_the_logits():
+    """Past MEMORY_BOUND_ROWS a hidden size over WIDE_MAX_HIDDEN takes the logits path."""
+    M, V, K = MEMORY_BOUND_ROWS + 72, 4000, 2 * WIDE_MAX_HIDDEN
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(V, K, device="cuda") * K ** -0.5).to(torch.bfloat16)
+    assert not fuses_argmax(x) and fuses_argmax(x[:MEMORY_BOUND_ROWS])
+    assert_greedy(lm_head_argmax(x, w), fp32_logits(x, w))
