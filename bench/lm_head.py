@@ -7,8 +7,7 @@ and row count, side by side in one run:
   ``kernels.lm_head``: cuBLASLt writes the fp32 logits (its fastest candidate for the shape, as
   in the engine), then ``kernels.argmax`` reads them back;
 - ``fused``: ``kernels.lm_head.fused_lm_head_argmax`` — the skinny GEMM's ROW_ARGMAX epilogue
-  and the reduction over its programs, no logits (timed at every row count; the JSON's
-  ``engine_fuses`` says whether a greedy step of that shape takes it);
+  and the reduction over its programs, no logits;
 - ``weight read``: one streaming read of the weight matrix, the pace any head could at best keep.
 
 Each is a CUDA graph timed with ``triton.testing.do_bench`` (L2 flushed before each call),
@@ -114,15 +113,12 @@ def plot(payload: dict, path: Path) -> None:
         ax.bar([x + i * width for x in range(len(rows))],
                [r["weight_pct_copy"][name] for r in rows], width, label=name)
     ax.set_xticks([x + width for x in range(len(rows))])
-    # "llama-3.2-1b" -> "1b": the full names overlap under twelve bars. "*": a greedy step of
-    # that shape keeps the logits (kernels.lm_head.fused_head_wins).
-    ax.set_xticklabels([f"{r['head'].rsplit('-', 1)[-1]}\nM={r['rows']}"
-                        + ("" if r.get("engine_fuses", True) else "*") for r in rows],
+    # "llama-3.2-1b" -> "1b": the full names overlap under twelve bars.
+    ax.set_xticklabels([f"{r['head'].rsplit('-', 1)[-1]}\nM={r['rows']}" for r in rows],
                        fontsize=8)
     ax.set_ylabel("weight bytes / time (% of copy bandwidth)")
     ax.set_ylim(50, 105)
-    ax.set_title("Greedy LM head: fp32 logits + argmax against the fused head"
-                 " (*: the engine keeps the logits)")
+    ax.set_title("Greedy LM head: fp32 logits + argmax against the fused head")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(VARIANTS))
     _save(fig, path)
 
@@ -141,7 +137,7 @@ def main(argv=None) -> None:
 
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return
-    from kernels.lm_head import HEAD_MAX_ROWS, fused_head_wins
+    from kernels.lm_head import HEAD_MAX_ROWS
 
     try:
         heads = {h: HEADS.get(h) or tuple(int(n) for n in h.split(":"))
@@ -160,8 +156,7 @@ def main(argv=None) -> None:
     for head, (vocab, hidden) in heads.items():
         weight_bytes = vocab * hidden * 2
         for row in run_head(vocab, hidden, rows, args.rounds):
-            row.update(head=head, vocab=vocab, hidden=hidden,
-                       engine_fuses=fused_head_wins(row["rows"], hidden), weight_pct_copy={
+            row.update(head=head, vocab=vocab, hidden=hidden, weight_pct_copy={
                 name: 100 * weight_bytes / (us * 1e-6) / 1e9 / copy_gbps
                 for name, us in row["us"].items()})
             out_rows.append(row)

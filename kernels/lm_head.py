@@ -19,14 +19,12 @@ fused against 223.1 for logits then argmax at 64 rows (a plain read of the weigh
 186.9 against 193.0 at one row; the 8B head 362.3 against 408.2 at 64 rows. Greedy decode
 steps of the 1B shape became 0.6% (B = 1) to 2.8% (B = 64) shorter, of the 8B shape 0.1-0.6%.
 
-Past 64 rows the skinny tile gives way to ``head_config``'s 128-row tiles over two
-warpgroups. Up to ``MEMORY_BOUND_ROWS`` the head is still a stream over its weights (M FLOPs
-per weight byte, under the H100's ridge of about 230) and the fused head wins at any hidden
-size. Beyond, both heads are bound by the tensor cores, where cuBLAS runs nearer their peak than
-this tile; what the fusion saves is then the logits' round trip, 8 bytes per logit against 2K
-FLOPs, and that outweighs the slower product only for small hidden sizes (``WIDE_MAX_HIDDEN``).
-In a development sweep on the H100 at 256 rows the 1B head took 261 µs fused against 302 for
-logits then argmax, and the 8B head 517 against 511.
+Past 64 rows, up to ``HEAD_MAX_ROWS``, the skinny tile gives way to ``head_config``'s 128-row
+tiles over two warpgroups, whose M tiles of one weight tile run side by side so the weights
+are still read once. ``bench.lm_head`` on the H100 at 128 / 256 rows: the 1B head 203.2 /
+259.1 µs fused against 247.9 / 301.5 for logits then argmax, the 8B head 386.5 / 469.6 against
+436.6 / 504.7 (at 192 rows a tie, 482.6 against 483.2). Decode steps of 96 to 256 rows became
+about 2% (1B) and 0.4-0.7% (8B) shorter.
 """
 
 from __future__ import annotations
@@ -45,25 +43,19 @@ from kernels.gemm import (GEMM_MAX_ROWS, PREFETCH_COLUMNS, GemmConfig, gemm_conf
 # BINDECODE_FUSED_ARGMAX=0 keeps the unfused head (fp32 logits, then kernels.argmax) on every
 # greedy step, to measure what the fusion gives; read once.
 FUSED_ARGMAX = os.environ.get("BINDECODE_FUSED_ARGMAX") != "0"
-# Rows up to which the head is bound by its weight stream: the fused head takes any hidden
-# size. Past them, up to HEAD_MAX_ROWS, only hidden sizes up to WIDE_MAX_HIDDEN (see above).
-MEMORY_BOUND_ROWS, HEAD_MAX_ROWS, WIDE_MAX_HIDDEN = 128, 256, 2048
-# The head's tiles past GEMM_MAX_ROWS (block_m, block_n, block_k, warps, stages): the fastest
-# of eight in the development sweep at 96 / 128 rows and at 192 / 256 rows, for both heads.
-MEMORY_BOUND_TILE, WIDE_TILE = (128, 128, 64, 8, 6), (128, 256, 64, 8, 4)
+# Rows the fused head takes (past them the logits path runs: not measured there).
+HEAD_MAX_ROWS = 256
+# The head's tiles past GEMM_MAX_ROWS (block_m, block_n, block_k, warps, stages), up to
+# NARROW_TILE_MAX_ROWS rows and beyond: the fastest of eight in a development sweep on the
+# H100 at 96 / 128 rows and at 192 / 256 rows (both heads).
+NARROW_TILE_MAX_ROWS, NARROW_TILE, WIDE_TILE = 128, (128, 128, 64, 8, 6), (128, 256, 64, 8, 4)
 
 
 def fuses_argmax(x: torch.Tensor) -> bool:
     """Whether ``lm_head_argmax`` takes the fused path for hidden rows x (its weight has x's
     dtype and device)."""
     return (FUSED_ARGMAX and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and fused_head_wins(*x.shape))
-
-
-def fused_head_wins(rows: int, hidden: int) -> bool:
-    """Whether a 16-bit head of ``rows`` rows and ``hidden`` columns is faster fused on the
-    GPU; a pure function."""
-    return 1 <= rows <= HEAD_MAX_ROWS and (rows <= MEMORY_BOUND_ROWS or hidden <= WIDE_MAX_HIDDEN)
+            and 1 <= x.shape[0] <= HEAD_MAX_ROWS)
 
 
 def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor,
@@ -113,15 +105,15 @@ def head_config(m: int, vocab: int, hidden: int, dtype: torch.dtype,
     """The fused head's tile; a pure function. Up to ``GEMM_MAX_ROWS`` rows ``gemm_config``'s
     for the product, never split along K (each program's maxima need its whole K loop; only
     small vocabularies, ``dummy:tiny``'s 512, would otherwise split). Past them in 16 bits a
-    128-row tile over two warpgroups, 128 features a program up to ``MEMORY_BOUND_ROWS`` and
-    256 beyond (the M tiles of one weight tile run side by side, so the weights are read
+    128-row tile over two warpgroups, 128 features a program up to ``NARROW_TILE_MAX_ROWS``
+    and 256 beyond (the M tiles of one weight tile run side by side, so the weights are read
     once); in fp32 (interpreter tests) ``gemm_config``'s 64-row tile, repeated along M."""
     if m <= GEMM_MAX_ROWS or dtype == torch.float32:
         config = gemm_config(min(m, GEMM_MAX_ROWS), vocab, hidden, dtype, pdl=pdl)
         return dataclasses.replace(config, split_k=1)
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"head_config: dtype must be fp16/bf16/fp32, got {dtype}")
-    block_m, block_n, block_k, warps, stages = (MEMORY_BOUND_TILE if m <= MEMORY_BOUND_ROWS
+    block_m, block_n, block_k, warps, stages = (NARROW_TILE if m <= NARROW_TILE_MAX_ROWS
                                                 else WIDE_TILE)
     return GemmConfig(block_m, block_n, block_k, warps, stages, pdl,
                       PREFETCH_COLUMNS if pdl else 0)

@@ -16,7 +16,7 @@ import torch
 
 from kernels import gemm
 from kernels.aot import CompileJob
-from kernels.lm_head import HEAD_MAX_ROWS, MEMORY_BOUND_ROWS, fused_head_wins, head_config
+from kernels.lm_head import HEAD_MAX_ROWS, NARROW_TILE_MAX_ROWS, head_config
 from tests.kernels.aot_checks import compile_and_check
 
 # (name, hidden, intermediate, H_q, H_kv, D, qkv bias, vocabulary)
@@ -32,7 +32,7 @@ LM_HEAD_DTYPES = ("bf16", "fp16")
 # 64-row tile.
 ROWS = [2, 16, 17, 32, 64]
 # The head's rows past GEMM_MAX_ROWS: the 128-row tile of 128 and of 256 features.
-HEAD_ROWS = [MEMORY_BOUND_ROWS, HEAD_MAX_ROWS]
+HEAD_ROWS = [NARROW_TILE_MAX_ROWS, HEAD_MAX_ROWS]
 INT_ARGS = ["M", "N", "K", "K_PIECE", "stride_xm", "stride_om", "num_partials"]
 
 
@@ -66,8 +66,6 @@ def distinct_launches() -> list[dict]:
                 continue
             # The greedy head (PLAIN with ROW_ARGMAX), past GEMM_MAX_ROWS too.
             for m in [*ROWS, *HEAD_ROWS]:
-                if not fused_head_wins(m, hidden):
-                    continue
                 config = head_config(m, vocab, hidden, dtype, pdl=True)
                 meta = gemm.gemm_launch_meta(config, vocab, hidden, gemm.PLAIN, False, False,
                                              row_argmax=True)

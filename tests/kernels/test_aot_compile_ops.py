@@ -26,7 +26,7 @@ from kernels.aot import compile_for_h100
 from kernels.argmax import (_chunk_argmax_kernel, _reduce_chunks_kernel, argmax_launch,
                             reduce_launch_meta)
 from kernels.gemm import gemm_programs
-from kernels.lm_head import HEAD_MAX_ROWS, fused_head_wins, head_config
+from kernels.lm_head import HEAD_MAX_ROWS, head_config
 from kernels.rmsnorm import _rmsnorm_kernel, rmsnorm_launch
 from kernels.rope_kv_write import _rope_kv_write_kernel, rope_launch
 
@@ -125,8 +125,6 @@ def lm_head_reduce_launches(model: ModelShape) -> list[dict]:
     head takes (16-bit weights: both dtypes give the same tiles)."""
     metas = []
     for rows in range(1, HEAD_MAX_ROWS + 1):
-        if not fused_head_wins(rows, model.hidden):
-            continue
         config = head_config(rows, model.vocab, model.hidden, torch.bfloat16)
         meta = reduce_launch_meta(gemm_programs(config, model.vocab))
         if meta not in metas:

@@ -19,9 +19,8 @@ from kernels import argmax as argmax_kernels
 from kernels import gemm, reference
 from kernels.gemm import (GEMM_MAX_ROWS, SHARED_BYTES, GemmConfig, gemm_config, gemm_programs,
                           skinny_gemm_row_argmax)
-from kernels.lm_head import (HEAD_MAX_ROWS, MEMORY_BOUND_ROWS, WIDE_MAX_HIDDEN,
-                             fused_head_wins, fused_lm_head_argmax, fuses_argmax, head_config,
-                             lm_head_argmax)
+from kernels.lm_head import (HEAD_MAX_ROWS, NARROW_TILE_MAX_ROWS, fused_lm_head_argmax,
+                             fuses_argmax, head_config, lm_head_argmax)
 from tests.kernels.numerics import weights
 
 # Small tiles, so a few hundred features span many programs and an overhanging last one.
@@ -135,8 +134,8 @@ def test_bad_inputs_are_refused():
 
 
 def test_past_the_skinny_rows_the_head_takes_128_row_tiles():
-    for m, block_n, stages in ((GEMM_MAX_ROWS + 1, 128, 6), (MEMORY_BOUND_ROWS, 128, 6),
-                               (MEMORY_BOUND_ROWS + 1, 256, 4), (HEAD_MAX_ROWS, 256, 4)):
+    for m, block_n, stages in ((GEMM_MAX_ROWS + 1, 128, 6), (NARROW_TILE_MAX_ROWS, 128, 6),
+                               (NARROW_TILE_MAX_ROWS + 1, 256, 4), (HEAD_MAX_ROWS, 256, 4)):
         config = head_config(m, 128256, 2048, torch.bfloat16, pdl=True)
         assert (config.block_m, config.block_n, config.num_warps) == (128, block_n, 8)
         assert config.num_stages == stages and config.split_k == 1 and not config.swap_ab
@@ -145,17 +144,6 @@ def test_past_the_skinny_rows_the_head_takes_128_row_tiles():
         assert (config.block_m + config.block_n) * config.block_k * 2 * stages <= SHARED_BYTES
     # fp32 (the interpreter's tests) repeats gemm_config's 64-row tile along M.
     assert head_config(200, 300, 64, torch.float32) == head_config(64, 300, 64, torch.float32)
-
-
-def test_the_fused_head_takes_wide_batches_only_where_it_wins():
-    """Up to MEMORY_BOUND_ROWS any hidden size; past them only small hidden sizes, where the
-    logits' round trip costs more than the fused tile loses to cuBLAS on the tensor cores."""
-    assert all(fused_head_wins(m, 4096) for m in (1, 64, 65, MEMORY_BOUND_ROWS))
-    assert not fused_head_wins(MEMORY_BOUND_ROWS + 1, 4096)
-    assert fused_head_wins(HEAD_MAX_ROWS, WIDE_MAX_HIDDEN)
-    assert fused_head_wins(HEAD_MAX_ROWS, 896)
-    assert not fused_head_wins(HEAD_MAX_ROWS + 1, 896)
-    assert not fused_head_wins(0, 896)
 
 
 def test_head_tiles_never_split_k():
@@ -212,10 +200,9 @@ def test_gpu_head_runs_compiled():
 
 
 @pytest.mark.gpu
-def test_gpu_wide_batch_of_a_large_hidden_size_keeps_the_logits():
-    """Past MEMORY_BOUND_ROWS a hidden size over WIDE_MAX_HIDDEN takes the logits path."""
-    M, V, K = MEMORY_BOUND_ROWS + 72, 4000, 2 * WIDE_MAX_HIDDEN
+def test_gpu_past_the_head_rows_the_logits_path_runs():
+    M, V, K = HEAD_MAX_ROWS + 1, 4000, 512
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     w = (torch.randn(V, K, device="cuda") * K ** -0.5).to(torch.bfloat16)
-    assert not fuses_argmax(x) and fuses_argmax(x[:MEMORY_BOUND_ROWS])
+    assert not fuses_argmax(x) and fuses_argmax(x[:HEAD_MAX_ROWS])
     assert_greedy(lm_head_argmax(x, w), fp32_logits(x, w))
