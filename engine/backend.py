@@ -4,7 +4,7 @@ Both backends expose the same functions with the same signatures (``kernels.refe
 documents them): ``rmsnorm``, ``fused_add_rmsnorm``, ``rope_kv_write``, ``decode_attention``,
 ``prefill_attention``, ``silu_and_mul``, ``norm_linear``, ``qkv_rope_write``,
 ``qkv_decode_attention``, ``linear_residual``, ``gated_linear_residual``, ``mlp_residual``,
-``output_mlp_residual``, ``argmax`` and ``lm_head_argmax``.
+``output_mlp_residual``, ``argmax``, ``lm_head_argmax`` and ``advance_positions``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ _TRITON_MODULES = {
     "output_mlp_residual": "kernels.linear",
     "argmax": "kernels.argmax",
     "lm_head_argmax": "kernels.lm_head",
+    "advance_positions": "kernels.positions",
 }
 
 

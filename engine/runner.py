@@ -270,7 +270,7 @@ class BatchRunner:
             buf.tokens.copy_(tokens)
             if logprobs is not None:
                 buf.logprobs.copy_(logprobs)
-        buf.positions.add_((buf.positions >= 0).to(buf.positions.dtype))  # dead rows stay -1
+        self.model.ops.advance_positions(buf.positions)  # dead rows stay -1
 
     def _capture(self, key, buf: _StepBuffers, kind: tuple) -> None:
         # Warm-up runs execute for real: run them with every row dead (no KV traffic) and put

@@ -185,6 +185,12 @@ def gated_linear_residual(gate_up: torch.Tensor, weight: torch.Tensor,
     return residual.addmm_(silu_and_mul(gate_up), weight.t())
 
 
+def advance_positions(positions: torch.Tensor) -> torch.Tensor:
+    """positions: int32 [B]; in place, each entry >= 0 grows by one and -1 (a dead row) stays.
+    Returns positions."""
+    return positions.add_((positions >= 0).to(positions.dtype))
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits: [B, V] (fp32). Returns int64 [B]: the first index of each row's maximum."""
     return logits.argmax(dim=-1)

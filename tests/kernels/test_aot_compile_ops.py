@@ -27,6 +27,9 @@ from kernels.argmax import (_chunk_argmax_kernel, _reduce_chunks_kernel, argmax_
                             reduce_launch_meta)
 from kernels.gemm import gemm_programs
 from kernels.lm_head import HEAD_MAX_ROWS, head_config
+from kernels.positions import BLOCK as POSITIONS_BLOCK
+from kernels.positions import NUM_WARPS as POSITIONS_WARPS
+from kernels.positions import _advance_positions_kernel
 from kernels.rmsnorm import _rmsnorm_kernel, rmsnorm_launch
 from kernels.rope_kv_write import _rope_kv_write_kernel, rope_launch
 
@@ -117,6 +120,8 @@ def configurations() -> dict[tuple, tuple]:
             add(_reduce_chunks_kernel,
                 dict(chunk_max_ptr="*fp32", chunk_idx_ptr="*i32", out_ptr="*i64"),
                 meta, num_warps, f"{model.name} V={model.vocab} {meta['BLOCK_CHUNKS']} chunks")
+    add(_advance_positions_kernel, dict(positions_ptr="*i32"), dict(BLOCK=POSITIONS_BLOCK),
+        POSITIONS_WARPS, "every model")
     return found
 
 
