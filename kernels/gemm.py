@@ -257,10 +257,11 @@ def skinny_gemm_row_argmax(x: torch.Tensor, weight: torch.Tensor, best: torch.Te
     (``kernels.lm_head`` reduces over the programs). A NaN counts as the maximum (the first
     NaN wins), as in ``torch.argmax``.
 
-    x: [M, K], last dim contiguous, any M (the tile's M tiles of one weight tile run side by
-    side); weight: [N, K] contiguous, x's dtype; best: fp32 [M, P] and first: int32 [M, P], contiguous, P = ``gemm_programs(config, N)``:
-    column j gets program j's maximum and its feature index; config: a tile without split K
-    (``kernels.lm_head.head_config``). The caller validates x and weight.
+    x: [M, K], last dim contiguous, any M (the M tiles of one weight tile run side by side);
+    weight: [N, K] contiguous, x's dtype; best: fp32 [M, P] and first: int32 [M, P],
+    contiguous, P = ``gemm_programs(config, N)``: column j gets program j's maximum and its
+    feature index; config: a tile without split K (``kernels.lm_head.head_config``). The
+    caller validates x and weight.
     """
     M, (N, K) = x.shape[0], weight.shape
     if config.split_k != 1:

@@ -9,7 +9,8 @@ ROW_ARGMAX epilogue keeps, per row, only the maximum of each program's fp32 tile
 feature holding it ([M, P], P programs: 1002 for a 128k vocabulary), and ``kernels.argmax``'s
 second stage picks the first program holding each row's maximum. Ties therefore resolve to the
 lowest id and a NaN counts as the maximum (the first NaN wins), as with ``torch.argmax`` over the
-logits. Other shapes and dtypes compute the fp32 logits and take ``kernels.argmax``.
+logits. Past 64 rows a wider tile takes over (below); more than ``HEAD_MAX_ROWS`` rows, fp32
+and the CPU compute the fp32 logits and take ``kernels.argmax``.
 
 The two paths round alike: both take the maximum over fp32 accumulators of the same 16-bit
 operands; only the order of the K sums differs, so a near tie may break differently.

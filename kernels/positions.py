@@ -3,8 +3,10 @@
     positions[b] += 1  where positions[b] >= 0  (dead rows, -1, stay -1)
 
 In torch this is three elementwise kernels (compare, cast, add) at the end of every decode
-step's CUDA graph; each costs a launch and a drain, several microseconds against a step of
-about a millisecond at the small batch sizes. One kernel does it in one pass.
+step's CUDA graph; each costs a launch and a drain, against a step of about a millisecond at
+the small batch sizes. One kernel does it in one pass: on the H100 the 1B model's decode step
+at B = 1 took 1.056 ms against 1.067, and up to 0.3% less at other batch sizes
+(bench/RESULTS.md).
 """
 
 from __future__ import annotations
