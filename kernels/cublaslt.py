@@ -295,6 +295,13 @@ def _lt_shape(x, weight, out, accumulate) -> ProductShape | None:
                         out.stride(0), accumulate)
 
 
+def _scratch_like(t: torch.Tensor) -> torch.Tensor:
+    """Random values laid out as t, row stride included. The candidates are planned for t's
+    leading dimension; a row-strided view (rows of a wider buffer) given a packed scratch
+    copy would send them past its end."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).normal_()
+
+
 def _choose(shape: ProductShape, x, weight, out) -> Choice:
     """Time PyTorch's call and every candidate on scratch activations and the real weight,
     each after an L2 flush, interleaved; the fastest wins (PyTorch's unless a candidate is
@@ -308,8 +315,7 @@ def _choose(shape: ProductShape, x, weight, out) -> Choice:
     if not plan.candidates:
         return Choice(None, -1, float("nan"), float("nan"))
     _workspace(x.device)  # allocated here, outside any graph capture
-    x_scratch = torch.randn_like(x)
-    out_scratch = torch.randn_like(out)
+    x_scratch, out_scratch = _scratch_like(x), _scratch_like(out)
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=x.device).fill_(1.0)
     runs = [lambda: _torch_mm(x_scratch, weight, out_scratch, shape.accumulate)]
     runs += [lambda i=i: plan.run(i, x_scratch, weight, out_scratch)

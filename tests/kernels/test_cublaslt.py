@@ -44,6 +44,17 @@ def test_tuned_products_restores_the_switch_after_an_error():
     assert not cublaslt._tuning
 
 
+def test_timing_scratch_keeps_the_row_stride():
+    """Candidates are timed on scratch operands: those must keep a row-strided view's leading
+    dimension, or a plan made for it reads and writes past the scratch buffer's end."""
+    wide = torch.zeros(6, 40)
+    view = wide[:, 8:32]  # rows 40 apart
+    scratch = cublaslt._scratch_like(view)
+    assert scratch.shape == view.shape and scratch.stride() == view.stride()
+    assert scratch.untyped_storage().nbytes() >= (5 * 40 + 24) * 4
+    assert scratch.abs().sum() > 0  # random, not the view's zeros
+
+
 # (M, N, K): decode-step-like shapes, with odd row counts and a K tail that is not a tile.
 GPU_SHAPES = [(1, 256, 512), (7, 384, 1000), (64, 1024, 512), (128, 768, 2048), (200, 512, 328)]
 
@@ -105,6 +116,28 @@ def test_tuned_mm_chooses_once_and_replays_in_a_graph():
         graph.replay()
     want = start.double() + 2 * (x.double() @ weight.double().t())  # two replays, two adds
     assert rel_err(residual, want) < 1e-2
+
+
+@pytest.mark.gpu
+def test_tuned_mm_on_row_strided_views():
+    """x and out as column slices of wider buffers (their rows a leading dimension apart):
+    timed on like-strided scratch, the chosen product matches the reference and leaves the
+    columns beside out untouched."""
+    M, N, K = 200, 1024, 768
+    wide_x = torch.randn(M, K + 256, dtype=torch.bfloat16, device="cuda")
+    wide_out = torch.randn(M, N + 512, dtype=torch.bfloat16, device="cuda")
+    x, out = wide_x[:, :K], wide_out[:, :N]
+    weight = torch.randn(N, K, dtype=torch.bfloat16, device="cuda") / math.sqrt(K)
+    shape = cublaslt._lt_shape(x, weight, out, True)
+    assert shape is not None and shape.ld_x == K + 256 and shape.ld_out == N + 512
+    cublaslt._choices.pop((x.device, shape), None)
+    start, beside = out.clone(), wide_out[:, N:].clone()
+    with cublaslt.tuned_products():
+        cublaslt.mm(x, weight, out, accumulate=True)
+    torch.cuda.synchronize()
+    assert cublaslt.chosen(x.device, shape) is not None
+    assert rel_err(out, reference(x, weight, start)) < 1e-2
+    assert torch.equal(wide_out[:, N:], beside)
 
 
 @pytest.mark.gpu
