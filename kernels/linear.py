@@ -38,13 +38,14 @@ Three regimes by the number of rows M:
   and SiLU-and-mul fused, then down with the residual add); after the output product, which
   leaves each row's partial sums of squares behind, the gate/up product's RMSNorm costs only
   their sum (``kernels.gemm`` PARTIAL_NORM); a folded QKV norm is deferred to the kernel that
-  reads q, k and v next (RoPE, or attention up to ``ROPE_IN_ATTENTION_MAX_ROWS`` rows) as
+  reads q, k and v next (RoPE, or attention: ``rotates_in_attention``) as
   below. Up to 16 rows the kernel's tile is transposed (``kernels.gemm.SWAP_AB_ROWS``).
 - Over 64 rows M goes to cuBLAS (``kernels.cublaslt.mm``: in a decode step, the fastest of
   cuBLASLt's algorithms for the shape), which is the better GEMM there, with the residual add as the
   GEMM's own accumulate (beta = 1), which costs no extra kernel or pass. The RMSNorm
   before it is deferred when its weight is folded: cuBLAS multiplies the raw rows x, and the
-  kernel that reads the product next — RoPE + K/V write after QKV, SiLU-and-mul after gate/up
+  kernel that reads the product next — RoPE + K/V write after QKV (or attention,
+  ``rotates_in_attention``), SiLU-and-mul after gate/up
   — scales each row by 1 / rms(x) (a per-row scalar commutes with the product). That removes
   both norm kernels of a layer. Not for fp16, whose unnormalised products can overflow, nor
   with a QKV bias, which must come after the scale: those run our RMSNorm kernel first.
@@ -93,7 +94,13 @@ GEMV_PDL = os.environ.get("BINDECODE_GEMV_PDL") != "0"
 # with its dependent launches measured 1.108 against 1.112 ms for the 1B shape and 5.364
 # against 5.606 ms for the 8B one on the H100 (bench/RESULTS.md).
 GEMV_MAX_ROWS = 1
-ROPE_IN_ATTENTION_MAX_ROWS = 16  # decode steps up to this many rows rotate in attention
+# Decode steps of 2 to ROPE_IN_ATTENTION_MAX_ROWS rows rotate in attention, and so do steps
+# of more than GEMM_MAX_ROWS rows (cuBLAS projections) with heads of at most
+# ROPE_IN_ATTENTION_WIDE_HEAD_DIM dims: side by side on the H100, 1B (D = 64) steps of 96 / 128
+# / 256 rows 3.8 / 0.9 / 1.0% shorter, 8B (D = 128) ones level at 96 and 128 rows and 0.6%
+# longer at 256 (``rotates_in_attention``, bench/RESULTS.md).
+ROPE_IN_ATTENTION_MAX_ROWS = 16
+ROPE_IN_ATTENTION_WIDE_HEAD_DIM = 64
 # Weight columns of each of its rows a GEMV program asks the L2 for before it waits on the
 # previous kernel, when launched as a programmatic dependent launch (16-bit weights). B = 1
 # steps on the H100 with 0 / 64 / 128 / 256 / 512 / 1024 columns: 1B 1.126 / 1.120 / 1.117 /
@@ -277,17 +284,20 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
     Arguments as ``qkv_rope_write``'s (token t in slab row t, T = the slab's B), plus seq_lens:
     int32 [T] = positions + 1, which the caller computes once per step for all layers (here it
     would be one more kernel per layer). One row keeps the GEMV kernel with RoPE and the slab
-    write in its epilogue. Up to ``ROPE_IN_ATTENTION_MAX_ROWS`` rows RoPE and the write move
-    into the attention kernel (``NewToken``), which saves that kernel's launch: on the H100,
-    B = 8 decode steps 0.9% (1B) and 2.3% (8B) shorter with cuBLAS projections, and with ours
-    (transposed tiles, dependent launches) 1B tied and 8B 0.7% shorter. With more rows it is
-    not a clear gain — the rotation, the write and the deferred 1 / rms (a load of the row)
-    delay every attention program's first tile — and those keep ``qkv_rope_write``: measured
-    side by side, B = 64 steps as fast either way, B = 128 / 256 between 1.2% faster (1B,
-    B = 128) and 0.9% slower (8B, B = 256) (bench/RESULTS.md).
+    write in its epilogue. Where ``rotates_in_attention`` says so, RoPE and the write move into
+    the attention kernel (``NewToken``), which saves the RoPE kernel's launch but delays every
+    attention program's first tile (the rotation, the write and the deferred 1 / rms, a load
+    of the row). Measured side by side on the H100 (bench/RESULTS.md):
+    - 2-16 rows: B = 8 steps 0.9% (1B) and 2.3% (8B) shorter with cuBLAS projections, and with
+      ours (transposed tiles, dependent launches) 1B level and 8B 0.7% shorter;
+    - 17-64 rows, where the QKV product and the RoPE kernel are dependent launches that overlap
+      each other's edges: 1B B = 32 0.8% longer, B = 64 level (8B 0.4-0.7% shorter);
+    - more rows, where the QKV product is cuBLAS's and the RoPE launch is exposed: 1B (D = 64)
+      B = 96 / 128 / 256 3.8 / 0.9 / 1.0% shorter, 8B (D = 128, twice the rotation and a
+      4096-wide row to load) level at 96 and 128 rows and 0.6% longer at 256.
     """
     rows = x.shape[0] if x.dim() == 2 else -1
-    if not (ROPE_IN_ATTENTION and GEMV_MAX_ROWS < rows <= ROPE_IN_ATTENTION_MAX_ROWS):
+    if not rotates_in_attention(rows, k_cache.shape[-1]):
         q = qkv_rope_write(x, norm_weight, eps, weight, bias, num_q_heads, num_kv_heads,
                            k_cache, v_cache, positions, cos, sin)
         return decode_attention(q, k_cache, v_cache, seq_lens)
@@ -297,6 +307,15 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
     _check_rope(q, k, v, k_cache, v_cache, positions, cos, sin, None)
     return decode_attention(q, k_cache, v_cache, seq_lens,
                             new_token=NewToken(k, v, cos, sin, norm_input, eps))
+
+
+def rotates_in_attention(rows: int, head_dim: int) -> bool:
+    """Whether a decode step of ``rows`` rows with heads of ``head_dim`` dims hands RoPE and
+    the slab write to the attention kernel (``qkv_decode_attention``); a pure function."""
+    if not ROPE_IN_ATTENTION or rows <= GEMV_MAX_ROWS:
+        return False
+    return rows <= ROPE_IN_ATTENTION_MAX_ROWS or (
+        rows > GEMM_MAX_ROWS and head_dim <= ROPE_IN_ATTENTION_WIDE_HEAD_DIM)
 
 
 def _check_qkv_weight(op: str, weight, num_q_heads, num_kv_heads, k_cache) -> None:

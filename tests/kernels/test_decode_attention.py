@@ -465,9 +465,10 @@ def test_cuda_graph_replays_with_new_lengths():
 
 
 # (B, C, D, hidden): the 1B and 8B heads at the engine's slab shapes (one wave of small tiles,
-# short splits at B = 8 / D = 128, big tiles at B = 256), with the norm deferred to the kernel.
+# short splits at B = 8 / D = 128, big tiles at B = 256; the 1B head past 64 rows, where the
+# engine rotates in attention), with the norm deferred to the kernel.
 NEW_TOKEN_GPU = [(64, 1024, 64, 2048), (8, 1024, 128, 4096), (256, 1024, 128, 4096),
-                 (16, 2048, 128, 0)]
+                 (16, 2048, 128, 0), (128, 1024, 64, 2048), (256, 1024, 64, 2048)]
 
 
 @pytest.mark.gpu

@@ -283,9 +283,25 @@ def test_qkv_decode_attention_matches_the_composition(dtype, T, with_bias):
     assert torch.equal(case["k_cache"][~live], before_k[~live])
 
 
-def test_qkv_decode_attention_moves_rope_into_attention_for_few_rows(monkeypatch):
-    """2 to ROPE_IN_ATTENTION_MAX_ROWS rows: no RoPE kernel, the attention kernel gets the new
-    token. One row (the GEMV epilogue) and more rows: the RoPE kernel, plain attention."""
+def test_rotates_in_attention_rule():
+    """Few rows, and many rows with small heads, rotate in attention; one row (the GEMV
+    epilogue), 17-64 rows (our QKV product) and many rows with D = 128 keep the RoPE kernel."""
+    top = linear.ROPE_IN_ATTENTION_MAX_ROWS
+    wide = linear.GEMM_MAX_ROWS + 1
+    for rows, head_dim, expected in ((1, 64, False), (2, 64, True), (top, 128, True),
+                                     (top + 1, 64, False), (wide - 1, 64, False),
+                                     (wide, 64, True), (256, 32, True), (wide, 128, False),
+                                     (256, 96, False)):
+        assert linear.rotates_in_attention(rows, head_dim) is expected, (rows, head_dim)
+
+
+@pytest.mark.parametrize("T,D", [(2, 32), (linear.ROPE_IN_ATTENTION_MAX_ROWS, 32),
+                                 (linear.ROPE_IN_ATTENTION_MAX_ROWS + 1, 32), (1, 32),
+                                 (linear.GEMM_MAX_ROWS + 1, 32), (linear.GEMM_MAX_ROWS + 1, 128)])
+def test_qkv_decode_attention_rotates_where_the_rule_says(monkeypatch, T, D):
+    """Where ``rotates_in_attention``: no RoPE kernel, the attention kernel gets the new token.
+    Elsewhere past one row: the RoPE kernel, then plain attention. Output and slab match the
+    reference either way."""
     rope_calls, new_tokens = [], []
     original_rope, original_attention = linear.rope_kv_write, linear.decode_attention
     monkeypatch.setattr(linear, "rope_kv_write",
@@ -293,11 +309,14 @@ def test_qkv_decode_attention_moves_rope_into_attention_for_few_rows(monkeypatch
     monkeypatch.setattr(linear, "decode_attention", lambda *a, new_token=None, **k: (
         new_tokens.append(new_token is not None) or original_attention(*a, new_token=new_token,
                                                                        **k)))
-    top = linear.ROPE_IN_ATTENTION_MAX_ROWS
-    for T, folded in ((2, True), (top, True), (top + 1, False), (1, False)):
-        rope_calls.clear(), new_tokens.clear()
-        case = qkv_case(torch.float32, T)
-        case["k_cache"], case["v_cache"] = case["k_cache"][:T], case["v_cache"][:T]
-        case["seq_lens"] = case["positions"] + 1
-        linear.qkv_decode_attention(**case)
-        assert new_tokens == [folded] and rope_calls == ([] if folded or T == 1 else [1])
+    folded = linear.rotates_in_attention(T, D)
+    case = qkv_case(torch.float32, T, D=D)
+    case["k_cache"], case["v_cache"] = case["k_cache"][:T], case["v_cache"][:T]
+    case["seq_lens"] = case["positions"] + 1
+    copy = {**case, "k_cache": case["k_cache"].clone(), "v_cache": case["v_cache"].clone()}
+    out = linear.qkv_decode_attention(**case)
+    assert new_tokens == [folded] and rope_calls == ([] if folded or T == 1 else [1])
+    expected = reference.qkv_decode_attention(**copy)
+    assert rel_l2(out, expected) < 1e-4
+    for name in ("k_cache", "v_cache"):
+        assert rel_l2(case[name], copy[name]) < 1e-5
