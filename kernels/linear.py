@@ -97,8 +97,8 @@ GEMV_MAX_ROWS = 1
 # Decode steps of 2 to ROPE_IN_ATTENTION_MAX_ROWS rows rotate in attention, and so do steps
 # of more than GEMM_MAX_ROWS rows (cuBLAS projections) with heads of at most
 # ROPE_IN_ATTENTION_WIDE_HEAD_DIM dims: side by side on the H100, 1B (D = 64) steps of 96 / 128
-# / 256 rows 3.8 / 0.9 / 1.0% shorter, 8B (D = 128) ones level at 96 and 128 rows and 0.6%
-# longer at 256 (``rotates_in_attention``, bench/RESULTS.md).
+# / 256 rows 3.7-3.8 / 0.9-1.4 / 0.4-1.0% shorter in two runs, 8B (D = 128) ones level at 96
+# and 128 rows and 0.6% longer at 256 (``rotates_in_attention``, bench/RESULTS.md).
 ROPE_IN_ATTENTION_MAX_ROWS = 16
 ROPE_IN_ATTENTION_WIDE_HEAD_DIM = 64
 # Weight columns of each of its rows a GEMV program asks the L2 for before it waits on the
@@ -293,8 +293,8 @@ def qkv_decode_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, eps:
     - 17-64 rows, where the QKV product and the RoPE kernel are dependent launches that overlap
       each other's edges: 1B B = 32 0.8% longer, B = 64 level (8B 0.4-0.7% shorter);
     - more rows, where the QKV product is cuBLAS's and the RoPE launch is exposed: 1B (D = 64)
-      B = 96 / 128 / 256 3.8 / 0.9 / 1.0% shorter, 8B (D = 128, twice the rotation and a
-      4096-wide row to load) level at 96 and 128 rows and 0.6% longer at 256.
+      B = 96 / 128 / 256 3.7-3.8 / 0.9-1.4 / 0.4-1.0% shorter, 8B (D = 128, twice the rotation
+      and a 4096-wide row to load) level at 96 and 128 rows and 0.6% longer at 256.
     """
     rows = x.shape[0] if x.dim() == 2 else -1
     if not rotates_in_attention(rows, k_cache.shape[-1]):
