@@ -96,9 +96,8 @@ GEMV_PDL = os.environ.get("BINDECODE_GEMV_PDL") != "0"
 GEMV_MAX_ROWS = 1
 # Decode steps of 2 to ROPE_IN_ATTENTION_MAX_ROWS rows rotate in attention, and so do steps
 # of more than GEMM_MAX_ROWS rows (cuBLAS projections) with heads of at most
-# ROPE_IN_ATTENTION_WIDE_HEAD_DIM dims: side by side on the H100, 1B (D = 64) steps of 96 / 128
-# / 256 rows 3.7-3.8 / 0.9-1.4 / 0.4-1.0% shorter in two runs, 8B (D = 128) ones level at 96
-# and 128 rows and 0.6% longer at 256 (``rotates_in_attention``, bench/RESULTS.md).
+# ROPE_IN_ATTENTION_WIDE_HEAD_DIM dims (``rotates_in_attention``; the measurements behind it are
+# in ``qkv_decode_attention``'s docstring).
 ROPE_IN_ATTENTION_MAX_ROWS = 16
 ROPE_IN_ATTENTION_WIDE_HEAD_DIM = 64
 # Weight columns of each of its rows a GEMV program asks the L2 for before it waits on the
