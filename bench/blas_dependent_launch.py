@@ -16,8 +16,8 @@ that edge made programmatic; a replay is wrong if the output is not finite or is
 reference. A product that waits is never wrong; one that does not reads the NaN. Where the
 node after the producer is not a kernel (PyTorch's own call can start with a memset), there is
 no edge to change and the row says so.
-Two controls show the harness tells them apart: torch's elementwise multiply (does not wait)
-and ``kernels.gemm.skinny_gemm`` at 64 rows (waits).
+Two controls show the harness tells them apart: one copy kernel that reads x at once and the
+same kernel waiting for the previous grid first.
 
     python -m bench.blas_dependent_launch [--models dummy:llama-3.2-1b,...] [--rows 96,128,256]
 """
@@ -108,8 +108,8 @@ def _make_programmatic(graph: int, source: int, target: int, data: _EdgeData) ->
 
 @triton.jit
 def _late_copy_kernel(src_ptr, dst_ptr, n, spin_ns, BLOCK: tl.constexpr):
-    """dst[:n] = src[:n] after ``spin_ns`` of busy waiting; one program, which lets its
-    dependents launch first thing. src, dst: any 16-bit dtype, contiguous."""
+    """dst[:n] = src[:n] (contiguous, one 16-bit dtype) after ``spin_ns`` of busy waiting;
+    one program, which lets its dependents launch first thing."""
     tl.extra.cuda.gdc_launch_dependents()
     tl.extra.cuda.gdc_wait()
     start = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
@@ -142,7 +142,8 @@ def layer_products(model: str) -> list[tuple[str, int, int, bool]]:
 
 @triton.jit
 def _copy_kernel(src_ptr, dst_ptr, n, WAIT: tl.constexpr, BLOCK: tl.constexpr):
-    """dst[:n] = src[:n], waiting for the previous grid first only with WAIT (the controls)."""
+    """dst[:n] = src[:n] (contiguous, one 16-bit dtype), waiting for the previous grid first
+    only with WAIT: the controls' consumer."""
     if WAIT:
         tl.extra.cuda.gdc_wait()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
