@@ -107,17 +107,22 @@ def _make_programmatic(graph: int, source: int, target: int, data: _EdgeData) ->
 
 
 @triton.jit
+def _globaltimer():
+    """The GPU's nanosecond clock (int64)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
 def _late_copy_kernel(src_ptr, dst_ptr, n, spin_ns, BLOCK: tl.constexpr):
     """dst[:n] = src[:n] (contiguous, one 16-bit dtype) after ``spin_ns`` of busy waiting;
     one program, which lets its dependents launch first thing."""
     tl.extra.cuda.gdc_launch_dependents()
     tl.extra.cuda.gdc_wait()
-    start = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
-                                      is_pure=False, pack=1)
+    start = _globaltimer()
     now = start
     while now - start < spin_ns:
-        now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
-                                        is_pure=False, pack=1)
+        now = _globaltimer()
     for first in range(0, n, BLOCK):
         offs = first + tl.arange(0, BLOCK)
         tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
