@@ -6,11 +6,18 @@ PyTorch runs a 16-bit product on the first algorithm of cuBLASLt's heuristic. cu
 few more for the same call (other tiles, other kernel orders) and, for some decode shapes, one
 of them is faster: on the H100 the LM head by 2-5% at every batch size, the 8B down projection
 at 256 rows by 6% (bench/RESULTS.md). Inside ``tuned_products()`` the first product of each
-shape times PyTorch's own call against every candidate (L2 flushed before each call, the real
-weight, scratch activations) and keeps the fastest; later products of that shape, and the
-CUDA graphs captured from them, run it. Outside, and wherever the binding does not apply (CPU,
-fp32, unaligned or strided operands, a graph capture reaching an untimed shape), ``mm`` is
-PyTorch's product.
+shape times PyTorch's own call against every candidate and keeps the fastest; later products
+of that shape, and the CUDA graphs captured from them, run it.
+
+Each candidate is timed as the decode step runs it (``chain_product_us``): in a CUDA graph,
+back to back with other kernels, its weight cold (the L2 flushed) and its activation and
+output hot and dirty, as the step's previous kernels leave them. Timed alone between two
+events after a flush, with every operand cold, the candidates' order changed from process to
+process; one such choice (the 1B down product at 256 rows) made the whole decode step 2.5%
+slower (``python -m bench.blas_choice``, bench/RESULTS.md).
+
+Outside ``tuned_products()``, and wherever the binding does not apply (CPU, fp32, unaligned
+or strided operands, a graph capture reaching an untimed shape), ``mm`` is PyTorch's product.
 
 The binding is ctypes over the libcublasLt that PyTorch loaded. Row-major tensors are handed
 over as their column-major transposes: D = out^T [N, M], A = weight^T seen as [K, N] and
@@ -41,9 +48,10 @@ _CONFIG_ID, _CONFIG_TILE_ID = 0, 1
 WORKSPACE_BYTES = 32 << 20  # what PyTorch gives cuBLASLt on Hopper
 ALIGNMENT = 256  # bytes; the heuristic assumes operands this aligned unless told otherwise
 MAX_CANDIDATES = 16
-TIMING_REPEATS = 10
+CHAIN_LENGTH = 8  # products in one timed graph
+TIMING_REPEATS = 7  # replays of each graph; the median counts
 FLUSH_BYTES = 64 << 20  # more than the H100's 50 MB L2
-SLEEP_CYCLES = 50_000_000  # ~25 ms at 2 GHz: longer than queueing every timed call
+SLEEP_CYCLES = 50_000_000  # ~25 ms at 2 GHz: longer than queueing every timed replay
 # A candidate replaces PyTorch's call only when its median is this much faster.
 MIN_GAIN = 0.01
 
@@ -221,6 +229,16 @@ def chosen(device: torch.device, shape: ProductShape) -> Choice | None:
     return _choices.get((device, shape))
 
 
+def use(device: torch.device, shape: ProductShape, choice: Choice) -> None:
+    """From now on ``shape`` runs ``choice`` (benchmarks compare choices in the step)."""
+    _choices[(device, shape)] = choice
+
+
+def timed_shapes() -> list[tuple[torch.device, ProductShape]]:
+    """Every (device, shape) timed so far, in the order they were first run."""
+    return list(_choices)
+
+
 def choices_made() -> list[dict]:
     """Every timed shape and what it runs, as JSON-ready rows (benchmarks record them)."""
     rows = []
@@ -304,8 +322,8 @@ def _scratch_like(t: torch.Tensor) -> torch.Tensor:
 
 def _choose(shape: ProductShape, x, weight, out) -> Choice:
     """Time PyTorch's call and every candidate on scratch activations and the real weight,
-    each after an L2 flush, interleaved; the fastest wins (PyTorch's unless a candidate is
-    MIN_GAIN faster)."""
+    as the step runs them (``chain_product_us``); the fastest wins (PyTorch's unless a
+    candidate is MIN_GAIN faster)."""
     try:
         plan = LtPlan(shape)
     except (RuntimeError, OSError) as exc:  # no libcublasLt found, or it refused the shape
@@ -316,26 +334,10 @@ def _choose(shape: ProductShape, x, weight, out) -> Choice:
         return Choice(None, -1, float("nan"), float("nan"))
     _workspace(x.device)  # allocated here, outside any graph capture
     x_scratch, out_scratch = _scratch_like(x), _scratch_like(out)
-    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=x.device).fill_(1.0)
     runs = [lambda: _torch_mm(x_scratch, weight, out_scratch, shape.accumulate)]
     runs += [lambda i=i: plan.run(i, x_scratch, weight, out_scratch)
              for i in range(len(plan.candidates))]
-    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-               for _ in range(TIMING_REPEATS)] for _ in runs]
-    for run in runs:
-        run()  # first calls (cuBLAS's own set-up) untimed
-    # The GPU sleeps while every timed call is queued, so the events measure the GPU's time and
-    # not the host's launch latency (tens of µs for a small product, more than its kernel).
-    torch.cuda._sleep(SLEEP_CYCLES)
-    for repeat in range(TIMING_REPEATS):
-        for run, pairs in zip(runs, events):
-            flush.sum()  # a read: evicts the L2 without leaving dirty lines to write back
-            pairs[repeat][0].record()
-            run()
-            pairs[repeat][1].record()
-    torch.cuda.current_stream(x.device).synchronize()
-    medians = [statistics.median(start.elapsed_time(end) * 1e3 for start, end in pairs)
-               for pairs in events]
+    medians = chain_product_us(runs, x_scratch, out_scratch)
     torch_us = medians[0]
     best_us, best = min((us, i) for i, us in enumerate(medians[1:]))
     if best_us < torch_us * (1 - MIN_GAIN):
@@ -348,3 +350,52 @@ def _choose(shape: ProductShape, x, weight, out) -> Choice:
              shape.n, shape.k, " accumulate" if shape.accumulate else "", what, choice.chosen_us,
              torch_us)
     return choice
+
+
+def chain_product_us(runs: list, x: torch.Tensor, out: torch.Tensor) -> list[float]:
+    """Device µs of each product in ``runs`` (callables computing out (+)= x @ weight.T) as a
+    decode step sees it.
+
+    One CUDA graph per run repeats CHAIN_LENGTH times: an L2 flush (a read, so no dirty lines
+    are left to write back), a copy into x and out (hot and dirty, as the previous kernels
+    leave them), the product. A graph without the product times the rest; each run's
+    median over TIMING_REPEATS interleaved replays, less that, over CHAIN_LENGTH, is its
+    product's time.
+    """
+    device = x.device
+    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device).fill_(1.0)
+    flush_sum = torch.empty((), dtype=torch.float32, device=device)
+    x_source, out_source = x.clone(), out.clone()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for run in runs:
+            run()  # first calls (cuBLAS's own set-up) outside the capture
+    torch.cuda.current_stream(device).wait_stream(side)
+    graphs = []
+    for run in [None, *runs]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(CHAIN_LENGTH):
+                torch.sum(flush, 0, out=flush_sum)
+                x.copy_(x_source)
+                out.copy_(out_source)
+                if run is not None:
+                    run()
+        graphs.append(graph)
+    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+               for _ in range(TIMING_REPEATS)] for _ in graphs]
+    for graph in graphs:
+        graph.replay()
+    # The GPU sleeps while every replay is queued, so the events measure the GPU's time and
+    # not the host's launch latency.
+    torch.cuda._sleep(SLEEP_CYCLES)
+    for repeat in range(TIMING_REPEATS):
+        for graph, pairs in zip(graphs, events):
+            pairs[repeat][0].record()
+            graph.replay()
+            pairs[repeat][1].record()
+    torch.cuda.current_stream(device).synchronize()
+    medians = [statistics.median(start.elapsed_time(end) * 1e3 for start, end in pairs)
+               for pairs in events]
+    return [(median - medians[0]) / CHAIN_LENGTH for median in medians[1:]]

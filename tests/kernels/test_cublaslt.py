@@ -153,3 +153,20 @@ def test_unaligned_operands_take_torch():
         out = cublaslt.mm(x, weight)
     assert len(cublaslt._choices) == before
     assert rel_err(out, reference(x, weight)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_chain_timing_counts_the_product_alone():
+    """What the chain runs around each product (flush, copies) is taken out: nothing reads
+    about zero, and two products about twice one. The weight (128 MB) outgrows the L2, so the
+    second product streams it from memory again."""
+    M, N, K = 128, 8192, 8192
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    weight = torch.randn(N, K, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
+    once = lambda: torch.mm(x, weight.t(), out=out)  # noqa: E731
+    nothing_us, once_us, twice_us = cublaslt.chain_product_us(
+        [lambda: None, once, lambda: (once(), once())], x, out)
+    assert abs(nothing_us) < 2.0
+    assert once_us > 20.0  # 128 MB at most ~3.4 TB/s: at least 38 µs
+    assert 1.5 < twice_us / once_us < 2.5
