@@ -12,8 +12,9 @@ call and every candidate three ways:
 - in the step: the median decode step (ms) over ``--new-tokens`` greedy steps with that
   candidate and every other shape on the engine's choice, the step's graph captured anew.
 
-Each row also names what each timing would pick (PyTorch's call unless a candidate is
-``MIN_GAIN`` faster; the step: the shortest step), and the step time of that pick.
+Each row also names what each timing would pick (``kernels.cublaslt.fastest``: PyTorch's
+call unless a candidate is ``MIN_GAIN`` faster; the step: the shortest step), and the step
+time of that pick.
 
     python -m bench.blas_choice [--models dummy:llama-3.2-1b] [--batch-sizes 96,128,256]
         [--new-tokens 48]
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, write_json
+from bench.engine import (DecodeStepTimer, EngineBenchConfig, _engine_options, _greedy,
+                          _int_list, _run_to_completion, random_prompts)
 
 MODELS = ("dummy:llama-3.2-1b",)
 BATCH_SIZES = (96, 128, 256)
@@ -55,19 +58,10 @@ def alone_us(runs: list, flush: torch.Tensor) -> list[float]:
     return [statistics.median(s.elapsed_time(e) * 1e3 for s, e in pairs) for pairs in events]
 
 
-def pick(times: list[float], min_gain: float) -> int:
-    """The candidate a timing picks: ``times[0]`` is PyTorch's call, ``times[1 + i]`` candidate
-    i; a candidate wins only if it is ``min_gain`` faster than PyTorch's call."""
-    best_time, best = min((t, i) for i, t in enumerate(times[1:]))
-    return best if best_time < times[0] * (1 - min_gain) else TORCH
-
-
 class StepTimer:
     """The engine's decode step at one batch size, timed with any product choices."""
 
     def __init__(self, model: str, batch_size: int, new_tokens: int):
-        from bench.engine import (EngineBenchConfig, _engine_options, _greedy,
-                                  _run_to_completion, random_prompts)
         from engine.engine_core import EngineCore
         from engine.request import EngineRequest
 
@@ -78,13 +72,11 @@ class StepTimer:
         self._requests = lambda tag: [
             EngineRequest(f"{tag}-{i}", prompt, _greedy(new_tokens))
             for i, prompt in enumerate(random_prompts(batch_size, config.prompt_len, vocab))]
-        self._run = _run_to_completion
         self._runs = 0
-        self._run(self.core, self._requests("warm-up"))  # times the products, compiles
+        _run_to_completion(self.core, self._requests("warm-up"))  # times the products, compiles
 
     def step_ms(self) -> float:
         """Median decode step of one batch, on a graph captured with the current choices."""
-        from bench.engine import DecodeStepTimer
         from engine.cuda_graphs import DecodeGraphs
 
         runner = self.core.runner
@@ -92,7 +84,7 @@ class StepTimer:
         timer = DecodeStepTimer(runner)
         self._runs += 1
         try:
-            self._run(self.core, self._requests(f"run{self._runs}"))
+            _run_to_completion(self.core, self._requests(f"run{self._runs}"))
             steps = timer.seconds()[SKIPPED_STEPS:]
         finally:
             timer.remove()
@@ -132,7 +124,7 @@ def measure(model: str, batch_size: int, new_tokens: int) -> list[dict]:
                                                             index, float("nan"), float("nan")))
                 step.append(timer.step_ms())
             cublaslt.use(device, shape, engine_choice[(device, shape)])
-            picks = {"alone": pick(alone, cublaslt.MIN_GAIN), "chain": pick(chain, cublaslt.MIN_GAIN),
+            picks = {"alone": cublaslt.fastest(alone), "chain": cublaslt.fastest(chain),
                      "step": min(range(len(step)), key=step.__getitem__) - 1}
             rows.append({
                 "model": model, "B": batch_size, "N": shape.n, "K": shape.k,
@@ -172,10 +164,10 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, r in zip(axes.flat, rows):
         c = r["candidates"]
         step = [x["step_ms"] / min(y["step_ms"] for y in c) for x in c]
-        for key, marker, fill in (("alone_us", "o", "none"), ("chain_us", "o", "C1")):
-            best = min(x[key] for x in c)
-            ax.plot([x[key] / best for x in c], step, marker, color="C1" if fill != "none" else
-                    "C0", mfc=fill, ls="none", label=key.replace("_us", ""))
+        for how, color, face in (("alone", "C0", "none"), ("chain", "C1", "C1")):
+            times = [x[f"{how}_us"] for x in c]
+            ax.plot([t / min(times) for t in times], step, "o", color=color, mfc=face,
+                    ls="none", label=how)
         ax.set(title=f"{r['model'].split(':')[-1]} B={r['B']} {r['N']}x{r['K']}",
                xlabel="time / fastest", ylabel="step / shortest step")
         ax.legend(fontsize=7)
@@ -185,8 +177,6 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.engine import _int_list
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where JSON and PNG go")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models")

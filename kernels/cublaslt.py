@@ -338,10 +338,9 @@ def _choose(shape: ProductShape, x, weight, out) -> Choice:
     runs += [lambda i=i: plan.run(i, x_scratch, weight, out_scratch)
              for i in range(len(plan.candidates))]
     medians = chain_product_us(runs, x_scratch, out_scratch)
-    torch_us = medians[0]
-    best_us, best = min((us, i) for i, us in enumerate(medians[1:]))
-    if best_us < torch_us * (1 - MIN_GAIN):
-        choice = Choice(plan, best, torch_us, best_us)
+    torch_us, best = medians[0], fastest(medians)
+    if best >= 0:
+        choice = Choice(plan, best, torch_us, medians[1 + best])
         what = f"cuBLASLt candidate {best} of {len(plan.candidates)} ({plan.describe(best)})"
     else:
         choice = Choice(None, -1, torch_us, torch_us)
@@ -350,6 +349,13 @@ def _choose(shape: ProductShape, x, weight, out) -> Choice:
              shape.n, shape.k, " accumulate" if shape.accumulate else "", what, choice.chosen_us,
              torch_us)
     return choice
+
+
+def fastest(times: list[float]) -> int:
+    """The candidate that ``times`` (PyTorch's call first, then candidate 0, 1, ...) pick:
+    the fastest candidate if it beats PyTorch's call by MIN_GAIN, else -1 (PyTorch's call)."""
+    best_time, best = min((t, i) for i, t in enumerate(times[1:]))
+    return best if best_time < times[0] * (1 - MIN_GAIN) else -1
 
 
 def chain_product_us(runs: list, x: torch.Tensor, out: torch.Tensor) -> list[float]:

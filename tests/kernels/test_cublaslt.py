@@ -44,6 +44,13 @@ def test_tuned_products_restores_the_switch_after_an_error():
     assert not cublaslt._tuning
 
 
+def test_fastest_keeps_torch_unless_a_candidate_is_min_gain_faster():
+    assert cublaslt.MIN_GAIN == 0.01
+    assert cublaslt.fastest([10.0, 9.95, 10.2]) == -1  # 0.5% faster: not enough
+    assert cublaslt.fastest([10.0, 9.95, 9.8]) == 1  # candidate 1, 2% faster
+    assert cublaslt.fastest([10.0, 9.0, 9.0]) == 0  # ties go to the first
+
+
 def test_timing_scratch_keeps_the_row_stride():
     """Candidates are timed on scratch operands: those must keep a row-strided view's leading
     dimension, or a plan made for it reads and writes past the scratch buffer's end."""
