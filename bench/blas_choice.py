@@ -42,12 +42,15 @@ TORCH = -1  # candidate index of PyTorch's own call
 
 def alone_us(runs: list, flush: torch.Tensor) -> list[float]:
     """Median µs of each run called alone: L2 flushed (a read) before every call, calls
-    interleaved, the GPU held asleep while they are queued."""
+    interleaved, the GPU held asleep while they are queued (how ``kernels.cublaslt`` timed
+    candidates before it timed them in a chain)."""
+    from kernels import cublaslt
+
     events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                for _ in range(ALONE_REPEATS)] for _ in runs]
     for run in runs:
         run()
-    torch.cuda._sleep(50_000_000)
+    torch.cuda._sleep(cublaslt.SLEEP_CYCLES)
     for repeat in range(ALONE_REPEATS):
         for run, pairs in zip(runs, events):
             flush.sum()
