@@ -336,6 +336,9 @@ def _run_refilling(scheduler, arrivals: _Arrivals, service: ServiceModel, meter:
 
     def pop_events(until: float, now: float) -> None:
         nonlocal n_live, held, live_base
+        # Requests that arrived while the slab ran reach the scheduler before these finishes
+        # and overflows: a re-queued overflow goes behind them, as in the static loop.
+        arrivals.submit_until(now)
         while events and events[0][0] <= until:
             _, _, kind, r, tokens, overflowed, key = heappop(events)
             if kind != _FREE:

@@ -85,6 +85,17 @@ def test_overflow_by_hand(mode):
     assert result.token_throughput == 1.0
 
 
+@pytest.mark.parametrize("mode", ["static", "bin-continuous"])
+def test_an_overflow_queues_behind_requests_that_arrived_while_it_ran(mode):
+    # B = 1. r0 (predicted 2: bin 0, bound 5; true 10) runs 0-5 and overflows; r1 (8 tokens,
+    # bin 1) arrived at 3, so it runs first, 5-13, and r0 finishes its last 5 tokens at 18.
+    workload = fixed_workload([10, 8], arrivals=[0.0, 3.0], max_tokens=10)
+    sched = MultiBinScheduler(explicit_edges([5], 10), 1, OraclePredictor({"r0": 2, "r1": 8}))
+    result = simulate(workload, sched, mode=mode)
+    assert result.overflows == 1
+    assert result.makespan == 18 and result.latency_mean == (18 + (13 - 3)) / 2
+
+
 def test_bin_continuous_slab_keeps_its_bins_bound_for_refills():
     # r0 (predicted 5, true 15) overflows at 10 and re-runs alone in bin 1 with 10 tokens of
     # max_tokens left; r1 (18 tokens, bin 1) arrives at 12 and takes the free row. The slab
