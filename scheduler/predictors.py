@@ -43,7 +43,8 @@ def keyed_uniform(seed: int, request_id: str) -> float:
     after an overflow.
     """
     digest = hashlib.blake2b(f"{seed}:{request_id}".encode(), digest_size=8).digest()
-    return (int.from_bytes(digest, "big") + 0.5) / 2**64
+    # 53 bits: (n + 0.5) / 2**53 is exact in a double, so it never rounds to 0 or 1.
+    return ((int.from_bytes(digest, "big") >> 11) + 0.5) / 2**53
 
 
 _STANDARD_NORMAL = NormalDist()

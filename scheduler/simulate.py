@@ -5,9 +5,10 @@
 
 prints, per k, the simulated throughput (requests and tokens per time unit), latency
 percentiles, occupancy, padding waste, KV slots and overflows, next to the closed form where
-one exists (Theorem 4.2 for uniform lengths, Lemma A.1's lower bound for exponential ones;
-both assume oracle lengths, equal-mass or optimal bins, static batches and the paper's service
-model). With ``--step-table`` the time unit is seconds of the measured GPU.
+its assumptions hold (Theorem 4.2 for uniform lengths and equal-mass bins, Lemma A.1's lower
+bound for exponential lengths and the bins used; both assume oracle lengths, static batches, all
+requests at t = 0 and the paper's service model). With ``--step-table`` the time unit is seconds
+of the measured GPU.
 """
 
 from __future__ import annotations
@@ -114,12 +115,22 @@ def _edges(rule: str, k: int, dist, max_tokens: int, batch_size: int):
     raise ValueError(f"unknown --edges {rule!r}")
 
 
-def _closed_form(dist, k: int, batch_size: int) -> tuple[float | None, str | None]:
-    if isinstance(dist, Uniform):
-        return theory.uniform_throughput(k, batch_size, dist.lo, dist.hi), "theorem-4.2"
-    if isinstance(dist, Exponential) and batch_size >= 2:
-        return (theory.exponential_throughput_bound(k, dist.mean, batch_size),
-                "lemma-a.1-lower-bound")
+def _closed_form(args, dist, edges, integer: bool) -> tuple[float | None, str | None]:
+    """The paper's closed form for this run, or (None, None) where its assumptions do not hold:
+    the paper's service model, static batches, oracle lengths, every request in at t = 0 and
+    real-valued lengths. Theorem 4.2 (uniform lengths) also needs equal-mass edges and no
+    clamping by max_tokens; Lemma A.1's bound (exponential lengths) holds for any fixed edges,
+    so it is computed for the edges this run used."""
+    if (args.step_table or args.service != "paper" or args.mode != "static"
+            or args.predictor != "oracle" or args.arrival_rate is not None or integer
+            or not isinstance(edges, BinEdges)):
+        return None, None
+    if isinstance(dist, Uniform) and args.edges == "equal-mass" and edges.max_len >= dist.hi:
+        return theory.uniform_throughput(edges.k, args.batch_size, dist.lo, dist.hi), "theorem-4.2"
+    if isinstance(dist, Exponential) and args.batch_size >= 2:
+        service = theory.exponential_service_bound(list(edges.boundaries), dist.mean,
+                                                   args.batch_size)
+        return args.batch_size / service, "lemma-a.1-lower-bound"
     return None, None
 
 
@@ -150,13 +161,14 @@ def run(args) -> dict:
                                       max_wait=args.max_wait,
                                       starvation_wait=args.starvation_wait)
         result = simulate(workload, scheduler, service, args.mode, args.max_model_len)
-        closed, closed_kind = _closed_form(dist, k, args.batch_size)
+        closed, closed_kind = _closed_form(args, dist, edges, integer)
         entry = {"k": k, "edges": list(edges.boundaries), "sim": result.to_dict(),
                  "closed_form_throughput": closed, "closed_form": closed_kind}
         if args.predictor.split(":")[0] in ("oracle", "bin-error", "lognormal", "max-tokens") \
-                and isinstance(edges, BinEdges):
+                and isinstance(edges, BinEdges) and len(workload):
+            # These predictions are keyed by (seed, request): the probe sees the run's own.
             probe = predictor_from_spec(args.predictor, true_lengths=true_lengths, edges=edges,
-                                        seed=args.seed + 1)
+                                        seed=args.seed)
             accuracy = bin_accuracy(workload.output_lens,
                                     [probe.predict(workload.request(i)) for i in range(len(workload))],
                                     edges)

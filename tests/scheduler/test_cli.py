@@ -49,9 +49,31 @@ def test_exponential_with_optimal_edges_and_step_table(tmp_path, capsys):
                        "--bins", "1,4", "--batch-size", "8", "--requests", "500",
                        "--prompt-lengths", "uniform:64:512", "--step-table", str(path),
                        "--mode", "continuous")
-    assert [r["closed_form"] for r in report["results"]] == ["lemma-a.1-lower-bound"] * 2
+    # Seconds of a GPU, continuous batches: the paper's closed form does not apply.
+    assert [r["closed_form"] for r in report["results"]] == [None, None]
     sim = report["results"][1]["sim"]
     assert sim["prefill_time"] > 0 and sim["decode_time"] > 0 and sim["overflows"] == 0
+
+
+@pytest.mark.parametrize("edges", ["equal-mass", "exponential"])
+def test_exponential_bound_is_for_the_edges_used_and_holds(capsys, edges):
+    report = _run_json(capsys, "--lengths", "exponential:100", "--batch-size", "8",
+                       "--bins", "1,4,8", "--edges", edges, "--requests", "20000")
+    for r in report["results"]:
+        bound = 8 / theory.exponential_service_bound(r["edges"], 100, 8)
+        assert r["closed_form"] == "lemma-a.1-lower-bound"
+        assert r["closed_form_throughput"] == pytest.approx(bound)
+        assert r["sim"]["throughput"] >= bound
+    if edges == "exponential":  # the optimal edges: the bound is Lemma A.1's B / (L_k mean)
+        for r in report["results"]:
+            assert r["closed_form_throughput"] == pytest.approx(
+                theory.exponential_throughput_bound(r["k"], 100, 8))
+
+
+def test_empty_workload_reports_no_requests(capsys):
+    report = _run_json(capsys, "--requests", "0", "--bins", "1,2")
+    assert [r["sim"]["n_requests"] for r in report["results"]] == [0, 0]
+    assert all("bin_accuracy" not in r for r in report["results"])
 
 
 def test_file_lengths_table_and_plot(tmp_path, capsys):
