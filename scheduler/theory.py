@@ -75,6 +75,8 @@ def latency_lower_bound(k: int, batch_size: int, arrival_rate: float,
     """Lemma 5.1: ``service_time + (B-1) k / (2 arrival_rate)`` (equal-mass bins, Poisson arrivals).
 
     ``service_time`` is E[t_service,k], e.g. ``uniform_service_time(k, B, l_min, l_max)``.
+    The lemma's latency ends with the batch (its longest member). The simulator and the engine
+    return each request at its own last token, so their mean latency may fall below this.
     """
     _check_k(k)
     if arrival_rate <= 0:
