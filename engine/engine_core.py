@@ -181,8 +181,10 @@ class EngineCore:
             raise ValueError(f"request {rid!r}: the engine core runs one completion per request "
                              f"(n={params.n}); submit n requests with derived seeds")
         seed = params.seed if params.seed is not None else draw_seed(self._seed_rng)
+        # top_k >= vocab keeps every token: off, as -1 (it may not even fit the int32 tensor).
+        top_k = params.top_k if 0 < params.top_k < self.model_config.vocab_size else -1
         sampling = RowSampling(temperature=0.0 if params.greedy else float(params.temperature),
-                               top_k=params.top_k, top_p=float(params.top_p), seed=seed,
+                               top_k=top_k, top_p=float(params.top_p), seed=seed,
                                logprobs=params.logprobs)
         entry = Request(rid, prompt_len=prompt_len, max_tokens=params.max_tokens,
                         arrival_time=request.arrival_time, hint=request.hint)

@@ -253,6 +253,20 @@ def test_invalid_requests_are_refused():
         EngineOptions(mode="paged")
 
 
+@pytest.mark.parametrize("top_k", [2**31, 2**70])
+def test_top_k_beyond_the_vocabulary_samples_as_top_k_off(top_k):
+    # Such a top_k keeps every token; it must not break the int32 tensors of its batch.
+    sampled = lambda k: SamplingParams(max_tokens=8, temperature=1.0, top_k=k, seed=5,
+                                       ignore_eos=True)
+    prompts = _prompts(2)
+    off = _run(EngineCore(EngineOptions(**BASE, batch_size=2)),
+               [EngineRequest("a", prompts[0], sampled(-1)), EngineRequest("b", prompts[1], _greedy(8))])
+    big = _run(EngineCore(EngineOptions(**BASE, batch_size=2)),
+               [EngineRequest("a", prompts[0], sampled(top_k)), EngineRequest("b", prompts[1], _greedy(8))])
+    assert big == off
+    assert [big[r][1:] for r in "ab"] == [("length", None)] * 2
+
+
 def test_stats_and_deadline():
     core = EngineCore(EngineOptions(**{**BASE, "max_wait_ms": 50.0}, batch_size=4, bins=2))
     assert core.next_deadline() is None
