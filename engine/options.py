@@ -6,6 +6,8 @@ A batch-shape study changes nothing but these fields, so each one is also a flag
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 MODES = ("static", "bin-continuous", "continuous")
@@ -114,16 +116,16 @@ class EngineOptions:
                 _positive_int(name, getattr(self, name))
         if self.bin_edges is not None:
             edges = list(self.bin_edges)
-            if any(not isinstance(e, (int, float)) or e <= 0 for e in edges):
-                raise ValueError(f"bin_edges must be positive numbers, got {edges}")
+            if any(not isinstance(e, (int, float)) or not 0 < e < math.inf for e in edges):
+                raise ValueError(f"bin_edges must be positive finite numbers, got {edges}")
             if any(b <= a for a, b in zip(edges, edges[1:])):
                 raise ValueError(f"bin_edges must be strictly increasing, got {edges}")
-        if self.max_wait_ms < 0:
+        if not self.max_wait_ms >= 0:  # also refuses NaN
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        if self.starvation_wait_ms is not None and self.starvation_wait_ms < 0:
+        if self.starvation_wait_ms is not None and not self.starvation_wait_ms >= 0:
             raise ValueError(f"starvation_wait_ms must be >= 0 or None, got {self.starvation_wait_ms}")
-        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
-            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.kv_cache_gb is not None and not 0 < self.kv_cache_gb < math.inf:
+            raise ValueError(f"kv_cache_gb must be a finite number > 0, got {self.kv_cache_gb}")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if not isinstance(self.model, str) or not self.model:
