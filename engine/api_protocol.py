@@ -312,8 +312,7 @@ class ModelList(BaseModel):
 class _ResponseFormat:
     """Builds the response bodies of one request. Works on the server's ``Generation`` (its
     ``ordered_choices`` and ``usage()``) and ``Delta`` objects (what one update added to a
-    choice: ``choice.index``, ``text``, ``token_ids``, ``logprobs``, ``text_offset``,
-    ``finish_reason``)."""
+    choice: ``choice.index``, ``text``, ``token_ids``, ``logprobs``, ``finish_reason``)."""
 
     id_prefix = object_name = chunk_object_name = ""
 
@@ -353,7 +352,16 @@ class CompletionFormat(_ResponseFormat):
     def want_logprobs(self) -> bool:
         return self.request.logprobs is not None
 
-    def _logprobs(self, token_ids: list[int], logprobs: list[float], offset: int) -> dict:
+    def __init__(self, *args):
+        super().__init__(*args)
+        # Per choice index: where the next streamed token's text_offset starts. Offsets count
+        # the tokens' own texts, as in the whole response, not the text emitted so far (which
+        # lags while a partial character or a possible stop string is held back).
+        self._stream_offsets: dict[int, int] = {}
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[float],
+                  offset: int) -> tuple[dict, int]:
+        """The legacy logprobs object, and the text_offset after its last token."""
         tokens = [self.token_text(t) for t in token_ids]
         offsets = []
         for token in tokens:
@@ -361,7 +369,7 @@ class CompletionFormat(_ResponseFormat):
             offset += len(token)
         # top_logprobs holds only the sampled token: alternatives are not computed.
         return {"tokens": tokens, "token_logprobs": logprobs, "text_offset": offsets,
-                "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)]}
+                "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)]}, offset
 
     def stream_start(self, generation) -> list[dict]:
         return []
@@ -369,14 +377,17 @@ class CompletionFormat(_ResponseFormat):
     def stream_delta(self, delta) -> dict | None:
         if not (delta.text or delta.finish_reason or (self.want_logprobs and delta.token_ids)):
             return None  # text held back (a partial character or stop string): nothing to say
-        logprobs = (self._logprobs(delta.token_ids, delta.logprobs, delta.text_offset)
-                    if self.want_logprobs else None)
+        logprobs = None
+        if self.want_logprobs:
+            index = delta.choice.index
+            logprobs, self._stream_offsets[index] = self._logprobs(
+                delta.token_ids, delta.logprobs, self._stream_offsets.get(index, 0))
         return self.chunk([{"index": delta.choice.index, "text": delta.text, "logprobs": logprobs,
                             "finish_reason": delta.finish_reason}])
 
     def _choice(self, choice) -> dict:
-        logprobs = (self._logprobs(choice.token_ids, choice.logprobs, 0) if self.want_logprobs
-                    else None)
+        logprobs = (self._logprobs(choice.token_ids, choice.logprobs, 0)[0]
+                    if self.want_logprobs else None)
         return {"index": choice.index, "text": choice.text, "logprobs": logprobs,
                 "finish_reason": choice.finish_reason}
 

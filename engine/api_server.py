@@ -128,13 +128,12 @@ class Choice:
 
 @dataclass
 class Delta:
-    """What one TokenUpdate added to a choice. ``text_offset`` is where ``text`` starts."""
+    """What one TokenUpdate added to a choice."""
 
     choice: Choice
     text: str
     token_ids: list[int]
     logprobs: list[float]
-    text_offset: int
     finish_reason: str | None
 
 
@@ -276,7 +275,6 @@ class Generation:
         if choice is None or choice.finish_reason is not None:
             return None
         now = time.monotonic()
-        offset = len(choice.text)
         text, finish = "", None
         if update.new_token_ids:
             if choice.first_token_time is None:
@@ -296,7 +294,7 @@ class Generation:
                     raise error
                 self._deferred = error  # raised by next_deltas after these tokens
                 return Delta(choice, text, list(update.new_token_ids),
-                             _finite(update.new_logprobs or []), offset, None)
+                             _finite(update.new_logprobs or []), None)
             finish = update.finish_reason or "stop"
             text += choice.detokenizer.flush()
         if finish is not None:
@@ -304,7 +302,7 @@ class Generation:
             self.state.metrics.observe_choice(self.arrival, choice.first_token_time, now,
                                               len(choice.token_ids), finish)
         return Delta(choice, text, list(update.new_token_ids), _finite(update.new_logprobs or []),
-                     offset, finish)
+                     finish)
 
     def _mark_all_finished(self) -> None:
         for choice in self.choices.values():

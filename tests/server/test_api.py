@@ -98,6 +98,15 @@ def test_logprobs(client):
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 5
     assert all(v <= 0.0 for v in lp.token_logprobs) and len(set(lp.token_logprobs)) > 1
+    # Streamed offsets are the whole response's, also where text was held back (the dummy
+    # model's bytes often end inside a UTF-8 character).
+    greedy = dict(model=MODEL, prompt="hello", max_tokens=12, temperature=0.0, logprobs=0,
+                  extra_body={"ignore_eos": True})
+    whole = client.completions.create(**greedy).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(stream=True, **greedy)
+              if c.choices and c.choices[0].logprobs]
+    assert [t for c in chunks for t in c.tokens] == whole.tokens
+    assert [o for c in chunks for o in c.text_offset] == whole.text_offset
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                           max_tokens=5, logprobs=True, top_logprobs=0,
                                           extra_body={"ignore_eos": True})
