@@ -279,7 +279,7 @@ class Generation:
         if update.new_token_ids:
             if choice.first_token_time is None:
                 choice.first_token_time = now
-            text = choice.detokenizer.add(update.new_token_ids)
+            text = choice.detokenizer.add(update.text_token_ids)
             choice.token_ids += update.new_token_ids
             choice.logprobs += _finite(update.new_logprobs or [])
             if choice.detokenizer.stopped:

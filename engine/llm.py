@@ -145,7 +145,7 @@ class LLM:
             t.token_ids.extend(update.new_token_ids)
             if t.logprobs is not None and update.new_logprobs is not None:
                 t.logprobs.extend(update.new_logprobs)
-            t.text += t.detokenizer.add(update.new_token_ids)
+            t.text += t.detokenizer.add(update.text_token_ids)
         if t.detokenizer.stopped and not update.finished:
             # A stop string appeared in the text: the core only knows ids, so abort it there.
             self._abort_quietly(t.request_id)

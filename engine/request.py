@@ -142,6 +142,14 @@ class TokenUpdate:
     error: str | None = None
     num_prompt_tokens: int = 0
 
+    @property
+    def text_token_ids(self) -> list[int]:
+        """The new tokens whose text belongs in the output: all but a stop or EOS token that
+        ended the request, which stays in the token ids but adds no text."""
+        if self.finished and self.finish_reason == "stop" and self.new_token_ids:
+            return self.new_token_ids[:-1]
+        return self.new_token_ids
+
 
 @dataclass
 class RequestOutput:

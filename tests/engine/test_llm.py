@@ -53,6 +53,18 @@ def test_stop_string_cuts_text_and_stops_generation(llm):
     assert not llm.core.has_unfinished()  # the aborted request left nothing behind
 
 
+def test_stop_token_stays_in_the_ids_but_adds_no_text(llm):
+    prompt = "stop tokens"
+    full = llm.generate([prompt], _greedy(30), use_tqdm=False)[0]
+    # A token that is not a byte (its text, <|id|>, is unmistakable), first seen past the start.
+    cut, stop_id = next((i, t) for i, t in enumerate(full.token_ids)
+                        if i >= 1 and t >= 256 and t not in full.token_ids[:i])
+    out = llm.generate([prompt], _greedy(30, stop_token_ids=[stop_id]), use_tqdm=False)[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == full.token_ids[:cut + 1]
+    assert out.text == llm.tokenizer.decode(full.token_ids[:cut])
+
+
 def test_n_completions_target_lens_and_per_prompt_params(llm):
     sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=11, n=3, ignore_eos=True)
     outputs = llm.generate(["abc", "xyz"], [sampled, _greedy(6)], use_tqdm=False,

@@ -102,7 +102,8 @@ def test_n_choices_finish_independently_and_usage_counts_prompt_once():
         assert not gen.finished
         gen.sink.put_nowait(TokenUpdate(b, [98, 99], None, finished=True, finish_reason="stop"))
         await gen.next_deltas()
-        assert gen.finished and [c.text for c in gen.ordered_choices] == ["a", "bc"]
+        # 99 ended b as a stop token: it counts as a token but adds no text.
+        assert gen.finished and [c.text for c in gen.ordered_choices] == ["a", "b"]
         assert gen.usage() == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
 
     run(main())
