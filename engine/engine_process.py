@@ -132,8 +132,10 @@ def run_engine(options: Any, core_factory: Callable[[Any], Any], commands: mp.Qu
         core = core_factory(options)
         info = engine_info(core, options)
     except BaseException as e:  # noqa: BLE001 - any start-up failure must reach the parent
-        outputs.put(EngineFailed(f"engine failed to start: {type(e).__name__}: {e}\n"
-                                 f"{traceback.format_exc()}"))
+        # A ValueError (ModelLoadError included) is the user's input and its message says what
+        # is wrong; anything else is a bug, and its traceback helps.
+        where = "" if isinstance(e, ValueError) else f"\n{traceback.format_exc()}"
+        outputs.put(EngineFailed(f"engine failed to start: {type(e).__name__}: {e}{where}"))
         return
     outputs.put(EngineReady(info))
     try:

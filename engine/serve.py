@@ -82,6 +82,16 @@ def _number_list(text: str) -> list[float]:
             f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 0-65535, got {text!r}")
+    return port
+
+
 def default_model() -> str:
     import torch
 
@@ -102,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(parser)
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=_port, default=8000)
     g.add_argument("--served-model-name", default=None,
                    help="the name clients pass as `model` (default: --model)")
     g.add_argument("--api-key", default=os.environ.get("BINDECODE_API_KEY"),
