@@ -33,8 +33,9 @@ class SamplingParams:
         top_k: keep the k most likely tokens; -1 or 0 turns it off.
         seed: per-request seed; ``None`` lets the engine draw one when it admits the request.
         stop: strings that end generation; the returned text stops before the first match.
-            A single string is accepted and turned into a one-element list.
-        stop_token_ids: token ids that end generation (in addition to EOS).
+            A single string is accepted and turned into a one-element list, None into [].
+        stop_token_ids: token ids that end generation (in addition to EOS); the one that
+            does stays in the output's ids but adds no text. None is [].
         ignore_eos: keep generating after EOS (benchmarks).
         logprobs: return the log-probability of every sampled token.
         n: completions per prompt.
@@ -55,6 +56,10 @@ class SamplingParams:
         self._normalise()
 
     def _normalise(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif isinstance(self.stop, tuple):

@@ -58,6 +58,8 @@ def test_single_stop_string_is_normalised_to_a_list():
     params.stop = "END"  # set after construction: validate normalises too
     params.validate()
     assert params.stop == ["END"]
+    params = SamplingParams(stop=None, stop_token_ids=None)
+    assert params.stop == [] and params.stop_token_ids == []
 
 
 def test_defaults_are_not_shared_between_instances():
