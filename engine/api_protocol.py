@@ -248,8 +248,9 @@ def describe_validation_error(err: ValidationError) -> tuple[str, str | None]:
 
 def check_model_name(requested: str, served: str) -> None:
     if requested != served:
-        raise bad_request(f"model {requested!r} is not served here; this server serves {served!r}",
-                          param="model", code="model_not_found")
+        # 404, as OpenAI answers for a model that does not exist (the client's NotFoundError).
+        raise APIError(404, f"model {requested!r} is not served here; this server serves "
+                            f"{served!r}", param="model", code="model_not_found")
 
 
 def check_token_ids(ids: list[int], vocab_size: int) -> None:

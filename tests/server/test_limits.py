@@ -50,7 +50,9 @@ def test_api_key_required_except_health(server):
     assert httpx.get(f"{server.url}/metrics", headers=AUTH, timeout=10).status_code == 200
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in client.models.list().data] == [MODEL]
-    assert completion(server, AUTH, model="dummy:tiny").status_code == 400  # not the served name
+    assert completion(server, AUTH, model="dummy:tiny").status_code == 404  # not the served name
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.completions.create(model="other", prompt="a", max_tokens=2)
     assert client.completions.create(model=MODEL, prompt="a", max_tokens=2).usage.completion_tokens >= 1
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()

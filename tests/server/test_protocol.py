@@ -117,7 +117,7 @@ def test_context_length_checks():
     check_token_ids([0, 511], 512)
     with pytest.raises(APIError) as info:
         check_model_name("other", "dummy:tiny")
-    assert info.value.code == "model_not_found" and info.value.status == 400
+    assert info.value.code == "model_not_found" and info.value.status == 404
 
 
 def test_coalesce_merges_updates_of_one_request_in_order():
