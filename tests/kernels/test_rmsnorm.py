@@ -7,7 +7,7 @@ import torch
 
 from kernels import reference
 from kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
-from tests.kernels.numerics import rel_l2
+from tests.kernels.numerics import assert_margins_untouched, poisoned_view, rel_l2
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 EPS = 1e-6
@@ -69,6 +69,34 @@ def test_fused_add_rmsnorm_matches_reference(dtype, T, H):
     # The sum is rounded once to the residual's dtype in both: bit-identical.
     assert torch.equal(residual, residual_ref)
     assert rel_l2(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("T,H", [(1, 256), (5, 896), (17, 64)])
+def test_nothing_is_written_past_the_rows_and_columns(dtype, weighted, T, H):
+    """Outputs are the first T rows of a NaN buffer with two more; x and the residual are
+    strided views with NaN margins (stride mix-ups between them show as wrong sums)."""
+    weight = torch.randn(H, dtype=dtype) if weighted else None
+    x_buffer, x = poisoned_view(T, H, dtype, fill=torch.randn(T, H, dtype=dtype))
+    res_buffer, residual = poisoned_view(T + 1, H, dtype)
+    residual = residual[:T]
+    residual.copy_(torch.randn(T, H, dtype=dtype) * 4)
+    residual_ref = residual.clone()
+    for add in (False, True):
+        out_buffer = torch.full((T + 2, H), float("nan"), dtype=dtype)
+        if add:
+            out, _ = fused_add_rmsnorm(x, residual, weight, EPS, out=out_buffer[:T])
+            expected, _ = reference.fused_add_rmsnorm(x, residual_ref, weight, EPS)
+            assert torch.equal(residual, residual_ref)
+        else:
+            out = rmsnorm(x, weight, EPS, out=out_buffer[:T])
+            expected = reference.rmsnorm(x, weight, EPS)
+        assert rel_l2(out, expected) < TOLERANCE[dtype]
+        assert torch.isnan(out_buffer[T:]).all()
+    assert_margins_untouched(x_buffer, H)
+    assert_margins_untouched(res_buffer, H)
+    assert torch.isnan(res_buffer[T]).all()  # the residual's row after the last
 
 
 def test_fresh_output_without_out():
