@@ -117,6 +117,14 @@ NEW_TOKEN_CASES = {
     "mqa-d128-sorted": (3, 40, 8, 1, 128, [12, 40, 39],
                         da.DecodeConfig(block_n=16, num_splits=1, num_warps=4, num_stages=2,
                                         longest_first=True)),
+    # the split paths with a dead row and a row whose only position is the new token
+    "gqa7-splits-dead-and-first-slot": (4, 45, 14, 2, 64, [0, 1, 45, 20],
+                                        da.DecodeConfig(block_n=16, num_splits=4, num_warps=4,
+                                                        num_stages=2)),
+    "mqa-sorted-splits-dead-and-first-slot": (4, 40, 7, 1, 64, [1, 0, 40, 26],
+                                              da.DecodeConfig(block_n=16, num_splits=3,
+                                                              num_warps=4, num_stages=2,
+                                                              longest_first=True)),
 }
 
 
@@ -145,8 +153,10 @@ def test_new_token_matches_rope_write_then_attention(case, dtype, deferred_norm)
 
     out = torch.full((B, H_q, D), float("nan"), dtype=dtype, device=DEVICE)
     new_token = da.NewToken(k_new, v_new, cos, sin, x, 1e-5)
+    q_before = q.clone()
     da.decode_attention(q, k_poisoned, v_poisoned, lens, out=out, config=config,
                         new_token=new_token)
+    assert torch.equal(q, q_before), "the caller's q was rotated in place"
     live = lens > 0
     assert not out.isnan().any()
     assert rel_l2(out[live], expected[live]) < TOLERANCE[dtype]
@@ -256,7 +266,7 @@ def test_seq_lens_outside_slab_are_clamped():
     """A length past C reads the whole slab (no out-of-bounds read); a negative one is dead."""
     q, k, v, _, _, _ = make_inputs(2, 24, 4, 2, 64, [24, 0], torch.float32)
     lens = torch.tensor([1000, -1], dtype=torch.int32, device=DEVICE)
-    out = da.decode_attention(q, k, v, lens)
+    out = da.decode_attention(q, k, v, lens, out=torch.full_like(q, float("nan")))
     expected = reference.decode_attention(q, k, v, torch.tensor([24, 0], dtype=torch.int32,
                                                                 device=DEVICE))
     assert rel_l2(out[:1], expected[:1]) < 1e-4
@@ -308,10 +318,11 @@ def test_launch_grid_does_not_depend_on_seq_lens(monkeypatch):
     for lens in ([300, 5], [0, 171]):
         calls.clear()
         q, k, v, _, _, seq_lens = make_inputs(B, C, H_q, H_kv, D, lens, torch.float32)
-        out = da.decode_attention(q, k, v, seq_lens)
+        out = da.decode_attention(q, k, v, seq_lens, out=torch.full_like(q, float("nan")))
         live = seq_lens > 0
         expected = reference.decode_attention(q, k, v, seq_lens)
         assert rel_l2(out[live], expected[live]) < 1e-4
+        assert (out[~live] == 0).all()
         launches.append(list(calls))
     assert len(launches[0]) == 2
     assert launches[0] == launches[1]
