@@ -100,16 +100,18 @@ def qkv_case(dtype, T, with_bias=False, hidden=96, heads=(4, 2), D=32):
                 sin=sin)
 
 
-@pytest.mark.parametrize("dtype,T,with_bias", [(torch.float32, 1, False), (torch.float32, 4, False),
-                                               (torch.float32, 3, True), (torch.float16, 4, False),
-                                               (torch.float16, 1, True), (torch.float32, 19, False),
-                                               (torch.float16, 19, False), (torch.float32, 19, True)])
-def test_qkv_rope_write_with_a_folded_norm(dtype, T, with_bias):
+@pytest.mark.parametrize("dtype,T,with_bias,heads", [
+    (torch.float32, 1, False, (4, 2)), (torch.float32, 4, False, (4, 2)),
+    (torch.float32, 3, True, (4, 2)), (torch.float16, 4, False, (4, 2)),
+    (torch.float16, 1, True, (4, 2)), (torch.float32, 19, False, (4, 2)),
+    (torch.float16, 19, False, (4, 2)), (torch.float32, 19, True, (4, 2)),
+    (torch.float32, 4, False, (7, 1)), (torch.float16, 19, False, (14, 2))])  # MQA, GQA 7
+def test_qkv_rope_write_with_a_folded_norm(dtype, T, with_bias, heads):
     """One token: the GEMV kernel normalising without a weight. More tokens: the raw rows'
     product (kernels.gemm from GEMM_MIN_ROWS rows) and the deferred scale in
     rope_kv_write (fp32), or the norm first (a bias, fp16: the norm kernel, or kernels.gemm's
     NORM prologue)."""
-    case = qkv_case(dtype, T, with_bias)
+    case = qkv_case(dtype, T, with_bias, heads=heads)
     copy = {**case, "k_cache": case["k_cache"].clone(), "v_cache": case["v_cache"].clone()}
     fp32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
             for k, v in copy.items()}
@@ -258,15 +260,18 @@ def test_bad_norm_input_is_refused():
                       norm_input=torch.randn(2, 8).t())
 
 
-@pytest.mark.parametrize("dtype,T,with_bias", [(torch.float32, 1, False), (torch.float32, 4, False),
-                                               (torch.float32, 3, True), (torch.float16, 4, False),
-                                               (torch.float32, 19, False)])
-def test_qkv_decode_attention_matches_the_composition(dtype, T, with_bias):
+@pytest.mark.parametrize("dtype,T,with_bias,heads", [
+    (torch.float32, 1, False, (4, 2)), (torch.float32, 4, False, (4, 2)),
+    (torch.float32, 3, True, (4, 2)), (torch.float16, 4, False, (4, 2)),
+    (torch.float32, 19, False, (4, 2)),
+    (torch.float32, 4, False, (14, 2)), (torch.float32, 1, False, (7, 1)),  # GQA 7, MQA
+    (torch.float16, 4, True, (7, 1))])
+def test_qkv_decode_attention_matches_the_composition(dtype, T, with_bias, heads):
     """The decode step's attention input and attention in one op: one row through the GEMV
     kernel's epilogue, several with RoPE and the slab write inside the attention kernel (the
     1 / rms deferred to it in fp32 without a bias); against the reference's qkv_rope_write then
     decode_attention in fp32, output and slab (dead rows: zeros, nothing written)."""
-    case = qkv_case(dtype, T, with_bias)
+    case = qkv_case(dtype, T, with_bias, heads=heads)
     case["k_cache"], case["v_cache"] = case["k_cache"][:T], case["v_cache"][:T]  # B = T rows
     case["seq_lens"] = case["positions"] + 1
     before_k = case["k_cache"].clone()
@@ -275,7 +280,7 @@ def test_qkv_decode_attention_matches_the_composition(dtype, T, with_bias):
     out = linear.qkv_decode_attention(**case)
     expected = reference.qkv_decode_attention(**fp32)
     live = case["positions"] >= 0
-    assert out.shape == (T, 4, 32) and not out.isnan().any()
+    assert out.shape == (T, heads[0], 32) and not out.isnan().any()
     assert rel_l2(out[live], expected[live]) < TOLERANCE[dtype]
     assert (out[~live] == 0).all()
     for name in ("k_cache", "v_cache"):
