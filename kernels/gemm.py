@@ -235,8 +235,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
             raise ValueError(f"skinny_gemm: split K takes at most {SPLIT_COUNTERS} output "
                              f"tiles, got {grid[0]}")
         if M:
-            partials = torch.empty(config.split_k, M, features, dtype=torch.float32,
-                                   device=x.device)
+            partials = _alloc_split_partials(config.split_k, M, features, x.device)
             counters = _split_counters(x.device)
         k_piece = triton.cdiv(triton.cdiv(K, config.split_k), config.block_k) * config.block_k
     if M == 0:
@@ -248,6 +247,13 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, prolog
         **gemm_launch_meta(config, features, K, prologue, bias is not None, add_residual, swiglu,
                            writes_sumsq, num_partials))
     return out
+
+
+def _alloc_split_partials(split_k: int, rows: int, features: int,
+                          device: torch.device) -> torch.Tensor:
+    """fp32 [split_k, rows, features]: each K piece's products, summed by the last to arrive
+    (its own function so tests can hand the kernel a poisoned buffer)."""
+    return torch.empty(split_k, rows, features, dtype=torch.float32, device=device)
 
 
 def skinny_gemm_row_argmax(x: torch.Tensor, weight: torch.Tensor, best: torch.Tensor,

@@ -227,10 +227,14 @@ def test_transposed_tile_matches_every_prologue(dtype, prologue, swiglu):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("split_k", [1, 3, 8])
 @pytest.mark.parametrize("M", [5, 21])  # 21: two M tiles, each with its own counter
-def test_split_k_sums_its_pieces(dtype, split_k, M):
+def test_split_k_sums_its_pieces(monkeypatch, dtype, split_k, M):
     """K = 300 in 3 pieces of 128 columns (the last of 44) or in 8 of 64 (the last three
     empty), with bias, residual add and the partial sums of squares of the summed tile: the
-    same bits on a second run, and the arrival counters back at zero after each."""
+    same bits on a second run, and the arrival counters back at zero after each. The pieces'
+    buffer starts as NaN: every piece, empty or not, must write its share."""
+    alloc = gemm._alloc_split_partials
+    monkeypatch.setattr(gemm, "_alloc_split_partials",
+                        lambda *a: alloc(*a).fill_(float("nan")))
     N, K = 100, 300
     config = dataclasses.replace(SWAPPED, split_k=split_k)
     x = torch.randn(M, K, dtype=dtype) * 2
