@@ -91,15 +91,22 @@ def load_model_config(path_or_dict: str | Path | dict, name: str | None = None) 
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise ModelLoadError(f"missing model config: {file} does not exist")
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{file} is not valid JSON: {e}") from e
+        raw = _json_object(file)
         name = name or str(file.parent)
         generation = file.parent / "generation_config.json"
         if generation.is_file():
-            extra_eos = _as_id_list(json.loads(generation.read_text()).get("eos_token_id"))
+            extra_eos = _as_id_list(_json_object(generation).get("eos_token_id"))
     return _parse(raw, name, extra_eos)
+
+
+def _json_object(file: Path) -> dict:
+    try:
+        raw = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{file} must hold a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def _parse(raw: dict, name: str, extra_eos: list[int]) -> ModelConfig:

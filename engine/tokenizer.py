@@ -80,8 +80,9 @@ class HFTokenizer:
         try:
             self.hf = AutoTokenizer.from_pretrained(str(folder), use_fast=True,
                                                     trust_remote_code=False)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load a tokenizer from {folder}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - a broken file raises anything (KeyError, ...)
+            raise ModelLoadError(f"cannot load a tokenizer from {folder}: "
+                                 f"{type(e).__name__}: {e}") from e
         self.folder = str(folder)
 
     @property

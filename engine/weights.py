@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from engine.model_config import ModelConfig, ModelLoadError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Present in some checkpoints, never needed: RoPE tables are rebuilt from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# safetensors dtype names the loader casts from: floating point only (an integer or fp8 tensor
+# of the right shape would be cast silently into nonsense).
+LOADABLE_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass(frozen=True)
@@ -62,22 +65,32 @@ def checkpoint_placements(config: ModelConfig) -> dict[str, Placement]:
 
 
 def safetensors_files(folder: str | Path) -> dict[str, Path]:
-    """Tensor name -> the file that holds it, from the shard index or a single file.
+    """Tensor name -> the file that holds it: from the shard index, else from
+    ``model.safetensors`` alone (as transformers reads a folder), else from every
+    ``*.safetensors`` file, which must not share a tensor name.
 
     Raises ``ModelLoadError`` when there is no safetensors file (naming any pickle files
-    found instead) or when the index points to a missing shard.
+    found instead), when the index is malformed or points to a missing shard, or when a file
+    cannot be read.
     """
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (ValueError, AttributeError) as e:  # not JSON, or not a JSON object
+            raise ModelLoadError(f"{index} is not a valid shard index: {e}") from e
         if not weight_map:
             raise ModelLoadError(f"{index} has no 'weight_map'")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(shard, str) for shard in weight_map.values()):
+            raise ModelLoadError(f"{index}: 'weight_map' must map tensor names to shard files")
         for shard in sorted(set(weight_map.values())):
             if not (folder / shard).is_file():
                 raise ModelLoadError(f"{index} lists shard {shard}, which is not in {folder}")
         return {name: folder / shard for name, shard in weight_map.items()}
-    files = sorted(folder.glob("*.safetensors"))
+    single = folder / "model.safetensors"
+    files = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -87,18 +100,30 @@ def safetensors_files(folder: str | Path) -> dict[str, Path]:
         raise ModelLoadError(f"no *.safetensors weights in {folder}")
     names: dict[str, Path] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            names.update((name, file) for name in f.keys())
+        for name in _tensor_names(file):
+            if name in names:
+                raise ModelLoadError(f"tensor {name!r} is in both {names[name].name} and "
+                                     f"{file.name} in {folder}, and no index says which to use")
+            names[name] = file
     return names
+
+
+def _tensor_names(file: Path) -> list[str]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"cannot read {file}: {e}") from e
 
 
 @torch.no_grad()
 def load_safetensors(model: torch.nn.Module, folder: str | Path) -> None:
     """Copy (casting to the model's dtype) every checkpoint tensor into ``model``'s parameters.
 
-    ``model`` is a ``CausalLM`` with allocated parameters. Every tensor is shape-checked;
-    a missing, misshapen or unexpected tensor raises ``ModelLoadError`` naming it and its file.
-    A tied checkpoint's ``lm_head.weight``, when present, is ignored (the embedding is used).
+    ``model`` is a ``CausalLM`` with allocated parameters. Every tensor is shape- and
+    dtype-checked; a missing, misshapen, non-float or unexpected tensor raises
+    ``ModelLoadError`` naming it and its file. A tied checkpoint's ``lm_head.weight``, when
+    present, must equal the embedding (transformers would use a different one untied).
     """
     config: ModelConfig = model.config
     placements = checkpoint_placements(config)
@@ -118,15 +143,44 @@ def load_safetensors(model: torch.nn.Module, folder: str | Path) -> None:
     for name in placements:
         by_file.setdefault(files[name], []).append(name)
     for file, names in by_file.items():
-        with safe_open(str(file), framework="pt") as f:
-            for name in names:
-                where = placements[name]
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != where.shape:
-                    raise ModelLoadError(f"tensor {name!r} in {file.name} has shape {list(shape)}, "
-                                         f"expected {list(where.shape)} from the config")
-                rows = slice(where.row_start, where.row_start + shape[0])
-                params[where.param][rows].copy_(f.get_tensor(name))
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                held = set(f.keys())
+                for name in names:
+                    _param_rows(params, placements[name], f, name, file, held).copy_(
+                        f.get_tensor(name))
+        except SafetensorError as e:
+            raise ModelLoadError(f"cannot read {file}: {e}") from e
+    if config.tie_word_embeddings and "lm_head.weight" in files:
+        _check_tied_head(params["embed_tokens"], files["lm_head.weight"])
+
+
+def _param_rows(params: dict, where: Placement, f, name: str, file: Path,
+                held: set[str]) -> torch.Tensor:
+    """The rows of the model parameter that checkpoint tensor ``name`` (in open file ``f``)
+    fills, after checking that the file holds it with the config's shape and a float dtype."""
+    if name not in held:
+        raise ModelLoadError(f"the shard index maps {name!r} to {file.name}, which does not "
+                             f"hold it")
+    tensor = f.get_slice(name)
+    shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
+    if shape != where.shape:
+        raise ModelLoadError(f"tensor {name!r} in {file.name} has shape {list(shape)}, "
+                             f"expected {list(where.shape)} from the config")
+    if dtype not in LOADABLE_DTYPES:
+        raise ModelLoadError(f"tensor {name!r} in {file.name} has dtype {dtype}; weights must be "
+                             f"one of {', '.join(LOADABLE_DTYPES)}")
+    return params[where.param][where.row_start:where.row_start + shape[0]]
+
+
+def _check_tied_head(embedding: torch.Tensor, file: Path) -> None:
+    with safe_open(str(file), framework="pt") as f:
+        head = f.get_tensor("lm_head.weight")
+    if head.shape != embedding.shape or not torch.equal(head.to(embedding), embedding):
+        raise ModelLoadError(
+            f"config.json ties the output head to the embedding, but lm_head.weight in "
+            f"{file.name} differs from model.embed_tokens.weight; set tie_word_embeddings to "
+            f"false to use it")
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:

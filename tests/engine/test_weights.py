@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.kv_cache import KVArena
 from engine.model import CausalLM, load_model
-from engine.model_config import ModelLoadError
+from engine.model_config import ModelLoadError, load_model_config
 from engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from engine.weights import checkpoint_placements, safetensors_files
 from tests.engine.conftest import EOS_ID, build_hf_checkpoint
@@ -110,12 +111,34 @@ def test_weights_are_cast_to_the_requested_dtype(hf_checkpoint, dtype):
     assert model.rope_cos.dtype == torch.float32  # RoPE tables stay fp32
 
 
-def test_tied_checkpoint_with_a_stored_lm_head_is_accepted(hf_checkpoint, tmp_path):
+def test_tied_checkpoint_with_a_stored_lm_head_is_accepted_if_it_is_the_embedding(
+        hf_checkpoint, tmp_path):
     folder = _copy(hf_checkpoint("llama").path, tmp_path)
-    _rewrite_weights(folder, lambda t: t.__setitem__("lm_head.weight", torch.randn_like(
-        t["model.embed_tokens.weight"])))
+    _rewrite_weights(folder, lambda t: t.__setitem__("lm_head.weight",
+                                                     t["model.embed_tokens.weight"].clone()))
     model = load_model(str(folder), torch.float32, "cpu")
     assert model.lm_head is model.embed_tokens
+    # A different head would be used untied by transformers: refused, not silently dropped.
+    _rewrite_weights(folder, lambda t: t.__setitem__("lm_head.weight", torch.randn_like(
+        t["model.embed_tokens.weight"])))
+    with pytest.raises(ModelLoadError, match=r"lm_head\.weight in model\.safetensors differs "
+                                             r"from model\.embed_tokens\.weight"):
+        load_model(str(folder), torch.float32, "cpu")
+
+
+def test_a_stray_safetensors_file_beside_model_safetensors_is_not_read(hf_checkpoint, tmp_path):
+    """As in transformers: without an index, model.safetensors is the checkpoint."""
+    folder = _copy(hf_checkpoint("llama3").path, tmp_path)
+    reference = load_model(str(folder), torch.float32, "cpu")
+    tensors = load_file(folder / "model.safetensors")
+    save_file({"model.norm.weight": -tensors["model.norm.weight"]}, folder / "zz.safetensors")
+    model = load_model(str(folder), torch.float32, "cpu")
+    assert torch.equal(model.norm, reference.norm)
+    # Without model.safetensors every file is read, and two copies of a tensor are refused.
+    (folder / "model.safetensors").rename(folder / "weights.safetensors")
+    with pytest.raises(ModelLoadError, match=r"'model\.norm\.weight' is in both "
+                                             r"weights\.safetensors and zz\.safetensors"):
+        load_model(str(folder), torch.float32, "cpu")
 
 
 # --- refusals ------------------------------------------------------------------------------------
@@ -165,6 +188,40 @@ def test_unexpected_tensor_is_refused(hf_checkpoint, tmp_path):
         load_model(str(folder), torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool])
+def test_non_float_tensor_is_refused(hf_checkpoint, tmp_path, dtype):
+    folder = _copy(hf_checkpoint("llama3").path, tmp_path)
+    name = "model.layers.1.mlp.down_proj.weight"
+    _rewrite_weights(folder, lambda t: t.__setitem__(name, t[name].to(dtype)))
+    with pytest.raises(ModelLoadError, match=rf"'{re.escape(name)}' in model\.safetensors has "
+                                             rf"dtype \w+; weights must be one of"):
+        load_model(str(folder), torch.float32, "cpu")
+
+
+def test_broken_index_and_files_are_named(tmp_path):
+    build_hf_checkpoint("llama3", tmp_path, max_shard_size="100KB", with_tokenizer=False)
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    # The index maps a tensor to an existing shard that does not hold it.
+    name = next(n for n, shard in index["weight_map"].items() if shard == shards[0])
+    index_path.write_text(json.dumps({**index, "weight_map": {**index["weight_map"],
+                                                              name: shards[-1]}}))
+    with pytest.raises(ModelLoadError, match=rf"maps '{re.escape(name)}' to {shards[-1]}, which "
+                                             rf"does not hold it"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+    index_path.write_text("{not json")
+    with pytest.raises(ModelLoadError, match="is not a valid shard index"):
+        safetensors_files(tmp_path)
+    index_path.write_text(json.dumps({"weight_map": ["a", "b"]}))
+    with pytest.raises(ModelLoadError, match="'weight_map' must map tensor names"):
+        safetensors_files(tmp_path)
+    index_path.unlink()
+    (tmp_path / shards[0]).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # truncated
+    with pytest.raises(ModelLoadError, match=rf"cannot read .*{shards[0]}"):
+        safetensors_files(tmp_path)
+
+
 def test_missing_shard_is_named(tmp_path):
     build_hf_checkpoint("llama3", tmp_path, max_shard_size="100KB", with_tokenizer=False)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -187,6 +244,13 @@ def test_missing_config_unsupported_architecture_and_bad_names(hf_checkpoint, tm
         load_model(str(tmp_path / "nowhere"), torch.float32, "cpu")
     with pytest.raises(ModelLoadError, match="unsupported dtype"):
         load_model("dummy:tiny", torch.float64, "cpu")
+    weights_file = hf_checkpoint("llama").path / "model.safetensors"
+    with pytest.raises(ModelLoadError, match="model.safetensors is not valid JSON"):
+        load_model_config(str(weights_file))
+    folder = _copy(hf_checkpoint("llama").path, tmp_path / "again")
+    (folder / "generation_config.json").write_text("{'eos_token_id': 2}")
+    with pytest.raises(ModelLoadError, match="generation_config.json is not valid JSON"):
+        load_model(str(folder), torch.float32, "cpu")
 
 
 def test_sliding_window_shorter_than_max_model_len_is_refused(tmp_path):
