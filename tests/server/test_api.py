@@ -164,7 +164,6 @@ GOOD = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"n": "two"}, "n"),
-    ({"model": "gpt-4"}, "model"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": [1, 600]}, "prompt"),             # outside the 512-token vocabulary
@@ -176,6 +175,11 @@ GOOD = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
 def test_bad_completion_input_is_400(server, change, param):
     error = assert_error_body(post(server, "/v1/completions", {**GOOD, **change}), 400)
     assert error["param"] == param, error
+
+
+def test_unknown_model_is_404(server):
+    error = assert_error_body(post(server, "/v1/completions", {**GOOD, "model": "gpt-4"}), 404)
+    assert error["param"] == "model" and error["code"] == "model_not_found"
 
 
 def test_invalid_json_and_wrong_body_type(server):
