@@ -201,6 +201,14 @@ class _EngineLoop:
                 return True
 
     def _add(self, command: AddRequests) -> None:
+        max_queue = getattr(getattr(self.core, "options", None), "max_queue", None)
+        if max_queue is not None and len(command.requests) > max_queue:
+            # Not a full queue to retry later (429): this group could never be queued.
+            self.rejected.append(Rejected(
+                command.group_id, [r.request_id for r in command.requests], "invalid",
+                f"{len(command.requests)} completions in one request exceed the server's "
+                f"--max-queue {max_queue}"))
+            return
         added: list[str] = []
         for request in command.requests:
             try:

@@ -58,10 +58,12 @@ def test_api_key_required_except_health(server):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
 
 
-def test_group_larger_than_queue_is_429_and_leaves_nothing_behind(server):
+def test_group_larger_than_queue_is_400_and_leaves_nothing_behind(server):
+    # 400, not 429: retrying (as OpenAI clients do on 429) could never succeed.
     start = time.monotonic()
-    error = assert_error_body(completion(server, AUTH, n=3), 429, "rate_limit_error")
-    assert error["code"] == "queue_full" and time.monotonic() - start < 10
+    error = assert_error_body(completion(server, AUTH, n=3), 400)
+    assert "exceed the server's --max-queue 2" in error["message"]
+    assert time.monotonic() - start < 10
     assert wait_until(lambda: metric(server.url, "bindecode_requests_in_flight", AUTH) == 0)
     assert wait_until(lambda: metric(server.url, "bindecode_queue_depth_total", AUTH) == 0)
     assert completion(server, AUTH, ignore_eos=True).json()["usage"]["completion_tokens"] == 3
