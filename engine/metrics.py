@@ -39,7 +39,8 @@ ENGINE_STATS = (
     ("idle_row_steps", "bindecode_idle_row_steps", "counter",
      "Dead (padding) rows carried by decode steps"),
     ("overflows", "bindecode_overflows", "counter",
-     "Requests that reached their slab's end and were re-queued to a higher bin"),
+     "Requests re-queued to a higher bin: they reached their slab's end, or no longer fit "
+     "the slab a refill offered them"),
     ("overflow_recompute_tokens", "bindecode_overflow_recompute_tokens", "counter",
      "Tokens prefilled again because of overflows"),
     ("overflow_requeue_s", "bindecode_overflow_requeue_seconds", "counter",

@@ -29,7 +29,9 @@ class BatchRecord:
             this batch (an overflowed request: tokens up to its eviction).
         steps: decode steps the slab ran. idle_row_steps: row-steps with no live request
             (padding waste = idle_row_steps / (batch_size * steps)).
-        overflows: requests evicted at the bound and re-queued.
+        overflows: requests evicted at the bound and re-queued; in the refilling modes
+            also a re-queued request turned away at a refill because its prompt (with
+            the tokens made before its eviction) no longer fits this slab: it goes up a bin.
         prefill_s, decode_s, wall_s: seconds in prefill, in decode steps, and in all.
         tokens_per_s: new tokens over wall_s. mode: static | bin-continuous | continuous.
         request_ids, max_new_tokens_bound, formed_at, started_at: from the plan and the clock.
