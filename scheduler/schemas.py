@@ -28,7 +28,9 @@ class BatchRecord:
         prompt_lens, output_lens: per request, tokens prefilled and new tokens generated in
             this batch (an overflowed request: tokens up to its eviction).
         steps: decode steps the slab ran. idle_row_steps: row-steps with no live request
-            (padding waste = idle_row_steps / (batch_size * steps)).
+            (padding waste = idle_row_steps / (batch_size * steps)). With one step in flight
+            the engine computes a finishing row once more before it reads its last token;
+            that step counts as live, not idle.
         overflows: requests evicted at the bound and re-queued; in the refilling modes
             also a re-queued request turned away at a refill because its prompt (with
             the tokens made before its eviction) no longer fits this slab: it goes up a bin.
