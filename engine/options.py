@@ -7,7 +7,6 @@ A batch-shape study changes nothing but these fields, so each one is also a flag
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 MODES = ("static", "bin-continuous", "continuous")

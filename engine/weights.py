@@ -147,30 +147,30 @@ def load_safetensors(model: torch.nn.Module, folder: str | Path) -> None:
             with safe_open(str(file), framework="pt") as f:
                 held = set(f.keys())
                 for name in names:
-                    _param_rows(params, placements[name], f, name, file, held).copy_(
-                        f.get_tensor(name))
+                    where = placements[name]
+                    _check_tensor(f, held, name, file, where.shape)
+                    rows = slice(where.row_start, where.row_start + where.shape[0])
+                    params[where.param][rows].copy_(f.get_tensor(name))
         except SafetensorError as e:
             raise ModelLoadError(f"cannot read {file}: {e}") from e
     if config.tie_word_embeddings and "lm_head.weight" in files:
         _check_tied_head(params["embed_tokens"], files["lm_head.weight"])
 
 
-def _param_rows(params: dict, where: Placement, f, name: str, file: Path,
-                held: set[str]) -> torch.Tensor:
-    """The rows of the model parameter that checkpoint tensor ``name`` (in open file ``f``)
-    fills, after checking that the file holds it with the config's shape and a float dtype."""
+def _check_tensor(f, held: set[str], name: str, file: Path, shape: tuple[int, ...]) -> None:
+    """That open safetensors file ``f`` (``file``, holding ``held``) has tensor ``name`` with
+    the config's ``shape`` and a float dtype."""
     if name not in held:
         raise ModelLoadError(f"the shard index maps {name!r} to {file.name}, which does not "
                              f"hold it")
     tensor = f.get_slice(name)
-    shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
-    if shape != where.shape:
-        raise ModelLoadError(f"tensor {name!r} in {file.name} has shape {list(shape)}, "
-                             f"expected {list(where.shape)} from the config")
+    found, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
+    if found != shape:
+        raise ModelLoadError(f"tensor {name!r} in {file.name} has shape {list(found)}, "
+                             f"expected {list(shape)} from the config")
     if dtype not in LOADABLE_DTYPES:
         raise ModelLoadError(f"tensor {name!r} in {file.name} has dtype {dtype}; weights must be "
                              f"one of {', '.join(LOADABLE_DTYPES)}")
-    return params[where.param][where.row_start:where.row_start + shape[0]]
 
 
 def _check_tied_head(embedding: torch.Tensor, file: Path) -> None:
