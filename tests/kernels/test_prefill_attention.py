@@ -26,11 +26,16 @@ def make_batch(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device="cpu"
 
 
 def check_against_reference(q, k, v, cu_seqlens, max_seqlen, scale=None, config=None):
-    out = torch.full_like(q, float("nan"))
+    # out is a view into a NaN buffer with a head either side and a token after the last:
+    # those must stay NaN, every element of the view must be written.
+    T, H_q, D = q.shape
+    buffer = torch.full((T + 1, H_q + 2, D), float("nan"), dtype=q.dtype, device=q.device)
+    out = buffer[:T, 1:H_q + 1]
     result = prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, out=out, config=config)
     assert result is out
     expected = reference.prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale)
     assert torch.isfinite(out).all(), "rows left unwritten (NaN poison survived)"
+    assert buffer[T].isnan().all() and buffer[:, 0].isnan().all() and buffer[:, -1].isnan().all()
     error = rel_l2(out, expected)
     assert error < TOLERANCE[q.dtype], f"relative L2 error {error:.2e}"
 
