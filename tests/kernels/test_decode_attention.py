@@ -87,8 +87,9 @@ def test_short_row_layout_at_d128_matches_reference():
     run_and_check(4, 75, 8, 2, 128, [75, 1, 0, 40], torch.float16, config=config)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("D", [80, 256])
-def test_merge_drops_unwritten_partials_of_empty_splits(monkeypatch, D):
+def test_merge_drops_unwritten_partials_of_empty_splits(monkeypatch, D, dtype):
     """The merge loads every split's partial output with its weight and drops the empty
     splits' (never written) by their -inf weight: partial buffers poisoned with NaN, short
     rows leaving most of 8 splits empty, a dead row, head dims over several merge blocks."""
@@ -97,7 +98,7 @@ def test_merge_drops_unwritten_partials_of_empty_splits(monkeypatch, D):
                         lambda *a: tuple(t.fill_(float("nan")) for t in alloc(*a)))
     config = da.DecodeConfig(block_n=16, num_splits=8, num_warps=4, num_stages=2)
     assert da.merge_launch_meta(config, D)["BLOCK_D"] < D
-    run_and_check(3, 150, 4, 2, D, [40, 0, 150], torch.float32, config=config)
+    run_and_check(3, 150, 4, 2, D, [40, 0, 150], dtype, config=config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -221,13 +222,14 @@ def test_merge_never_reads_unwritten_partials(monkeypatch):
     run_and_check(3, 64, 4, 2, 64, [5, 0, 64], torch.float32, config=config)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_longest_first_matches_reference(splits):
+def test_longest_first_matches_reference(splits, dtype):
     """Rows run in sorted order (ties, dead rows, a row longer than the slab clamps to C) and
     every (row, head, split) still lands in its own output."""
     config = da.DecodeConfig(block_n=16, num_splits=splits, num_warps=4, num_stages=2,
                              longest_first=True)
-    run_and_check(6, 40, 4, 2, 64, [7, 40, 0, 7, 1, 33], torch.float32, config=config)
+    run_and_check(6, 40, 4, 2, 64, [7, 40, 0, 7, 1, 33], dtype, config=config)
 
 
 @triton.jit
