@@ -10,7 +10,7 @@ from kernels.rope_kv_write import rope_kv_write
 from kernels.rope_table import rope_cos_sin
 from tests.kernels.numerics import rel_l2
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 1e-2}
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
