@@ -90,7 +90,7 @@ def test_ties_resolve_to_the_lowest_id_inside_and_across_programs(config):
         direction = torch.randn(K)
         w[list(ids)] = direction
         x[row] = 10 * direction
-    out = fused_lm_head_argmax(x, w, torch.empty(M, dtype=torch.int64), config)
+    out = fused_lm_head_argmax(x, w, torch.full((M,), -7, dtype=torch.int64), config)
     assert out.tolist() == [min(ids) for ids in placements]
 
 
@@ -102,7 +102,7 @@ def test_nan_counts_as_the_maximum_as_in_torch():
     w[[170, 240], 5] = float("nan")  # every row's logits 170 and 240 are NaN
     x[2, 0] = float("nan")  # row 2 is NaN throughout
     for config in (SMALL, SWAPPED, WIDE):
-        out = fused_lm_head_argmax(x, w, torch.empty(M, dtype=torch.int64), config)
+        out = fused_lm_head_argmax(x, w, torch.full((M,), -7, dtype=torch.int64), config)
         assert out.tolist() == [170, 170, 0]
         assert out.tolist() == reference.argmax(fp32_logits(x, w)).tolist()
 
@@ -154,7 +154,7 @@ def test_head_tiles_never_split_k():
         assert config.split_k == 1
         assert config == dataclasses.replace(gemm_config(m, 512, 256, torch.bfloat16), split_k=1)
     x, w = torch.randn(2, 256, dtype=torch.float16), weights(512, 256, torch.float16)
-    out = fused_lm_head_argmax(x, w, torch.empty(2, dtype=torch.int64),
+    out = fused_lm_head_argmax(x, w, torch.full((2,), -7, dtype=torch.int64),
                                head_config(2, 512, 256, torch.float16))
     assert_greedy(out, fp32_logits(x, w))
 
