@@ -91,15 +91,16 @@ def load_model_config(path_or_dict: str | Path | dict, name: str | None = None) 
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise ModelLoadError(f"missing model config: {file} does not exist")
-        raw = _json_object(file)
+        raw = read_json_object(file)
         name = name or str(file.parent)
         generation = file.parent / "generation_config.json"
         if generation.is_file():
-            extra_eos = _as_id_list(_json_object(generation).get("eos_token_id"))
+            extra_eos = _as_id_list(read_json_object(generation).get("eos_token_id"))
     return _parse(raw, name, extra_eos)
 
 
-def _json_object(file: Path) -> dict:
+def read_json_object(file: Path) -> dict:
+    """The JSON object in ``file``; ``ModelLoadError`` naming the file if it is not one."""
     try:
         raw = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

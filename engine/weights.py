@@ -8,14 +8,13 @@ folder holding only those is refused.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from engine.model_config import ModelConfig, ModelLoadError
+from engine.model_config import ModelConfig, ModelLoadError, read_json_object
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Present in some checkpoints, never needed: RoPE tables are rebuilt from the config.
@@ -76,10 +75,7 @@ def safetensors_files(folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map")
-        except (ValueError, AttributeError) as e:  # not JSON, or not a JSON object
-            raise ModelLoadError(f"{index} is not a valid shard index: {e}") from e
+        weight_map = read_json_object(index).get("weight_map")
         if not weight_map:
             raise ModelLoadError(f"{index} has no 'weight_map'")
         if not isinstance(weight_map, dict) or not all(
