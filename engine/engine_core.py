@@ -185,7 +185,10 @@ class EngineCore:
         top_k = params.top_k if 0 < params.top_k < self.model_config.vocab_size else -1
         sampling = RowSampling(temperature=0.0 if params.greedy else float(params.temperature),
                                top_k=top_k, top_p=float(params.top_p), seed=seed,
-                               logprobs=params.logprobs)
+                               logprobs=params.logprobs,
+                               presence_penalty=float(params.presence_penalty),
+                               frequency_penalty=float(params.frequency_penalty),
+                               repetition_penalty=float(params.repetition_penalty))
         entry = Request(rid, prompt_len=prompt_len, max_tokens=params.max_tokens,
                         arrival_time=request.arrival_time, hint=request.hint)
         seq = _Sequence(request, entry, sampling, [], [] if params.logprobs else None)
@@ -371,7 +374,8 @@ class EngineCore:
         prompts = [seq.tokens_to_prefill() for seq in seqs]
         watch = Stopwatch(self.device)
         watch.start()
-        pending = self.runner.prefill(rows, prompts, [seq.sampling for seq in seqs])
+        pending = self.runner.prefill(rows, prompts, [seq.sampling for seq in seqs],
+                                      [len(seq.output_ids) for seq in seqs])
         watch.stop()
         batch.stats.prefill_watches.append(watch)
         batch.pending.append((pending, list(seqs)))

@@ -6,6 +6,7 @@ are found in the text here, so a request whose text hits one is aborted in the c
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import numbers
 import time
@@ -195,10 +196,8 @@ class LLM:
         seed = params.seed
         if params.n > 1 and seed is not None:
             seed = derive_seed(seed, index)
-        return SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
-                              top_p=params.top_p, top_k=params.top_k, seed=seed,
-                              stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
-                              ignore_eos=params.ignore_eos, logprobs=params.logprobs, n=1)
+        return dataclasses.replace(params, seed=seed, stop=list(params.stop),
+                                   stop_token_ids=list(params.stop_token_ids), n=1)
 
     def close(self) -> None:
         self.core.close()

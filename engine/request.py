@@ -39,6 +39,15 @@ class SamplingParams:
         ignore_eos: keep generating after EOS (benchmarks).
         logprobs: return the log-probability of every sampled token.
         n: completions per prompt.
+        presence_penalty: subtracted from the logit of every token the request has generated
+            so far, in [-2, 2] (OpenAI's definition; positive values discourage repeats).
+        frequency_penalty: subtracted once per earlier occurrence in the generated tokens, in
+            [-2, 2].
+        repetition_penalty: > 0; tokens seen in the prompt or the output have positive logits
+            divided by it and negative ones multiplied by it (the CTRL paper's penalty, as in
+            transformers and vLLM); 1 turns it off.
+        Penalties apply before temperature, top-k and top-p, to greedy rows too; the order is
+        vLLM's: repetition, then frequency and presence.
     """
 
     max_tokens: int = 16
@@ -51,6 +60,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -70,6 +82,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field; also normalise ``stop``."""
@@ -94,6 +111,14 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of integers >= 0, got {self.stop_token_ids!r}")
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if (not _is_number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty)
+                or self.repetition_penalty <= 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got "
+                             f"{self.repetition_penalty!r}")
 
 
 @dataclass

@@ -20,11 +20,12 @@ import torch
 from engine.blas import decode_blas
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVArena, KVSlab
-from engine.sampling import filter_kwargs, sample
+from engine.sampling import Penalties, filter_kwargs, sample
 
 # How a step picks tokens: argmax alone, argmax plus its logprob, or the sampler. A kind is
-# a tuple, part of the CUDA graph's key: ("sample", top_k_bound, use_top_p) carries the
-# sampler's promises about the live rows, which let it skip the full-vocabulary sort.
+# a tuple, part of the CUDA graph's key: ("sample", top_k_bound, use_top_p, penalized) carries
+# the sampler's promises about the live rows, which let it skip the full-vocabulary sort, and
+# whether any of them has penalties (greedy rows with penalties take the sampler too).
 GREEDY, GREEDY_LOGPROBS, SAMPLE = ("greedy",), ("greedy+logprobs",), "sample"
 
 
@@ -37,6 +38,14 @@ class RowSampling:
     top_p: float
     seed: int
     logprobs: bool
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def penalized(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
 
 
 def capacity_bucket(needed: int, min_capacity: int, max_model_len: int) -> int:
@@ -127,6 +136,24 @@ class _StepBuffers:
         self.top_k = torch.full((B,), -1, dtype=torch.int32, device=device)
         self.top_p = torch.ones(B, dtype=torch.float32, device=device)
         self.seeds = torch.zeros(B, dtype=torch.int64, device=device)
+        self.presence = torch.zeros(B, dtype=torch.float32, device=device)
+        self.frequency = torch.zeros(B, dtype=torch.float32, device=device)
+        self.repetition = torch.ones(B, dtype=torch.float32, device=device)
+        # Token history for penalties, [B, V]: allocated when a batch of this size first
+        # prefills a penalised row (B x V int32 is 131 MB at B = 256 with a 128k vocabulary).
+        self.output_counts: torch.Tensor | None = None
+        self.prompt_seen: torch.Tensor | None = None
+
+    def penalties(self, vocab_size: int) -> Penalties:
+        """All rows' penalties and history; the history is allocated on first use, and a row's
+        is only meaningful after a prefill that reset it (rows without penalties never read
+        theirs: 0, 0 and 1 leave the logits as they are)."""
+        if self.output_counts is None:
+            B, device = self.tokens.shape[0], self.tokens.device
+            self.output_counts = torch.zeros(B, vocab_size, dtype=torch.int32, device=device)
+            self.prompt_seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+        return Penalties(self.output_counts, self.prompt_seen, self.presence, self.frequency,
+                         self.repetition)
 
 
 class BatchRunner:
@@ -187,13 +214,16 @@ class BatchRunner:
 
     @torch.no_grad()
     def prefill(self, rows: list[int], prompts: list[list[int]],
-                sampling: list[RowSampling]) -> PendingTokens:
+                sampling: list[RowSampling], generated: list[int] | None = None) -> PendingTokens:
         """Prefill ``prompts[i]`` into slab row ``rows[i]`` and sample each one's first token.
 
         The rows' previous contents are overwritten (rows still live in an earlier, unread
         step are safe: the device runs launches in order). Each first token goes to slot
-        ``len(prompt)``, which is also its RNG position. Returns the first tokens.
+        ``len(prompt)``, which is also its RNG position. ``generated[i]``: how many of
+        ``prompts[i]``'s last tokens the request generated itself (a request re-queued after
+        an overflow); penalties count them as output, not prompt. Returns the first tokens.
         """
+        generated = [0] * len(rows) if generated is None else generated
         C = self.capacity
         for row, prompt in zip(rows, prompts):
             if not 0 < len(prompt) <= C:
@@ -217,9 +247,23 @@ class BatchRunner:
             temperature, top_k, top_p, seeds = self._sampling_tensors(params)
             first_slots = self._to_device(lens, torch.int32)
             kind = _kind(params)
-            tokens, logprobs = self._pick(logits, kind, temperature, top_k, top_p, seeds,
-                                          first_slots.long())
             index = self._to_device(pack_rows, torch.int64)
+            # Every row sets its penalties (0, 0, 1 without): a later step may run penalised
+            # for another row, and must not apply an earlier request's to this one.
+            for target, name in ((buf.presence, "presence_penalty"),
+                                 (buf.frequency, "frequency_penalty"),
+                                 (buf.repetition, "repetition_penalty")):
+                target.index_copy_(0, index, self._to_device(
+                    [getattr(p, name) for p in params], torch.float32))
+            penalties = None
+            if kind[0] == SAMPLE and kind[3]:
+                penalties = self._start_history(buf, pack_rows, index, pack_prompts,
+                                                generated[lo:hi], logits.shape[-1])
+            tokens, logprobs = self._pick(logits, kind, temperature, top_k, top_p, seeds,
+                                          first_slots.long(), penalties)
+            if penalties is not None:
+                buf.output_counts.index_put_((index, tokens), self._ones(len(lens)),
+                                             accumulate=True)
             buf.tokens.index_copy_(0, index, tokens)
             buf.positions.index_copy_(0, index, first_slots)
             buf.temperature.index_copy_(0, index, temperature)
@@ -265,8 +309,13 @@ class BatchRunner:
                 logits = self.model.decode(buf.tokens, buf.positions, slab)
             # The sampled token goes to the next slot, which is also its RNG position.
             rng_positions = buf.positions.long() + 1 if kind[0] == SAMPLE else None
+            penalties = buf.penalties(logits.shape[-1]) if kind[0] == SAMPLE and kind[3] else None
             tokens, logprobs = self._pick(logits, kind, buf.temperature, buf.top_k, buf.top_p,
-                                          buf.seeds, rng_positions)
+                                          buf.seeds, rng_positions, penalties)
+            if penalties is not None:
+                # Every row counts its token; dead rows' history is reset before reuse.
+                penalties.output_counts.scatter_add_(
+                    1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.int32))
             buf.tokens.copy_(tokens)
             if logprobs is not None:
                 buf.logprobs.copy_(logprobs)
@@ -283,15 +332,45 @@ class BatchRunner:
         buf.positions.copy_(saved_positions)
 
     def _pick(self, logits: torch.Tensor, kind: tuple, temperature, top_k, top_p, seeds,
-              rng_positions) -> tuple[torch.Tensor, torch.Tensor | None]:
+              rng_positions, penalties: Penalties | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if kind[0] == SAMPLE:
             return sample(logits, temperature, top_k, top_p, seeds, rng_positions,
-                          top_k_bound=kind[1], use_top_p=kind[2])
+                          top_k_bound=kind[1], use_top_p=kind[2], penalties=penalties)
         tokens = self.model.ops.argmax(logits)
         if kind == GREEDY:
             return tokens, None
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
         return tokens, logprobs
+
+    def _start_history(self, buf: _StepBuffers, rows: list[int], index: torch.Tensor,
+                       prompts: list[list[int]], generated: list[int],
+                       vocab_size: int) -> Penalties:
+        """Reset the token history of the pack's slab rows (``index``: ``rows`` on the device)
+        to their prompts and generated tokens; returns the pack's rows of the penalties, for
+        sampling their first tokens."""
+        state = buf.penalties(vocab_size)
+        state.output_counts.index_fill_(0, index, 0)
+        state.prompt_seen.index_fill_(0, index, False)
+        seen_rows, seen_ids, out_rows, out_ids = [], [], [], []
+        for row, prompt, n_out in zip(rows, prompts, generated):
+            cut = len(prompt) - n_out
+            seen_rows += [row] * cut
+            seen_ids += prompt[:cut]
+            out_rows += [row] * n_out
+            out_ids += prompt[cut:]
+        if seen_ids:
+            state.prompt_seen[self._to_device(seen_rows, torch.int64),
+                              self._to_device(seen_ids, torch.int64)] = True
+        if out_ids:
+            state.output_counts.index_put_(
+                (self._to_device(out_rows, torch.int64), self._to_device(out_ids, torch.int64)),
+                self._ones(len(out_ids)), accumulate=True)
+        return Penalties(state.output_counts[index], state.prompt_seen[index],
+                         buf.presence[index], buf.frequency[index], buf.repetition[index])
+
+    def _ones(self, n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=torch.int32, device=self.device)
 
     def _sampling_tensors(self, params: list[RowSampling]):
         return (self._to_device([p.temperature for p in params], torch.float32),
@@ -318,10 +397,11 @@ class BatchRunner:
 
 
 def _kind(params: list[RowSampling]) -> tuple:
-    if any(p.temperature > 0 for p in params):
+    penalized = any(p.penalized for p in params)
+    if penalized or any(p.temperature > 0 for p in params):
         promises = filter_kwargs([p.temperature for p in params], [p.top_k for p in params],
                                  [p.top_p for p in params])
-        return SAMPLE, promises["top_k_bound"], promises["use_top_p"]
+        return SAMPLE, promises["top_k_bound"], promises["use_top_p"], penalized
     return GREEDY_LOGPROBS if any(p.logprobs for p in params) else GREEDY
 
 

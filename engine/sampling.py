@@ -28,14 +28,19 @@ recorded in a CUDA graph. The keyword flags are host-side promises about the who
 Requests without a seed get one from ``engine.seeds.draw_seed`` when the engine admits them; the sampler
 itself always needs a seed per row.
 
+Penalties (``Penalties``) change the logits the token is picked from, before temperature and
+filtering: vLLM's order, repetition over the prompt's and the output's tokens, then frequency
+and presence over the output's.
+
 Reported logprobs are those of the *unmodified* distribution, ``log_softmax(logits)`` at
-temperature 1 before top-k/top-p, at the chosen token: what vLLM returns by default, and a
-value that stays meaningful for greedy rows.
+temperature 1 before penalties and top-k/top-p, at the chosen token: what vLLM returns by
+default, and a value that stays meaningful for greedy rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -87,6 +92,35 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
 
 
+@dataclass
+class Penalties:
+    """Each row's penalties and the token history they act on (one device state per batch).
+
+    output_counts: int32 [B, V], how often each token occurs in the row's generated tokens;
+    prompt_seen: bool [B, V], the tokens of its prompt; presence, frequency, repetition: fp32
+    [B] (0, 0, 1 leave a row's logits exactly as they are).
+    """
+
+    output_counts: torch.Tensor
+    prompt_seen: torch.Tensor
+    presence: torch.Tensor
+    frequency: torch.Tensor
+    repetition: torch.Tensor
+
+
+def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    """Penalised logits, fp32 [B, V]: where a token was seen (prompt or output), a positive
+    logit is divided by the repetition penalty and a negative one multiplied by it; then every
+    output occurrence subtracts the frequency penalty, and any output occurrence the presence
+    penalty once."""
+    counts = p.output_counts.float()
+    in_output = p.output_counts > 0
+    repetition = p.repetition[:, None]
+    repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(p.prompt_seen | in_output, repeated, logits)
+    return logits - p.frequency[:, None] * counts - p.presence[:, None] * in_output
+
+
 def _thresholds_from_sorted(sorted_desc: torch.Tensor, top_k: torch.Tensor,
                             top_p: torch.Tensor) -> torch.Tensor:
     """Per-row lowest scaled logit that survives top-k then top-p (top-p renormalised over the
@@ -122,7 +156,8 @@ def _thresholds_from_topk(scaled: torch.Tensor, top_k: torch.Tensor, bound: int)
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, *,
            all_greedy: bool = False, top_k_bound: int | None = None,
-           use_top_p: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+           use_top_p: bool = True,
+           penalties: Penalties | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row.
 
     Args:
@@ -138,6 +173,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         use_top_p: host promise; False = no sampled row has top_p < 1.
         A broken promise silently drops the filter it promised away; ``filter_kwargs`` derives
         the promises from the rows' settings.
+        penalties: applied to the logits first (greedy rows pick the penalised argmax).
 
     Returns:
         tokens int64 [B] and logprobs fp32 [B] (``log_softmax(logits)`` at the token).
@@ -150,12 +186,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         if t.shape != (B,):
             raise ValueError(f"{name} must have shape [{B}], got {tuple(t.shape)}")
     logits = logits.float()
-    greedy_tokens = logits.argmax(dim=-1)
+    scores = logits if penalties is None else apply_penalties(logits, penalties)
+    greedy_tokens = scores.argmax(dim=-1)
     if all_greedy:
         return greedy_tokens, _logprobs(logits, greedy_tokens)
 
     is_greedy = temperature < GREEDY_TEMPERATURE
-    scaled = logits / torch.where(is_greedy, 1.0, temperature)[:, None]
+    scaled = scores / torch.where(is_greedy, 1.0, temperature)[:, None]
     threshold = None
     if use_top_p or top_k_bound is None:
         sorted_desc = torch.sort(scaled, dim=-1, descending=True).values

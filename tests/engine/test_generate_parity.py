@@ -89,12 +89,75 @@ def test_overflow_recompute_equals_transformers(llama_reference):
     assert sum(r.overflows for r in llm.core.batch_records) == stats["overflows"]
 
 
+class _OutputPenalties:
+    """OpenAI's frequency and presence penalties as a transformers logits processor: counts
+    over the generated tokens only (input_ids past the prompt)."""
+
+    def __init__(self, prompt_len: int, frequency: float, presence: float):
+        self.prompt_len, self.frequency, self.presence = prompt_len, frequency, presence
+
+    def __call__(self, input_ids, scores):
+        counts = torch.zeros_like(scores)
+        generated = input_ids[:, self.prompt_len:]
+        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0)
+
+
+@torch.no_grad()
+def _hf_penalised_greedy(hf_model, prompts, penalties, new_tokens: int = NEW_TOKENS):
+    """transformers' greedy generate with its repetition penalty (prompt and output tokens)
+    and then the processor above, the order vLLM applies them in."""
+    from transformers import LogitsProcessorList
+
+    out = []
+    for prompt, (presence, frequency, repetition) in zip(prompts, penalties):
+        ids = torch.tensor([prompt], device=hf_model.device)
+        processors = LogitsProcessorList([_OutputPenalties(len(prompt), frequency, presence)])
+        generated = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      eos_token_id=None, pad_token_id=0,
+                                      repetition_penalty=repetition, logits_processor=processors)
+        out.append(generated[0, len(prompt):].tolist())
+    return out
+
+
+# (presence, frequency, repetition) per prompt of llama_reference; one row without penalties.
+PENALTIES = [(0.0, 0.0, 1.3), (0.4, 0.0, 1.0), (0.0, 0.0, 1.0), (0.3, 0.6, 1.2), (-0.5, 0.2, 0.9)]
+
+
+@pytest.mark.parametrize("setup", ["one-batch", "refills", "overflows"])
+def test_penalties_equal_transformers(llama_reference, setup):
+    """Greedy rows with repetition, presence and frequency penalties (and one without, in the
+    same batches) give transformers' tokens: in one batch, with refills in continuous mode,
+    and when every request overflows and is recomputed, its generated tokens still counted as
+    output rather than prompt."""
+    ckpt, prompts, plain = llama_reference
+    want = _hf_penalised_greedy(ckpt.hf_model, prompts, PENALTIES)
+    assert want[2] == plain[2]
+    assert all(w != p for w, p, pen in zip(want, plain, PENALTIES) if pen != (0, 0, 1)), \
+        "a penalty left its row's tokens unchanged: the comparison would prove nothing"
+    options, hints = {
+        "one-batch": (dict(batch_size=5), None),
+        "refills": (dict(batch_size=2, mode="continuous"), None),
+        "overflows": (dict(batch_size=3, bin_edges=[8], predictor="hint"), [1] * len(prompts)),
+    }[setup]
+    llm = LLM(str(ckpt.path), max_model_len=64, min_capacity=16, max_output_len=32, **options)
+    params = [SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
+                             presence_penalty=pres, frequency_penalty=freq,
+                             repetition_penalty=rep) for pres, freq, rep in PENALTIES]
+    outputs = llm.generate(prompts, params, use_tqdm=False, hints=hints)
+    assert [o.token_ids for o in outputs] == want
+    if setup == "overflows":
+        assert llm.core.stats()["overflows"] >= 3
+
+
 def test_seeded_sampling_is_independent_of_batch_size_and_mode(llama_reference):
     ckpt, prompts, want = llama_reference
     params = [SamplingParams(max_tokens=n, temperature=t, top_p=p, top_k=k, seed=s, ignore_eos=True)
               for n, t, p, k, s in [(20, 1.0, 1.0, -1, 1), (12, 0.8, 0.9, -1, 2),
                                     (24, 1.3, 1.0, 20, 3), (16, 0.0, 1.0, -1, 4),
                                     (20, 1.0, 0.5, 5, 5)]]
+    params[2].frequency_penalty, params[4].repetition_penalty = 0.5, 1.4
     runs = []
     for options in (dict(batch_size=1), dict(batch_size=3, mode="bin-continuous", bins=2),
                     dict(batch_size=4, mode="continuous")):

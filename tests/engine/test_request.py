@@ -29,6 +29,13 @@ from engine.request import EngineRequest, RequestOutput, SamplingParams
     ({"seed": 2**63}, "seed"),
     ({"seed": -(2**63) - 1}, "seed"),
     ({"seed": 1.0}, "seed"),
+    ({"presence_penalty": 2.01}, "presence_penalty"),
+    ({"presence_penalty": math.nan}, "presence_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"frequency_penalty": "1"}, "frequency_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": math.inf}, "repetition_penalty"),
+    ({"repetition_penalty": True}, "repetition_penalty"),
 ])
 def test_validate_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -47,6 +54,7 @@ def test_validate_rejects_bad_values_naming_the_field(kwargs, field):
     {"seed": -(2**63)},
     {"stop": ["a", "bc"], "stop_token_ids": [0, 5]},
     {"n": 4, "max_tokens": 1},
+    {"presence_penalty": -2, "frequency_penalty": 2, "repetition_penalty": 1e-3},
 ])
 def test_validate_accepts_edge_values(kwargs):
     SamplingParams(**kwargs).validate()

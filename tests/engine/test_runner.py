@@ -159,6 +159,36 @@ def test_sampled_tokens_do_not_depend_on_row_or_batch(model):
     assert ref != ref_greedy, "temperature 1 sampling reproduced greedy decoding"
 
 
+def _greedy_alone(model, prompt: list[int], steps: int) -> list[int]:
+    runner = BatchRunner(model, _arena(model, 32))
+    runner.begin(1, 32)
+    return runner.prefill([0], [prompt], [GREEDY]).result()[0] + [
+        runner.decode().result()[0][0] for _ in range(steps)]
+
+
+def test_a_refilled_row_does_not_inherit_penalties(model):
+    """A row refilled with a request without penalties decodes as plain greedy, although the
+    row's previous request had penalties and another live row still has them (so every step
+    runs the penalised sampler)."""
+    penalised = RowSampling(0.0, -1, 1.0, 0, False, presence_penalty=1.5,
+                            frequency_penalty=1.0, repetition_penalty=3.0)
+    first, second, refill = _random_prompts([4, 7, 5], seed=8)
+    runner = BatchRunner(model, _arena(model, 2 * 32))
+    runner.begin(2, 32)
+    runner.prefill([0, 1], [first, second], [penalised, penalised]).result()
+    for _ in range(3):
+        runner.decode().result()
+    runner.retire([0])
+    got = [runner.prefill([0], [refill], [GREEDY]).result()[0][0]]
+    got += [runner.decode().result()[0][0] for _ in range(6)]
+    assert got == _greedy_alone(model, refill, 6)
+    penalised_alone = BatchRunner(model, _arena(model, 32))
+    penalised_alone.begin(1, 32)
+    shown = penalised_alone.prefill([0], [refill], [penalised]).result()[0] + [
+        penalised_alone.decode().result()[0][0] for _ in range(6)]
+    assert shown != got, "the penalties do not change this prompt's tokens: nothing is shown"
+
+
 def test_slab_and_prompt_limits_are_refused(model):
     runner = BatchRunner(model, _arena(model, 64))
     with pytest.raises(ValueError, match="exceeds the KV arena"):
@@ -175,7 +205,9 @@ def test_slab_and_prompt_limits_are_refused(model):
 def test_cuda_graphs_give_the_same_tokens_as_eager():
     gpu_model = load_model("dummy:tiny", torch.float32, "cuda", backend="triton")
     prompts = _random_prompts([5, 17, 9], seed=6)
-    sampling = [GREEDY, RowSampling(0.8, 40, 0.95, 7, True), GREEDY]
+    # The sampled row has penalties too: their history is updated inside the graph.
+    sampling = [GREEDY, RowSampling(0.8, 40, 0.95, 7, True, presence_penalty=0.5,
+                                    frequency_penalty=0.3, repetition_penalty=1.2), GREEDY]
     results = []
     for eager in (True, False):
         runner = BatchRunner(gpu_model, _arena(gpu_model, 4 * 64, "cuda"), enforce_eager=eager)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from engine.request import INT64_MAX, INT64_MIN
-from engine.sampling import filter_kwargs, greedy_sample, row_uniforms, sample
+from engine.sampling import (Penalties, apply_penalties, filter_kwargs, greedy_sample,
+                             row_uniforms, sample)
 from engine.seeds import derive_seed, draw_seed
 
 
@@ -86,6 +87,46 @@ def test_logprobs_are_log_softmax_of_unmodified_logits():
     expected = torch.log_softmax(batch[0], -1).gather(1, tokens[:, None]).squeeze(1)
     torch.testing.assert_close(logprobs, expected)
     assert (logprobs < 0).all()
+
+
+def _penalties(B: int, V: int, gen: torch.Generator) -> Penalties:
+    counts = torch.randint(0, 4, (B, V), generator=gen, dtype=torch.int32)
+    counts[torch.rand(B, V, generator=gen) < 0.7] = 0
+    return Penalties(counts, torch.rand(B, V, generator=gen) < 0.2,
+                     torch.rand(B, generator=gen) * 4 - 2, torch.rand(B, generator=gen) * 4 - 2,
+                     0.5 + torch.rand(B, generator=gen) * 1.5)
+
+
+def test_penalties_follow_their_definition_element_by_element():
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, 50, generator=gen) * 3
+    logits[:, :3] = torch.tensor([0.0, 1e-3, -1e-3])
+    p = _penalties(6, 50, gen)
+    got = apply_penalties(logits, p)
+    for b in range(6):
+        for t in range(50):
+            x, n = float(logits[b, t]), int(p.output_counts[b, t])
+            rep = float(p.repetition[b])
+            if n > 0 or bool(p.prompt_seen[b, t]):
+                x = x / rep if x > 0 else x * rep
+            x -= float(p.frequency[b]) * n + (float(p.presence[b]) if n > 0 else 0.0)
+            assert math.isclose(float(got[b, t]), x, rel_tol=1e-6, abs_tol=1e-6), (b, t)
+
+
+def test_neutral_penalties_change_nothing_and_logprobs_stay_unpenalised():
+    gen = torch.Generator().manual_seed(12)
+    batch = _rows(20, 300, gen)
+    p = _penalties(20, 300, gen)
+    neutral = Penalties(p.output_counts, p.prompt_seen, torch.zeros(20), torch.zeros(20),
+                        torch.ones(20))
+    assert torch.equal(apply_penalties(batch[0], neutral), batch[0])
+    assert torch.equal(sample(*batch, penalties=neutral)[0], sample(*batch)[0])
+    tokens, logprobs = sample(*batch, penalties=p)
+    greedy = batch[1] == 0
+    assert torch.equal(tokens[greedy], apply_penalties(batch[0], p).argmax(-1)[greedy])
+    assert not torch.equal(tokens[greedy], batch[0].argmax(-1)[greedy])
+    expected = torch.log_softmax(batch[0], -1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs, expected)
 
 
 def test_token_depends_only_on_own_row_not_batch():
