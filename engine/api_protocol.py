@@ -7,6 +7,8 @@ served name) live in ``check_*`` functions the server calls after tokenising.
 
 Extension fields beyond OpenAI's API (accepted on both routes unless noted):
     top_k: int           sample from the k most likely tokens (-1 or 0 = off).
+    repetition_penalty: float  > 0; divides positive logits of tokens already in the prompt or
+                         the output and multiplies negative ones (1 = off), as in vLLM.
     ignore_eos: bool     keep generating past the model's end-of-sequence token.
     predicted_tokens: int  the client's guess of the output length; the ``hint`` predictor
                            bins the request by it.
@@ -76,11 +78,12 @@ class _SamplingFields(_Strict):
     stop: Any = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=-INT64_MAX - 1, le=INT64_MAX)
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     # Extensions (see the module docstring).
     top_k: int = Field(-1, ge=-1)
+    repetition_penalty: float = Field(1.0, gt=0.0)
     ignore_eos: bool = False
     predicted_tokens: int | None = Field(None, ge=1)
 
@@ -100,8 +103,6 @@ class _SamplingFields(_Strict):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.presence_penalty != 0.0 or self.frequency_penalty != 0.0:
-            raise ValueError("presence_penalty and frequency_penalty are not supported (use 0)")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
         if self.stream_options is not None and not self.stream:

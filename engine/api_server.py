@@ -423,7 +423,10 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens:
     seed = None if req.seed is None else derive_seed(req.seed, choice)
     params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                             top_k=req.top_k, seed=seed,
-                            ignore_eos=req.ignore_eos, logprobs=logprobs)
+                            ignore_eos=req.ignore_eos, logprobs=logprobs,
+                            presence_penalty=req.presence_penalty,
+                            frequency_penalty=req.frequency_penalty,
+                            repetition_penalty=req.repetition_penalty)
     try:
         params.validate()
     except ValueError as e:

@@ -123,6 +123,20 @@ def test_seed_determinism(client):
     assert run(99) != first
 
 
+def test_penalties_reach_the_engine(client):
+    run = lambda **penalties: client.completions.create(
+        model=MODEL, prompt="penalties", max_tokens=24, temperature=0.0,
+        extra_body={"ignore_eos": True, **penalties.pop("extra", {})}, **penalties
+    ).choices[0].text
+    plain = run()
+    penalised = run(frequency_penalty=2.0, presence_penalty=1.0, extra={"repetition_penalty": 2.0})
+    assert penalised != plain
+    assert run(frequency_penalty=2.0, presence_penalty=1.0,
+               extra={"repetition_penalty": 2.0}) == penalised
+    assert run(extra={"repetition_penalty": 2.0}) != plain
+    assert run(frequency_penalty=2.0) != plain
+
+
 def test_stop_string_cuts_text_and_frees_row(client, server):
     kwargs = dict(model=MODEL, prompt="stop test", max_tokens=40, temperature=0.0,
                   extra_body={"ignore_eos": True})

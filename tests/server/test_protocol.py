@@ -70,8 +70,18 @@ def test_missing_model_and_bad_json():
     assert refused(CompletionRequest, nan).param == "temperature"
 
 
+def test_penalties_in_range_accepted_outside_refused():
+    req = parse_request(CompletionRequest, completion(presence_penalty=0.5, frequency_penalty=-2,
+                                                      repetition_penalty=1.2))
+    assert (req.presence_penalty, req.frequency_penalty, req.repetition_penalty) == (0.5, -2, 1.2)
+    assert refused(CompletionRequest, completion(presence_penalty=2.5)).param == "presence_penalty"
+    assert refused(CompletionRequest, completion(frequency_penalty=-3)).param == "frequency_penalty"
+    assert refused(CompletionRequest, completion(repetition_penalty=0)).param == "repetition_penalty"
+    assert refused(ChatCompletionRequest, chat(repetition_penalty="1")).param == "repetition_penalty"
+
+
 def test_unsupported_fields_refused_with_reason():
-    assert "presence_penalty" in refused(CompletionRequest, completion(presence_penalty=0.5)).message
+    assert "logit_bias" in refused(CompletionRequest, completion(logit_bias={"1": 5})).message
     usage_without_stream = completion(stream_options={"include_usage": True})
     assert "stream_options" in refused(CompletionRequest, usage_without_stream).message
     assert "echo" in refused(CompletionRequest, completion(echo=True)).message
