@@ -23,9 +23,10 @@ from engine.kv_cache import KVArena, KVSlab
 from engine.sampling import Penalties, filter_kwargs, sample
 
 # How a step picks tokens: argmax alone, argmax plus its logprob, or the sampler. A kind is
-# a tuple, part of the CUDA graph's key: ("sample", top_k_bound, use_top_p, penalized) carries
-# the sampler's promises about the live rows, which let it skip the full-vocabulary sort, and
-# whether any of them has penalties (greedy rows with penalties take the sampler too).
+# a tuple, part of the CUDA graph's key: ("sample", top_k_bound, use_top_p, penalized,
+# all_greedy) carries the sampler's promises about the live rows, which let it skip the
+# full-vocabulary sort (or, all greedy, everything but the argmax), and whether any of them has
+# penalties (greedy rows with penalties take the sampler too).
 GREEDY, GREEDY_LOGPROBS, SAMPLE = ("greedy",), ("greedy+logprobs",), "sample"
 
 
@@ -336,7 +337,8 @@ class BatchRunner:
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if kind[0] == SAMPLE:
             return sample(logits, temperature, top_k, top_p, seeds, rng_positions,
-                          top_k_bound=kind[1], use_top_p=kind[2], penalties=penalties)
+                          top_k_bound=kind[1], use_top_p=kind[2], all_greedy=kind[4],
+                          penalties=penalties)
         tokens = self.model.ops.argmax(logits)
         if kind == GREEDY:
             return tokens, None
@@ -401,7 +403,8 @@ def _kind(params: list[RowSampling]) -> tuple:
     if penalized or any(p.temperature > 0 for p in params):
         promises = filter_kwargs([p.temperature for p in params], [p.top_k for p in params],
                                  [p.top_p for p in params])
-        return SAMPLE, promises["top_k_bound"], promises["use_top_p"], penalized
+        return (SAMPLE, promises["top_k_bound"], promises["use_top_p"], penalized,
+                promises["all_greedy"])
     return GREEDY_LOGPROBS if any(p.logprobs for p in params) else GREEDY
 
 
