@@ -98,6 +98,15 @@ def _command_line() -> str:
     return " ".join([program, *sys.argv[1:]])
 
 
+def replotted(args, plot) -> bool:
+    """With ``--replot FILE`` among ``args``: draw FILE's PNG beside it with ``plot(payload,
+    png_path)`` and return True (the benchmark then exits without measuring)."""
+    if args.replot is None:
+        return False
+    plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+    return True
+
+
 def write_json(path: Path, payload: dict) -> Path:
     """Write ``payload`` with ``run_metadata()`` under key ``meta``; returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS_DIR, copy_bandwidth_gbps, matmul_tflops, write_json
+from bench.common import (RESULTS_DIR, copy_bandwidth_gbps, matmul_tflops, replotted,
+                          write_json)
 
 CAPACITY = 1024
 REPLAYS = 20
@@ -118,23 +119,12 @@ def run_one(model, batch: int, context: int, rounds: int) -> dict:
 
 def plot(payload: dict, path: Path) -> None:
     """Roofline / step time of each variant, per model and batch size (bars)."""
-    from bench.plots import _pyplot, _save
+    from bench.plots import grouped_bars
 
-    plt = _pyplot()
     rows = payload["rows"]
-    variants = list(rows[0]["step_ms"])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / len(variants)
-    for i, name in enumerate(variants):
-        ax.bar([x + i * width for x in range(len(rows))],
-               [100 * r["roofline_ms"] / r["step_ms"][name] for r in rows], width, label=name)
-    ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(rows))])
-    ax.set_xticklabels([f"{r['model'].removeprefix('dummy:')}\nB={r['B']}" for r in rows],
-                       fontsize=8)
-    ax.set_ylabel("roofline / step time (%)")
-    ax.set_title("A decode step as two concurrent half-steps")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=len(variants))
-    _save(fig, path)
+    grouped_bars(rows, list(rows[0]["step_ms"]),
+                 lambda row, name: 100 * row["roofline_ms"] / row["step_ms"][name],
+                 "roofline / step time (%)", "A decode step as two concurrent half-steps", path)
 
 
 def main(argv=None) -> None:
@@ -151,10 +141,7 @@ def main(argv=None) -> None:
     parser.add_argument("--name", default="concurrent_halves", help="stem of the JSON file")
     parser.add_argument("--replot", type=Path, help="draw the PNG of a saved JSON and exit")
     args = parser.parse_args(argv)
-    if args.replot:
-        import json
-
-        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+    if replotted(args, plot):
         return
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     # Halves of up to SWAP_AB_ROWS rows split K through device-wide arrival counters, which

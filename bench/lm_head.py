@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.common import RESULTS_DIR, copy_bandwidth_gbps, cuda_graph, write_json
+from bench.common import (RESULTS_DIR, copy_bandwidth_gbps, cuda_graph, replotted,
+                          write_json)
 
 HEADS = {"llama-3.2-1b": (128256, 2048), "llama-3.1-8b": (128256, 4096)}
 VARIANTS = ("logits + argmax", "fused", "weight read")
@@ -132,10 +133,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--replot", type=Path, help="draw the PNG of a saved JSON and exit")
     args = parser.parse_args(argv)
-    if args.replot:
-        import json
-
-        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+    if replotted(args, plot):
         return
     from kernels.lm_head import HEAD_MAX_ROWS
 

@@ -28,6 +28,28 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
+def grouped_bars(rows: list[dict], series: list[str], value, ylabel: str, title: str,
+                 path: Path, baseline: float | None = None) -> None:
+    """One group of bars per row (labelled by its model and B), one bar per name in ``series``
+    of height ``value(row, name)``; a horizontal line at ``baseline`` if given."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(series)
+    for i, name in enumerate(series):
+        ax.bar([x + i * width for x in range(len(rows))], [value(r, name) for r in rows], width,
+               label=name)
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(rows))])
+    ax.set_xticklabels([f"{r['model'].removeprefix('dummy:')}\nB={r['B']}" for r in rows],
+                       fontsize=8)
+    if baseline is not None:
+        ax.axhline(baseline, color="black", linewidth=0.8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15),
+              ncol=min(len(series), 3))
+    _save(fig, path)
+
+
 def plot_engine(payload: dict, path: Path) -> None:
     """Left: roofline time / measured step time against B per model. Right: tokens/s against
     B, ours per model (whole generate solid, decode phase dashed), transformers' generate as

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS_DIR, write_json
+from bench.common import RESULTS_DIR, replotted, write_json
 
 PENALTIES = dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1)
 SETTINGS = {
@@ -101,24 +101,12 @@ def run_model(model_name: str, batch_sizes: list[int], context: int, steps: int,
 
 def plot(payload: dict, path: Path) -> None:
     """Step time of each setting over the greedy step's, per model and batch size (bars)."""
-    from bench.plots import _pyplot, _save
+    from bench.plots import grouped_bars
 
-    plt = _pyplot()
     rows = payload["rows"]
-    names = list(rows[0]["step_ms"])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        ax.bar([x + i * width for x in range(len(rows))], [r["vs_greedy"][name] for r in rows],
-               width, label=name)
-    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(rows))])
-    ax.set_xticklabels([f"{r['model'].removeprefix('dummy:')}\nB={r['B']}" for r in rows],
-                       fontsize=8)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_ylabel("decode step time / greedy step time")
-    ax.set_title("What each way of picking tokens costs a decode step")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
-    _save(fig, path)
+    grouped_bars(rows, list(rows[0]["step_ms"]), lambda row, name: row["vs_greedy"][name],
+                 "decode step time / greedy step time",
+                 "What each way of picking tokens costs a decode step", path, baseline=1.0)
 
 
 def main(argv=None) -> None:
@@ -131,10 +119,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--replot", type=Path, help="draw the PNG of a saved JSON and exit")
     args = parser.parse_args(argv)
-    if args.replot:
-        import json
-
-        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+    if replotted(args, plot):
         return
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     if not batch_sizes or min(batch_sizes) < 1 or args.context < 1 or args.steps < 1 \
