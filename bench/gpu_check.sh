@@ -4,9 +4,9 @@
 #
 #   BINDECODE_COMMIT=$(git rev-parse HEAD) bash bench/gpu_check.sh [STAGE ...]
 #
-# STAGE is any of: tests kernels l2flush linear chain lmhead persistent layers engine profile e2e
-# serve (default: all but linear, whose sweep only retunes kernels.linear, and persistent, a
-# design study). Wheels for packages the GPU image lacks (FastAPI, uvicorn, pydantic) are taken
+# STAGE is any of: tests kernels l2flush linear chain lmhead persistent layers engine profile
+# sampling e2e serve (default: all but linear, whose sweep only retunes kernels.linear, and
+# persistent, a design study). Wheels for packages the GPU image lacks (FastAPI, uvicorn, pydantic) are taken
 # from .whl/ when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ OUT=${OUT:-$PWD/out}
 RES=$OUT/results
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 BINDECODE_COMMIT=${BINDECODE_COMMIT:-unknown}
-stages=${*:-tests kernels l2flush chain lmhead layers engine profile e2e serve}
+stages=${*:-tests kernels l2flush chain lmhead layers engine profile sampling e2e serve}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -47,6 +47,8 @@ for stage in $stages; do
     layers)  run attention_layers python3 -m bench.attention_layers --out "$RES" ;;
     engine)  run engine python3 -m bench.engine --hf-compile --out "$RES" ;;
     profile) run profile python3 -m bench.profile_step --out "$RES" ;;
+    sampling) run sampling python3 -m bench.sampling --models dummy:llama-3.2-1b,dummy:llama-3.1-8b \
+               --out "$RES" ;;
     e2e)     run e2e python3 -m bench.e2e --out "$RES" ;;
     serve)   run serve python3 -m bench.serve --launch-server --model dummy:llama-3.2-1b --batch-size 64 \
                --bins 4 --num-requests 1024 --rate inf --compare-offline --out "$RES/serve" ;;
