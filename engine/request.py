@@ -13,6 +13,11 @@ INT64_MAX = 2**63 - 1
 GREEDY_TEMPERATURE = 1e-5
 
 
+def has_penalties(presence: float, frequency: float, repetition: float) -> bool:
+    """Whether these penalties change any logit (0, 0 and 1 leave them all as they are)."""
+    return presence != 0 or frequency != 0 or repetition != 1
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -85,8 +90,8 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return (self.presence_penalty != 0 or self.frequency_penalty != 0
-                or self.repetition_penalty != 1)
+        return has_penalties(self.presence_penalty, self.frequency_penalty,
+                             self.repetition_penalty)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field; also normalise ``stop``."""

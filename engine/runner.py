@@ -20,6 +20,7 @@ import torch
 from engine.blas import decode_blas
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVArena, KVSlab
+from engine.request import has_penalties
 from engine.sampling import Penalties, filter_kwargs, sample
 
 # How a step picks tokens: argmax alone, argmax plus its logprob, or the sampler. A kind is
@@ -45,8 +46,13 @@ class RowSampling:
 
     @property
     def penalized(self) -> bool:
-        return (self.presence_penalty != 0 or self.frequency_penalty != 0
-                or self.repetition_penalty != 1)
+        return has_penalties(self.presence_penalty, self.frequency_penalty,
+                             self.repetition_penalty)
+
+    @property
+    def penalty_weights(self) -> list[float]:
+        """[presence, frequency, repetition], a column of ``_StepBuffers.penalty_weights``."""
+        return [self.presence_penalty, self.frequency_penalty, self.repetition_penalty]
 
 
 def capacity_bucket(needed: int, min_capacity: int, max_model_len: int) -> int:
@@ -137,9 +143,8 @@ class _StepBuffers:
         self.top_k = torch.full((B,), -1, dtype=torch.int32, device=device)
         self.top_p = torch.ones(B, dtype=torch.float32, device=device)
         self.seeds = torch.zeros(B, dtype=torch.int64, device=device)
-        self.presence = torch.zeros(B, dtype=torch.float32, device=device)
-        self.frequency = torch.zeros(B, dtype=torch.float32, device=device)
-        self.repetition = torch.ones(B, dtype=torch.float32, device=device)
+        # Rows' presence, frequency and repetition penalties, fp32 [3, B].
+        self.penalty_weights = torch.tensor([[0.0], [0.0], [1.0]], device=device).repeat(1, B)
         # Token history for penalties, [B, V]: allocated when a batch of this size first
         # prefills a penalised row (B x V int32 is 131 MB at B = 256 with a 128k vocabulary).
         self.output_counts: torch.Tensor | None = None
@@ -153,8 +158,7 @@ class _StepBuffers:
             B, device = self.tokens.shape[0], self.tokens.device
             self.output_counts = torch.zeros(B, vocab_size, dtype=torch.int32, device=device)
             self.prompt_seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
-        return Penalties(self.output_counts, self.prompt_seen, self.presence, self.frequency,
-                         self.repetition)
+        return Penalties(self.output_counts, self.prompt_seen, *self.penalty_weights)
 
 
 class BatchRunner:
@@ -251,11 +255,8 @@ class BatchRunner:
             index = self._to_device(pack_rows, torch.int64)
             # Every row sets its penalties (0, 0, 1 without): a later step may run penalised
             # for another row, and must not apply an earlier request's to this one.
-            for target, name in ((buf.presence, "presence_penalty"),
-                                 (buf.frequency, "frequency_penalty"),
-                                 (buf.repetition, "repetition_penalty")):
-                target.index_copy_(0, index, self._to_device(
-                    [getattr(p, name) for p in params], torch.float32))
+            weights = self._to_device([p.penalty_weights for p in params], torch.float32)
+            buf.penalty_weights.index_copy_(1, index, weights.T)
             penalties = None
             if kind[0] == SAMPLE and kind[3]:
                 penalties = self._start_history(buf, pack_rows, index, pack_prompts,
@@ -369,7 +370,7 @@ class BatchRunner:
                 (self._to_device(out_rows, torch.int64), self._to_device(out_ids, torch.int64)),
                 self._ones(len(out_ids)), accumulate=True)
         return Penalties(state.output_counts[index], state.prompt_seen[index],
-                         buf.presence[index], buf.frequency[index], buf.repetition[index])
+                         *buf.penalty_weights[:, index])
 
     def _ones(self, n: int) -> torch.Tensor:
         return torch.ones(n, dtype=torch.int32, device=self.device)
